@@ -1,0 +1,1 @@
+"""Built-in text decoders: unimodal (contrastive text embedding) and multimodal (captioning)."""

@@ -1,0 +1,90 @@
+"""Unimodal causal text decoder: CoCa's text tower.
+
+Token and position embeddings, then causal pre-norm blocks without cross-attention. For the
+contrastive text embedding it either appends a learned CLS token at the end of the sequence
+(the paper's choice: the causal mask lets it see the whole caption) or mean-pools the tokens
+(the paper's ablation). The per-token states go on to the multimodal decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from registry import ComponentConfig, ComponentSpec, hookimpl
+from vlframe.nn import ACTIVATIONS, Block, init_weights
+
+
+class TextDecoderConfig(ComponentConfig):
+    width: int = Field(512, gt=0)
+    layers: int = Field(6, ge=0, description="Unimodal layers (the paper's n_uni).")
+    heads: int = Field(8, gt=0)
+    mlp_dim: int | None = Field(None, gt=0, description="MLP hidden size; default 4 x width.")
+    activation: str = Field("gelu", description=f"One of {sorted(ACTIVATIONS)}.")
+    embedding: Literal["cls", "mean"] = Field(
+        "cls", description="Contrastive text embedding: appended CLS token, or mean of the tokens."
+    )
+    norm_eps: float = Field(1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TextDecoderConfig:
+        if self.width % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide width={self.width}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation '{self.activation}' is not one of {sorted(ACTIVATIONS)}")
+        return self
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: TextDecoderConfig, *, vocab_size: int, context_length: int, with_embedding: bool) -> None:
+        super().__init__()
+        self.width = cfg.width
+        self.context_length = context_length
+        self.mode = cfg.embedding if with_embedding else None
+        self.token_embedding = nn.Embedding(vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(context_length, cfg.width))
+        # The CLS token needs no position: it is always last and learns its own vector.
+        self.cls_token = nn.Parameter(torch.zeros(cfg.width)) if self.mode == "cls" else None
+        mlp_dim = cfg.mlp_dim or 4 * cfg.width
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, mlp_dim, causal=True, activation=cfg.activation, norm_eps=cfg.norm_eps)
+            for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if self.mode else None
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        b, length = tokens.shape
+        if length > self.context_length:
+            raise ValueError(f"text of {length} tokens exceeds context_length {self.context_length}")
+        x = self.token_embedding(tokens) + self.pos_embed[:length]
+        if self.cls_token is not None:
+            x = torch.cat([x, self.cls_token.expand(b, 1, -1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        if self.mode == "cls":
+            return x[:, :-1], self.norm(x[:, -1])
+        if self.mode == "mean":
+            weights = mask.unsqueeze(-1).to(x.dtype)
+            pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            return x, self.norm(pooled)
+        return x, None
+
+
+@hookimpl
+def vlframe_text_decoders() -> list[ComponentSpec]:
+    return [
+        ComponentSpec(
+            name="causal_text",
+            config=TextDecoderConfig,
+            factory=TextDecoder,
+            summary="Unimodal causal text decoder; CLS token (appended) or mean-pooled text embedding.",
+        )
+    ]

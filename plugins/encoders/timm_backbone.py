@@ -1,0 +1,101 @@
+"""Any timm model as an image encoder: its feature map (or token sequence) becomes the tokens.
+
+Weights come only from a local file (``pretrained_path``: safetensors or a torch checkpoint);
+timm is always asked for a randomly initialised model, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from registry import ComponentConfig, ComponentSpec, hookimpl
+from registry.errors import did_you_mean
+
+
+class TimmConfig(ComponentConfig):
+    model_name: str = Field(description="Any name from timm.list_models(), e.g. vit_base_patch16_224.")
+    pretrained_path: Path | None = Field(
+        None, description="Local weights (.safetensors, .pth, .bin); never fetched from a hub."
+    )
+    image_size: int | None = Field(None, gt=0, description="Passed as img_size to models that take one.")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model arguments.")
+
+    @field_validator("model_name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model '{name}'{did_you_mean(name, timm.list_models())}")
+        return name
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _file_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+
+class TimmBackbone(nn.Module):
+    def __init__(self, cfg: TimmConfig) -> None:
+        super().__init__()
+        import timm
+
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.image_size is not None:
+            kwargs["img_size"] = cfg.image_size
+        # pretrained=False always: weights come from pretrained_path or not at all.
+        self.model = timm.create_model(cfg.model_name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        self.model_name = cfg.model_name
+        self.width = int(self.model.num_features)
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
+        if cfg.pretrained_path is not None:
+            self._load(cfg.pretrained_path)
+
+    def _load(self, path: Path) -> None:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            import torch
+
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        # A classifier head in the file is expected: the backbone was built without one.
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or mismatched:
+            def some(keys: list[str]) -> str:
+                return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+            found = [f"{label}: {some(keys)}" for label, keys in
+                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)) if keys]
+            raise ValueError(f"weights in {path} do not fit timm model '{self.model_name}': {'; '.join(found)}")
+        self.model.load_state_dict(state)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.model.forward_features(images)
+        if x.ndim == 4:  # convolutional feature map (B, C, H, W) -> tokens (B, H*W, C)
+            x = x.flatten(2).transpose(1, 2)
+        return x
+
+
+@hookimpl
+def vlframe_image_encoders() -> list[ComponentSpec]:
+    return [
+        ComponentSpec(
+            name="timm",
+            config=TimmConfig,
+            factory=TimmBackbone,
+            summary="Any timm backbone; weights from a local file only.",
+        )
+    ]

@@ -1,0 +1,79 @@
+"""Native Vision Transformer image encoder (Dosovitskiy et al.), as CoCa's image tower.
+
+Patchify with a strided convolution, add learned positions, run pre-norm blocks, finish with a
+LayerNorm. Returns every token: poolers downstream decide how to summarise them.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from registry import ComponentConfig, ComponentSpec, hookimpl
+from vlframe.nn import ACTIVATIONS, Block, init_weights
+
+
+class ViTConfig(ComponentConfig):
+    image_size: int = Field(224, gt=0, description="Input height and width in pixels.")
+    patch_size: int = Field(16, gt=0)
+    width: int = Field(768, gt=0)
+    layers: int = Field(12, gt=0)
+    heads: int = Field(12, gt=0)
+    mlp_dim: int | None = Field(None, gt=0, description="MLP hidden size; default 4 x width.")
+    activation: str = Field("gelu", description=f"One of {sorted(ACTIVATIONS)}.")
+    class_token: bool = Field(False, description="Prepend a learned class token (for the 'cls' pooler).")
+    norm_eps: float = Field(1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ViTConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide width={self.width}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation '{self.activation}' is not one of {sorted(ACTIVATIONS)}")
+        return self
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.width = cfg.width
+        self.num_prefix_tokens = 1 if cfg.class_token else 0
+        grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        mlp_dim = cfg.mlp_dim or 4 * cfg.width
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, mlp_dim, activation=cfg.activation, norm_eps=cfg.norm_eps)
+            for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.class_token is not None:
+            nn.init.normal_(self.class_token, std=0.02)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm_pre(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+@hookimpl
+def vlframe_image_encoders() -> list[ComponentSpec]:
+    return [
+        ComponentSpec(
+            name="vit",
+            config=ViTConfig,
+            factory=VisionTransformer,
+            summary="Vision Transformer built natively from vlframe blocks (returns all tokens).",
+        )
+    ]

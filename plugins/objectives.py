@@ -1,0 +1,85 @@
+"""Training objectives: CoCa's contrastive loss and captioning loss."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from registry import ComponentSpec, ObjectiveConfig, hookimpl
+
+
+class ContrastiveConfig(ObjectiveConfig):
+    requires: ClassVar[frozenset[str]] = frozenset({"image_embeds", "text_embeds"})
+    init_temperature: float = Field(0.07, gt=0, description="Softmax temperature at initialisation.")
+    min_temperature: float = Field(0.01, gt=0, description="The learned temperature is clamped here.")
+    learn_temperature: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ContrastiveConfig:
+        if self.min_temperature > self.init_temperature:
+            raise ValueError(
+                f"min_temperature {self.min_temperature} exceeds init_temperature {self.init_temperature}"
+            )
+        return self
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE over the batch: image i matches text i, every other pair is a negative."""
+
+    def __init__(self, cfg: ContrastiveConfig) -> None:
+        super().__init__()
+        # Learn log(1/T): positive by construction and well scaled for the optimiser.
+        value = torch.tensor(math.log(1.0 / cfg.init_temperature))
+        self.log_inv_temperature = nn.Parameter(value, requires_grad=cfg.learn_temperature)
+        self.max_log_inv = math.log(1.0 / cfg.min_temperature)
+
+    @property
+    def temperature(self) -> Tensor:
+        return 1.0 / self.logit_scale().detach()
+
+    def logit_scale(self) -> Tensor:
+        return self.log_inv_temperature.clamp(max=self.max_log_inv).exp()
+
+    def forward(self, outputs: dict[str, Tensor]) -> Tensor:
+        image, text = outputs["image_embeds"], outputs["text_embeds"]
+        logits = self.logit_scale() * image.float() @ text.float().t()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+class CaptioningConfig(ObjectiveConfig):
+    requires: ClassVar[frozenset[str]] = frozenset({"logits", "text", "text_mask"})
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class CaptioningLoss(nn.Module):
+    """Next-token negative log-likelihood; padding positions are ignored."""
+
+    def __init__(self, cfg: CaptioningConfig) -> None:
+        super().__init__()
+        self.label_smoothing = cfg.label_smoothing
+
+    def forward(self, outputs: dict[str, Tensor]) -> Tensor:
+        logits, text, mask = outputs["logits"], outputs["text"], outputs["text_mask"]
+        targets = text[:, 1:].masked_fill(~mask[:, 1:], -100)
+        return F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+@hookimpl
+def vlframe_objectives() -> list[ComponentSpec]:
+    return [
+        ComponentSpec("contrastive", ContrastiveConfig, ContrastiveLoss,
+                      "Symmetric InfoNCE with a learned, clamped temperature (init 0.07)."),
+        ComponentSpec("captioning", CaptioningConfig, CaptioningLoss,
+                      "Next-token NLL over the caption, padding ignored, optional label smoothing."),
+    ]

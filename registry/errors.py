@@ -1,0 +1,68 @@
+"""Errors raised by the registry and by configuration loading.
+
+Every error here is a *user* error: the CLI prints its lines and exits with code 2, without a
+traceback. Messages name what is wrong and where (config path, file, plugin, distribution).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class VlframeError(Exception):
+    """Base class of every error vlframe reports to its user as plain lines."""
+
+    def lines(self) -> list[str]:
+        return [str(self)]
+
+
+class PluginError(VlframeError):
+    """A plugin could not be loaded, registered or trusted (bad hook, bad spec)."""
+
+
+class PluginLoadError(PluginError):
+    """An entry point failed to import."""
+
+
+class DuplicateComponentError(PluginError):
+    """Two plugins registered a component of the same kind under the same name."""
+
+
+class UnknownComponentError(VlframeError, LookupError):
+    """A component name was asked for that no plugin registered."""
+
+
+class BuildError(VlframeError):
+    """A component factory refused the configuration it was given."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a configuration: where it is (file and dotted path) and what is wrong."""
+
+    path: str
+    message: str
+    file: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        return f"{where}{self.path}: {self.message}" if self.path else f"{where}{self.message}"
+
+
+class ConfigError(VlframeError):
+    """One or more problems in a configuration, each reported on its own line."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def lines(self) -> list[str]:
+        return [str(p) for p in self.problems]

@@ -1,0 +1,103 @@
+"""Hook specifications: the contract between vlframe and its plugins.
+
+A plugin is any module or object with functions marked ``@hookimpl`` whose names match the hooks
+below. Each hook takes no arguments and returns a list of :class:`~registry.specs.ComponentSpec`;
+the registry calls every implementation once, when it first builds its component catalog, and
+attributes each returned spec to the plugin that implemented the hook.
+
+Factories are called as ``spec.factory(config, **kwargs)``; the keyword arguments of each kind
+are listed on its hook. Masks passed to components are boolean with ``True`` marking a real
+(attendable) token.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from registry.specs import ComponentSpec
+
+PROJECT = "vlframe"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def vlframe_image_encoders() -> list[ComponentSpec]:
+    """Return the image encoders this plugin provides.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config)`` and returns an ``nn.Module`` that maps images ``(B, 3, H, W)`` to tokens
+    ``(B, N, width)`` and has the attributes ``width`` (token size) and ``num_prefix_tokens``
+    (class/register tokens at the front of the sequence, 0 if none).
+    """
+
+
+@hookspec
+def vlframe_text_decoders() -> list[ComponentSpec]:
+    """Return the unimodal text decoders (text encoders) this plugin provides.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config, vocab_size=int, context_length=int, with_embedding=bool)`` and returns an
+    ``nn.Module`` with attributes ``width`` and ``token_embedding`` (an ``nn.Embedding``, for a
+    tied LM head) whose ``forward(tokens (B, L), mask (B, L))`` returns ``(states (B, L, width),
+    embedding (B, width) or None)``; ``embedding`` is the contrastive text feature and is
+    produced only when ``with_embedding`` is true.
+    """
+
+
+@hookspec
+def vlframe_poolers() -> list[ComponentSpec]:
+    """Return the token poolers this plugin provides.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config, in_dim=int, out_dim=int, num_prefix_tokens=int)`` and returns an
+    ``nn.Module`` mapping tokens ``(B, N, in_dim)`` to ``(B, M, module.out_dim)``.
+    ``out_dim`` is the size the model would like; a pooler that passes tokens through unchanged
+    may keep ``in_dim`` and say so in its ``out_dim`` attribute.
+    """
+
+
+@hookspec
+def vlframe_multimodal_decoders() -> list[ComponentSpec]:
+    """Return the multimodal (image-conditioned) text decoders this plugin provides.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config, in_dim=int, context_dim=int)`` and returns an ``nn.Module`` with attribute
+    ``width`` whose ``forward(states (B, L, in_dim), mask (B, L), context (B, M, context_dim))``
+    returns ``(B, L, width)``.
+    """
+
+
+@hookspec
+def vlframe_objectives() -> list[ComponentSpec]:
+    """Return the training objectives (losses) this plugin provides.
+
+    Called once per registry, when its catalog is first built. Configs subclass
+    :class:`~registry.config.ObjectiveConfig` (a ``weight`` and the class variable ``requires``
+    naming the model outputs read). Each factory is called as ``factory(config)`` and returns an
+    ``nn.Module`` whose ``forward(outputs: dict[str, Tensor])`` returns a scalar loss, unweighted.
+    """
+
+
+@hookspec
+def vlframe_heads() -> list[ComponentSpec]:
+    """Return the task heads (projections, language-model heads) this plugin provides.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config, in_dim=int, out_dim=int, tie_to=nn.Embedding | None)`` and returns an
+    ``nn.Module`` mapping ``(..., in_dim)`` to ``(..., out_dim)``; ``tie_to`` is offered to heads
+    that can share the token embedding's weight.
+    """
+
+
+@hookspec
+def vlframe_models() -> list[ComponentSpec]:
+    """Return the model builders this plugin provides (e.g. ``coca``).
+
+    Called once per registry, when its catalog is first built. A builder's config holds the
+    component slots it wires. Each factory is called as ``factory(config, catalog=Catalog)`` and
+    builds the parts through ``catalog.build(...)``, returning an ``nn.Module`` with
+    ``encode_image``, ``encode_text`` and a ``forward`` returning the losses by objective name
+    and their weighted total.
+    """

@@ -1,0 +1,46 @@
+"""The typed record every component hook returns."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from registry.config import ComponentConfig
+
+C = TypeVar("C", bound=ComponentConfig)
+
+_NAME = re.compile(r"^[a-z][a-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class ComponentSpec(Generic[C]):
+    """One component a plugin offers.
+
+    ``name`` is what a config's ``type`` key selects; ``config`` validates the rest of that
+    block; ``factory(config, **kwargs)`` builds the component (the keyword arguments each kind
+    receives are documented on its hook in :mod:`registry.hookspecs`); ``summary`` is one line
+    for ``vlframe plugins list``.
+    """
+
+    name: str
+    config: type[C]
+    factory: Callable[..., Any]
+    summary: str
+
+    def problems(self, base: type[ComponentConfig]) -> list[str]:
+        """What is wrong with this spec, as messages (empty when it is sound)."""
+        found = []
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            found.append(
+                f"name {self.name!r} must be lower-case letters, digits, '_', '.' or '-', "
+                "starting with a letter"
+            )
+        if not (isinstance(self.config, type) and issubclass(self.config, base)):
+            found.append(f"config must be a subclass of {base.__module__}.{base.__qualname__}")
+        if not callable(self.factory):
+            found.append("factory is not callable")
+        if not isinstance(self.summary, str) or not self.summary.strip() or "\n" in self.summary:
+            found.append("summary must be one non-empty line")
+        return found

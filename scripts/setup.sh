@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up vlframe in ./.venv, ready to run: bash scripts/setup.sh
+#
+# The heavy dependencies (torch, timm, ...) go into a shared environment keyed by a hash of
+# pyproject.toml (default ~/.cache/vlframe/deps-HASH, or $VLFRAME_DEPS), installed once; each
+# checkout gets a light ./.venv that sees those packages and holds an editable install of this
+# checkout, so several clones never point one another's `vlframe` command at the wrong tree.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
+hash=$(sha256sum "$root/pyproject.toml" | cut -c1-16)
+deps=${VLFRAME_DEPS:-${XDG_CACHE_HOME:-$HOME/.cache}/vlframe/deps-$hash}
+venv="$root/.venv"
+
+if [ ! -f "$deps/.complete" ]; then
+    echo "vlframe setup: installing dependencies into $deps (once; several minutes for torch)" >&2
+    rm -rf "$deps"
+    "$python" -m venv "$deps"
+    "$deps/bin/python" -m pip install --quiet --upgrade pip
+    # The project's dependencies (and test extras), read from pyproject.toml.
+    "$deps/bin/python" - "$root/pyproject.toml" > "$deps/requirements.txt" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print("\n".join(project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), [])))
+PY
+    "$deps/bin/python" -m pip install --quiet -r "$deps/requirements.txt"
+    touch "$deps/.complete"
+fi
+
+deps_site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.vlframe-deps" 2>/dev/null)" != "$deps_site" ]; then
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    venv_site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    echo "$deps_site" > "$venv_site/vlframe-deps.pth"   # a .pth line adds the shared packages
+    echo "$deps_site" > "$venv/.vlframe-deps"
+fi
+# Editable install of this checkout: registers the `vlframe` command and the built-in plugins'
+# entry points (cheap, so it runs every time and follows any change to pyproject.toml).
+"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation --no-index -e "$root" 2>&1 \
+    | grep -v -e '^\s*$' -e 'SetuptoolsDeprecationWarning' >&2 || true
+"$venv/bin/vlframe" --help > /dev/null
+echo "vlframe setup: ready in $venv" >&2

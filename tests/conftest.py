@@ -1,0 +1,51 @@
+"""Shared fixtures: the real registry (from installed entry points) and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return Registry.discover(autoload=True)
+
+
+@pytest.fixture(autouse=True)
+def _clean_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start from default plugin loading, whatever the caller's environment says."""
+    for name in ("VLFRAME_DISABLE_PLUGIN_AUTOLOAD", "VLFRAME_BLOCK_PLUGINS", "VLFRAME_PLUGINS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> CliResult:
+    """Run the installed ``vlframe`` command in a fresh process."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VLFRAME_")}
+    full_env.update(env or {})
+    exe = Path(sys.executable).with_name("vlframe")
+    proc = subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

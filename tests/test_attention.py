@@ -1,0 +1,101 @@
+"""The attention module: every backend against a plain reference, masks, empty rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlframe.nn import BACKENDS, Attention, set_attention_backend
+from vlframe.nn.attention import math_attention, sdpa_attention
+
+
+def reference(q, k, v, key_mask, causal):
+    """Loop-free but literal float64 attention, written independently of the backends."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    if key_mask is not None:
+        allowed &= key_mask[:, None, None, :]
+    if causal:
+        for i in range(lq):
+            allowed[:, :, i, i + 1 + (lk - lq):] = False
+    out = torch.zeros(b, h, lq, d, dtype=torch.float64)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    for bi in range(b):
+        for i in range(lq):
+            keep = allowed[bi, 0, i]
+            if keep.any():
+                w = torch.softmax(scores[bi, :, i, keep], dim=-1)
+                out[bi, :, i] = torch.einsum("hk,hkd->hd", w, v[bi][:, keep])
+    return out
+
+
+CASES = {
+    # name: (lq, lk, causal, padded)
+    "self": (7, 7, False, False),
+    "self_padded": (7, 7, False, True),
+    "causal_text_padded": (9, 9, True, True),
+    "cross": (5, 11, False, True),
+    "pool_1_query": (1, 11, False, True),
+    "pool_many": (13, 6, False, False),
+}
+
+
+def _inputs(lq, lk, padded, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 2, lq, 8, generator=g)
+    k = torch.randn(3, 2, lk, 8, generator=g)
+    v = torch.randn(3, 2, lk, 8, generator=g)
+    mask = None
+    if padded:
+        lengths = torch.tensor([lk, max(1, lk - 3), 1])
+        mask = torch.arange(lk)[None, :] < lengths[:, None]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backends_match_reference(backend: str, case: str) -> None:
+    lq, lk, causal, padded = CASES[case]
+    q, k, v, mask = _inputs(lq, lk, padded)
+    out = BACKENDS[backend](q, k, v, mask, causal)
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask, causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [sdpa_attention, math_attention])
+def test_rows_without_valid_keys_are_zero_with_finite_gradients(fn) -> None:
+    q, k, v, _ = _inputs(4, 6, False)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1] = False  # example 1 has no real key at all
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = fn(q, k, v, mask, False)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(k.grad[1], torch.zeros_like(k.grad[1]))
+
+
+def test_module_self_and_cross_attention_agree_across_backends() -> None:
+    torch.manual_seed(0)
+    self_attn = Attention(16, 4, causal=True)
+    cross = Attention(16, 4, kv_dim=24)
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 24)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ctx_mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.bool)
+    results = {}
+    for backend in sorted(BACKENDS):
+        set_attention_backend(self_attn, backend)
+        set_attention_backend(cross, backend)
+        results[backend] = (self_attn(x, key_mask=mask), cross(x, ctx, key_mask=ctx_mask))
+    for a, b in zip(results["sdpa"], results["math"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_backend_is_refused_with_the_available_ones() -> None:
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9'; available: math, sdpa"):
+        set_attention_backend(Attention(8, 2), "flash9")

@@ -1,0 +1,233 @@
+"""CoCa assembled from plugins: forward/backward, gradients, ablations, embeddings, objectives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from registry import BuildError, Registry
+from vlframe import build_model, configfile, load_config, set_attention_backend
+
+from conftest import CONFIGS
+
+torch.set_num_threads(2)
+
+
+def batch(model, n: int = 4, length: int = 12, seed: int = 0):
+    """Random images and captions with ragged lengths: BOS=1 ... EOS=2, then padding (0)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    size = cfg.image_encoder.image_size
+    images = torch.randn(n, 3, size, size, generator=g)
+    text = torch.randint(3, cfg.vocab_size, (n, length), generator=g)
+    lengths = torch.linspace(length, 4, n).long()
+    for i, stop in enumerate(lengths):
+        text[i, 0], text[i, stop - 1] = 1, 2
+        text[i, stop:] = 0
+    return images, text
+
+
+def assert_every_parameter_learns(model, out) -> None:
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name} received no gradient"
+            assert param.grad.abs().sum() > 0, f"{name} received a zero gradient"
+            assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+
+
+@pytest.fixture(scope="module")
+def tiny(registry: Registry):
+    torch.manual_seed(0)
+    return build_model(CONFIGS / "coca_tiny.yaml", registry=registry)
+
+
+def test_coca_tiny_forward_backward(tiny) -> None:
+    images, text = batch(tiny)
+    out = tiny(images, text)
+    assert set(out.losses) == {"caption", "contrastive"}
+    assert all(torch.isfinite(loss) for loss in out.losses.values())
+    torch.testing.assert_close(out.loss, 2.0 * out.losses["caption"] + 1.0 * out.losses["contrastive"])
+    # At initialisation the caption loss is close to uniform over the vocabulary.
+    assert abs(out.losses["caption"].item() - torch.log(torch.tensor(8192.0)).item()) < 0.5
+    assert out.logits.shape == (4, 12, 8192)
+    assert out.image_embeds.shape == out.text_embeds.shape == (4, 256)
+    tiny.zero_grad()
+    assert_every_parameter_learns(tiny, out)
+
+
+def test_embeddings_are_normalised_and_ignore_padding(tiny) -> None:
+    images, text = batch(tiny)
+    with torch.no_grad():
+        image_embeds = tiny.encode_image(images)
+        padded = tiny.encode_text(text)
+        # The same captions cut to their real length (no padding at all) embed identically.
+        alone = [tiny.encode_text(row[row != 0][None]) for row in text]
+    torch.testing.assert_close(image_embeds.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(padded, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_captioning_loss_ignores_padding(tiny) -> None:
+    images, text = batch(tiny)
+    with torch.no_grad():
+        out = tiny(images, text)
+    targets, valid = text[:, 1:], text[:, 1:] != 0
+    manual = F.cross_entropy(out.logits[:, :-1][valid], targets[valid])
+    torch.testing.assert_close(out.losses["caption"], manual)
+
+
+def test_attention_backends_give_the_same_losses(registry: Registry) -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS / "coca_tiny.yaml", registry=registry)
+    images, text = batch(model)
+    with torch.no_grad():
+        sdpa = model(images, text)
+        math = set_attention_backend(model, "math")(images, text)
+    for name in sdpa.losses:
+        torch.testing.assert_close(sdpa.losses[name], math.losses[name], atol=1e-4, rtol=1e-4)
+
+
+def test_contrastive_only_has_no_multimodal_parameters(registry: Registry) -> None:
+    model = build_model(CONFIGS / "coca_tiny.yaml", [
+        "model.multimodal_decoder=null", "model.caption_pooler=null", "model.lm_head=null",
+        "model.objectives.caption=null", "model.pooler_arrangement=parallel",
+    ], registry=registry)
+    names = [name for name, _ in model.named_parameters()]
+    assert not any(n.startswith(("multimodal_decoder", "lm_head", "caption_pooler")) for n in names)
+    out = model(*batch(model))
+    assert set(out.losses) == {"contrastive"} and out.logits is None
+    assert_every_parameter_learns(model, out)
+
+
+def test_captioning_only_has_no_contrastive_pooler_or_temperature(registry: Registry) -> None:
+    model = build_model(CONFIGS / "coca_tiny.yaml", [
+        "model.contrastive_pooler=null", "model.image_projection=null", "model.text_projection=null",
+        "model.objectives.contrastive=null",
+    ], registry=registry)
+    names = [name for name, _ in model.named_parameters()]
+    assert not any("contrastive" in n or "temperature" in n or "projection" in n for n in names)
+    assert model.text_decoder.cls_token is None  # no text embedding is needed
+    out = model(*batch(model))
+    assert set(out.losses) == {"caption"} and out.image_embeds is None
+    assert_every_parameter_learns(model, out)
+    with pytest.raises(RuntimeError, match="encode_image: this model has no contrastive_pooler"):
+        model.encode_image(batch(model)[0])
+
+
+# Shrink the Base-scale ablations so that each row runs a real step in a test.
+SHRINK = {
+    "model.vocab_size": 128, "model.embed_dim": 32, "model.context_length": 16,
+    "model.image_encoder.image_size": 36, "model.image_encoder.width": 32, "model.image_encoder.layers": 1,
+    "model.image_encoder.heads": 2, "model.image_encoder.mlp_dim": 64,
+    "model.text_decoder.width": 32, "model.text_decoder.heads": 2, "model.text_decoder.mlp_dim": 64,
+}
+ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_each_table8_ablation_trains_a_step(path: Path, registry: Registry) -> None:
+    data = configfile.compose(path)
+    model_cfg = data["model"]
+    shrink = dict(SHRINK)
+    if "multimodal_decoder" in model_cfg:
+        shrink.update({"model.multimodal_decoder.width": 32, "model.multimodal_decoder.heads": 2,
+                       "model.multimodal_decoder.mlp_dim": 64})
+    for pooler in ("caption_pooler", "contrastive_pooler"):
+        if model_cfg.get(pooler, {}).get("type") == "attentional":
+            shrink[f"model.{pooler}.heads"] = 2
+    torch.manual_seed(0)
+    model = build_model(path, shrink, registry=registry)
+    out = model(*batch(model, length=10))
+    expected = load_config(path, registry=registry).model
+    assert set(out.losses) == set(expected.objectives)
+    for name, objective in expected.objectives.items():
+        assert model.weights[name] == objective.weight
+    assert model.text_decoder.__class__.__name__ == "TextDecoder"
+    assert len(model.text_decoder.blocks) == expected.text_decoder.layers
+    assert_every_parameter_learns(model, out)
+
+
+def test_ablation_rows_change_what_they_say(registry: Registry) -> None:
+    def cfg(name):
+        return load_config(CONFIGS / "ablations" / f"{name}.yaml", registry=registry).model
+
+    assert (cfg("decoder_split_3_9").text_decoder.layers, cfg("decoder_split_3_9").multimodal_decoder.layers) == (3, 9)
+    assert (cfg("decoder_split_9_3").text_decoder.layers, cfg("decoder_split_9_3").multimodal_decoder.layers) == (9, 3)
+    assert cfg("pooler_parallel").pooler_arrangement == "parallel"
+    assert cfg("n_query_0").caption_pooler.type == "none"
+    assert [cfg(f"n_query_{n}").caption_pooler.n_query for n in (1, 32, 256)] == [1, 32, 256]
+    assert cfg("loss_ratio_1_2").objectives["contrastive"].weight == 2.0
+    assert cfg("text_embedding_mean").text_decoder.embedding == "mean"
+    assert cfg("objectives_contrastive_only").multimodal_decoder is None
+    assert cfg("objectives_captioning_only").contrastive_pooler is None
+
+
+def test_parallel_and_cascade_feed_the_contrastive_pooler_differently(registry: Registry) -> None:
+    cascade = build_model(CONFIGS / "coca_tiny.yaml", registry=registry)
+    parallel = build_model(CONFIGS / "coca_tiny.yaml", ["model.pooler_arrangement=parallel"], registry=registry)
+    assert cascade.contrastive_pooler.norm_tokens.normalized_shape == (256,)
+    calls = []
+    hook = parallel.contrastive_pooler.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    parallel.encode_image(batch(parallel)[0])
+    hook.remove()
+    assert calls == [(4, 64, 256)]  # all 64 image tokens, not the caption pooler's queries
+    calls.clear()
+    cascade.contrastive_pooler.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    cascade.encode_image(batch(cascade)[0])
+    assert calls == [(4, 64, 256)]  # the 64 caption queries
+
+
+def test_cls_pooler_needs_a_class_token(registry: Registry) -> None:
+    overrides = ["model.pooler_arrangement=parallel", "model.contrastive_pooler={type: cls}"]
+    with pytest.raises(BuildError) as err:
+        build_model(CONFIGS / "coca_tiny.yaml", overrides, registry=registry)
+    assert str(err.value).startswith("model.contrastive_pooler (pooler 'cls'): the cls pooler needs a class token")
+    model = build_model(CONFIGS / "coca_tiny.yaml", [*overrides, "model.image_encoder.class_token=true"],
+                        registry=registry)
+    out = model(*batch(model))
+    assert_every_parameter_learns(model, out)
+
+
+def test_mean_text_embedding_and_mean_image_pooler(registry: Registry) -> None:
+    model = build_model(CONFIGS / "coca_tiny.yaml", [
+        "model.text_decoder.embedding=mean", "model.contrastive_pooler={type: mean}",
+    ], registry=registry)
+    assert model.text_decoder.cls_token is None
+    images, text = batch(model)
+    out = model(images, text)
+    assert_every_parameter_learns(model, out)
+    with torch.no_grad():
+        alone = torch.cat([model.encode_text(row[row != 0][None]) for row in text])
+        torch.testing.assert_close(model.encode_text(text), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_temperature_starts_at_007_and_is_clamped(tiny) -> None:
+    objective = tiny.objectives["contrastive"]
+    torch.testing.assert_close(objective.temperature, torch.tensor(0.07))
+    with torch.no_grad():
+        objective.log_inv_temperature.fill_(10.0)
+    torch.testing.assert_close(objective.temperature, torch.tensor(0.01))
+    with torch.no_grad():
+        objective.log_inv_temperature.fill_(torch.log(torch.tensor(1 / 0.07)).item())
+
+
+def test_label_smoothing_changes_the_caption_loss(registry: Registry) -> None:
+    torch.manual_seed(0)
+    plain = build_model(CONFIGS / "coca_tiny.yaml", registry=registry)
+    torch.manual_seed(0)
+    smooth = build_model(CONFIGS / "coca_tiny.yaml", ["model.objectives.caption.label_smoothing=0.1"],
+                         registry=registry)
+    images, text = batch(plain)
+    with torch.no_grad():
+        a, b = plain(images, text), smooth(images, text)
+    torch.testing.assert_close(a.logits, b.logits)
+    assert not torch.isclose(a.losses["caption"], b.losses["caption"])
+
+
+def test_heads_that_do_not_divide_the_width_name_the_part(registry: Registry) -> None:
+    with pytest.raises(BuildError) as err:
+        build_model(CONFIGS / "coca_tiny.yaml", ["model.caption_pooler.heads=3"], registry=registry)
+    assert str(err.value) == "model.caption_pooler (pooler 'attentional'): heads=3 does not divide width 256"

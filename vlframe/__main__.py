@@ -1,0 +1,5 @@
+import sys
+
+from vlframe.cli import main
+
+sys.exit(main())

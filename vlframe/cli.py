@@ -1,0 +1,167 @@
+"""The ``vlframe`` command.
+
+User errors (bad config, bad plugin) print one line per problem on stderr and exit with code 2,
+without a traceback; a traceback means a bug in vlframe or in a plugin's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from registry import ConfigError, Kind, Registry, VlframeError
+
+EXIT_USAGE = 2
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.text_decoder.layers=3 (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlframe", description="Plugin-based vision-language models (CoCa).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="validate, show and describe config files").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = config.add_parser("validate", help="validate config files")
+    p.add_argument("files", nargs="+", type=Path)
+    _add_set(p)
+    p.set_defaults(func=cmd_config_validate)
+    p = config.add_parser("show", help="print a config fully resolved (extends, overrides, defaults)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    _add_set(p)
+    p.set_defaults(func=cmd_config_show)
+    p = config.add_parser("schema", help="print the JSON Schema of config files (every registered plugin)")
+    p.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_config_schema)
+
+    plugins = sub.add_parser("plugins", help="inspect plugins").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = plugins.add_parser("list", help="every registered component with its kind and source")
+    p.add_argument("--kind", choices=[k.value for k in Kind], help="only this kind")
+    p.set_defaults(func=cmd_plugins_list)
+
+    model = sub.add_parser("model", help="inspect models").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = model.add_parser("summary", help="parameter counts by component (built on the meta device)")
+    p.add_argument("file", type=Path)
+    _add_set(p)
+    p.set_defaults(func=cmd_model_summary)
+
+    p = sub.add_parser("train", help="train a model (the training loop lands with issue #3)")
+    p.add_argument("file", type=Path)
+    _add_set(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from vlframe import configfile
+
+    failed = False
+    for path in args.files:
+        try:
+            configfile.load(path, args.overrides)
+        except ConfigError as exc:
+            failed = True
+            for problem in exc.problems:  # a problem without a file (from --set) belongs to this one
+                print(f"error: {replace(problem, file=problem.file or str(path))}", file=sys.stderr)
+        else:
+            print(f"ok: {path}")
+    return EXIT_USAGE if failed else 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from vlframe import configfile
+
+    config, _ = configfile.load(args.file, args.overrides)
+    if args.format == "json":
+        print(json.dumps(configfile.dump(config), indent=2))
+    else:
+        print(configfile.to_yaml(config), end="")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from vlframe.schema import config_schema
+
+    text = json.dumps(config_schema(Registry.discover().catalog), indent=2)
+    if args.output:
+        args.output.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_plugins_list(args: argparse.Namespace) -> int:
+    registry = Registry.discover()
+    kind = Kind(args.kind) if args.kind else None
+    rows = [("KIND", "NAME", "PLUGIN", "DISTRIBUTION", "SUMMARY")]
+    for entry in registry.catalog.entries(kind):
+        rows.append((entry.kind.value, entry.spec.name, entry.plugin, entry.distribution or "-", entry.spec.summary))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4])
+    return 0
+
+
+def cmd_model_summary(args: argparse.Namespace) -> int:
+    from vlframe.api import build_model
+    from vlframe.summary import parameter_counts
+
+    model = build_model(args.file, args.overrides, device="meta")
+    counts = parameter_counts(model)
+    width = max(len(name) for name in counts)
+    for name, count in counts.items():
+        print(f"{name.ljust(width)}  {count:>15,}  ({count / 1e6:,.1f}M)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Placeholder until the trainer lands (issue #3): builds the model and checks one step."""
+    import torch
+
+    from vlframe.api import build_model
+    from vlframe.summary import parameter_counts
+
+    torch.manual_seed(0)
+    model = build_model(args.file, args.overrides)
+    cfg = model.config
+    encoder = cfg.image_encoder
+    size = getattr(encoder, "image_size", None) or 224
+    images = torch.randn(4, 3, size, size)
+    text = torch.randint(1, cfg.vocab_size, (4, min(16, cfg.context_length)))
+    out = model(images, text)
+    out.loss.backward()
+    losses = ", ".join(f"{name} {loss.item():.4f}" for name, loss in out.losses.items())
+    print(f"built {cfg.type} from {args.file}: {parameter_counts(model)['total'] / 1e6:.1f}M parameters")
+    print(f"one forward/backward on a random batch: loss {out.loss.item():.4f} ({losses})")
+    print("the training loop (data, optimiser, checkpoints, MLflow) is not implemented yet: it lands with issue #3")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlframeError as exc:
+        for line in exc.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

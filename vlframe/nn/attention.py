@@ -1,0 +1,129 @@
+"""The one attention module every block uses: self, causal, cross and pooling attention.
+
+Masks are boolean ``(B, S)`` with ``True`` marking a real key. A query row that can see no key
+(all keys padded, or causal with padding in front) yields zeros rather than NaN, in every
+backend. The backend is a runtime switch (:func:`set_attention_backend`), not part of a weight:
+``sdpa`` (torch's fused kernels, the default), ``math`` (a plain float32 reference); a Triton
+backend plugs into :data:`BACKENDS` the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: ``fn(q, k, v, key_mask, causal) -> out`` with q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``.
+AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", bool], Tensor]
+
+
+def _attend_mask(key_mask: Tensor | None, causal: bool, lq: int, lk: int, device: torch.device) -> Tensor | None:
+    """Boolean ``(B|1, 1, Lq, Lk)`` mask of allowed (query, key) pairs, or None for 'all'."""
+    mask = None
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :].to(torch.bool)
+    if causal:
+        # Queries and keys are aligned at the end, so a cross-length causal mask stays sensible.
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+        mask = tri[None, None] if mask is None else mask & tri
+    return mask
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool) -> Tensor:
+    """torch's ``scaled_dot_product_attention``; fastest kernel torch picks for the case."""
+    if key_mask is None and (not causal or q.shape[-2] == k.shape[-2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    mask = _attend_mask(key_mask, causal, q.shape[-2], k.shape[-2], q.device)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    # Let empty rows attend to everything (finite softmax and gradients), then zero them.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty)
+    return out.masked_fill(empty, 0.0)
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool) -> Tensor:
+    """Reference attention computed step by step in float32."""
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    mask = _attend_mask(key_mask, causal, q.shape[-2], k.shape[-2], q.device)
+    if mask is None:
+        return (scores.softmax(dim=-1) @ v).to(dtype)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~(mask | empty), float("-inf"))
+    out = scores.softmax(dim=-1) @ v
+    return out.masked_fill(empty, 0.0).to(dtype)
+
+
+#: Attention backends by name. ``triton`` registers here when its kernels are available.
+BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "math": math_attention}
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate query and key/value inputs.
+
+    Self-attention (``kv_dim is None``) uses one fused QKV projection; cross-attention and
+    pooling project queries and keys/values separately, so keys may have another width.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        kv_dim: int | None = None,
+        causal: bool = False,
+        bias: bool = True,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads={heads} does not divide width {dim}")
+        self.dim, self.heads, self.causal = dim, heads, causal
+        self.is_cross = kv_dim is not None
+        if self.is_cross:
+            self.q_proj = nn.Linear(dim, dim, bias=bias)
+            self.kv_proj = nn.Linear(kv_dim, 2 * dim, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
+        self._backend = name
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        """Attend from ``x`` ``(B, L, dim)`` to ``context`` (cross) or to ``x`` itself (self).
+
+        ``key_mask`` ``(B, S)`` marks the real keys; ``None`` means all keys are real.
+        """
+        b, lq, _ = x.shape
+        h, d = self.heads, self.dim // self.heads
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            q = self.q_proj(x).view(b, lq, h, d).transpose(1, 2)
+            k, v = self.kv_proj(context).view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv_proj(x).view(b, lq, 3, h, d).permute(2, 0, 3, 1, 4)
+        out = BACKENDS[self._backend](q, k, v, key_mask, self.causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, lq, self.dim))
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
+    """Switch every :class:`Attention` inside ``module`` to ``backend``; return ``module``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{backend}'; available: {', '.join(sorted(BACKENDS))}")
+    for sub in module.modules():
+        if isinstance(sub, Attention):
+            sub.backend = backend
+    return module

@@ -1,0 +1,78 @@
+"""Compact transformer building blocks shared by the built-in encoders, decoders and poolers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlframe.nn.attention import Attention
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation of the original CLIP weights."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "relu": nn.ReLU}
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu") -> None:
+        super().__init__(nn.Linear(dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention, optional cross-attention, MLP.
+
+    With ``cross_dim`` set, the block also attends to a context (image tokens); the context gets
+    its own LayerNorm before the key/value projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        *,
+        causal: bool = False,
+        cross_dim: int | None = None,
+        activation: str = "gelu",
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, heads, causal=causal)
+        self.cross = None
+        if cross_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim, eps=norm_eps)
+            self.norm_context = nn.LayerNorm(cross_dim, eps=norm_eps)
+            self.cross = Attention(dim, heads, kv_dim=cross_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, mlp_dim, activation)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=mask)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), self.norm_context(context), key_mask=context_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal linear weights, zero biases, unit LayerNorms: apply with ``module.apply``."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)

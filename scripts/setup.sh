@@ -31,7 +31,8 @@ fi
 deps_site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.vlframe-deps" 2>/dev/null)" != "$deps_site" ]; then
     rm -rf "$venv"
-    "$python" -m venv "$venv"
+    # No pip or setuptools of its own: the shared environment's (newer) ones are used.
+    "$python" -m venv --without-pip "$venv"
     venv_site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
     echo "$deps_site" > "$venv_site/vlframe-deps.pth"   # a .pth line adds the shared packages
     echo "$deps_site" > "$venv/.vlframe-deps"

@@ -203,7 +203,7 @@ class Registry:
         for kind in Kind:
             caller = getattr(self._pm.hook, kind.hook)
             # Call each implementation ourselves so every spec is attributed to its plugin.
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # in registration order
                 plugin = impl.plugin_name
                 where = f"plugin '{plugin}', hook {kind.hook}"
                 try:

@@ -6,28 +6,16 @@ language-model head that generates captions.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
-from vlframe.nn import ACTIVATIONS, Block, init_weights
+from registry import ComponentSpec, hookimpl
+from vlframe.nn import Block, init_weights
+from vlframe.nn.config import TransformerConfig
 
 
-class MultimodalDecoderConfig(ComponentConfig):
-    width: int = Field(512, gt=0)
+class MultimodalDecoderConfig(TransformerConfig):
     layers: int = Field(6, gt=0, description="Multimodal layers (the paper's n_multi).")
-    heads: int = Field(8, gt=0)
-    mlp_dim: int | None = Field(None, gt=0, description="MLP hidden size; default 4 x width.")
-    activation: str = Field("gelu", description=f"One of {sorted(ACTIVATIONS)}.")
-    norm_eps: float = Field(1e-5, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> MultimodalDecoderConfig:
-        if self.width % self.heads:
-            raise ValueError(f"heads={self.heads} does not divide width={self.width}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation '{self.activation}' is not one of {sorted(ACTIVATIONS)}")
-        return self
 
 
 class MultimodalDecoder(nn.Module):
@@ -36,12 +24,11 @@ class MultimodalDecoder(nn.Module):
         self.width = cfg.width
         # A unimodal tower of another width is bridged by a projection.
         self.proj_in = nn.Identity() if in_dim == cfg.width else nn.Linear(in_dim, cfg.width)
-        mlp_dim = cfg.mlp_dim or 4 * cfg.width
         self.blocks = nn.ModuleList(
             Block(
                 cfg.width,
                 cfg.heads,
-                mlp_dim,
+                cfg.mlp_hidden,
                 causal=True,
                 cross_dim=context_dim,
                 activation=cfg.activation,

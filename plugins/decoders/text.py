@@ -11,31 +11,19 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
-from vlframe.nn import ACTIVATIONS, Block, init_weights
+from registry import ComponentSpec, hookimpl
+from vlframe.nn import Block, init_weights
+from vlframe.nn.config import TransformerConfig
 
 
-class TextDecoderConfig(ComponentConfig):
-    width: int = Field(512, gt=0)
+class TextDecoderConfig(TransformerConfig):
     layers: int = Field(6, ge=0, description="Unimodal layers (the paper's n_uni).")
-    heads: int = Field(8, gt=0)
-    mlp_dim: int | None = Field(None, gt=0, description="MLP hidden size; default 4 x width.")
-    activation: str = Field("gelu", description=f"One of {sorted(ACTIVATIONS)}.")
     embedding: Literal["cls", "mean"] = Field(
         "cls", description="Contrastive text embedding: appended CLS token, or mean of the tokens."
     )
-    norm_eps: float = Field(1e-5, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> TextDecoderConfig:
-        if self.width % self.heads:
-            raise ValueError(f"heads={self.heads} does not divide width={self.width}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation '{self.activation}' is not one of {sorted(ACTIVATIONS)}")
-        return self
 
 
 class TextDecoder(nn.Module):
@@ -48,9 +36,8 @@ class TextDecoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(context_length, cfg.width))
         # The CLS token needs no position: it is always last and learns its own vector.
         self.cls_token = nn.Parameter(torch.zeros(cfg.width)) if self.mode == "cls" else None
-        mlp_dim = cfg.mlp_dim or 4 * cfg.width
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, mlp_dim, causal=True, activation=cfg.activation, norm_eps=cfg.norm_eps)
+            Block(cfg.width, cfg.heads, cfg.mlp_hidden, causal=True, activation=cfg.activation, norm_eps=cfg.norm_eps)
             for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if self.mode else None

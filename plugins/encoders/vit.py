@@ -10,29 +10,23 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
-from vlframe.nn import ACTIVATIONS, Block, init_weights
+from registry import ComponentSpec, hookimpl
+from vlframe.nn import Block, init_weights
+from vlframe.nn.config import TransformerConfig
 
 
-class ViTConfig(ComponentConfig):
+class ViTConfig(TransformerConfig):
     image_size: int = Field(224, gt=0, description="Input height and width in pixels.")
     patch_size: int = Field(16, gt=0)
     width: int = Field(768, gt=0)
     layers: int = Field(12, gt=0)
     heads: int = Field(12, gt=0)
-    mlp_dim: int | None = Field(None, gt=0, description="MLP hidden size; default 4 x width.")
-    activation: str = Field("gelu", description=f"One of {sorted(ACTIVATIONS)}.")
     class_token: bool = Field(False, description="Prepend a learned class token (for the 'cls' pooler).")
-    norm_eps: float = Field(1e-5, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> ViTConfig:
+    def _check_grid(self) -> ViTConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.width % self.heads:
-            raise ValueError(f"heads={self.heads} does not divide width={self.width}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation '{self.activation}' is not one of {sorted(ACTIVATIONS)}")
         return self
 
 
@@ -46,9 +40,8 @@ class VisionTransformer(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        mlp_dim = cfg.mlp_dim or 4 * cfg.width
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, mlp_dim, activation=cfg.activation, norm_eps=cfg.norm_eps)
+            Block(cfg.width, cfg.heads, cfg.mlp_hidden, activation=cfg.activation, norm_eps=cfg.norm_eps)
             for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)

@@ -1,0 +1,31 @@
+"""Config fields shared by components built from a stack of transformer blocks."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from registry import ComponentConfig
+from vlframe.nn.transformer import ACTIVATIONS
+
+
+class TransformerConfig(ComponentConfig):
+    """Width, depth, heads and MLP of a transformer stack; plugins extend it with their own fields."""
+
+    width: int = Field(512, gt=0)
+    layers: int = Field(6, ge=0)
+    heads: int = Field(8, gt=0)
+    mlp_dim: int | None = Field(None, gt=0, description="MLP hidden size; default 4 x width.")
+    activation: str = Field("gelu", description=f"One of {sorted(ACTIVATIONS)}.")
+    norm_eps: float = Field(1e-5, gt=0)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim or 4 * self.width
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> TransformerConfig:
+        if self.width % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide width={self.width}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation '{self.activation}' is not one of {sorted(ACTIVATIONS)}")
+        return self

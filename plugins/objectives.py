@@ -67,12 +67,15 @@ class CaptioningLoss(nn.Module):
     def forward(self, outputs: dict[str, Tensor]) -> Tensor:
         logits, text, mask = outputs["logits"], outputs["text"], outputs["text_mask"]
         targets = text[:, 1:].masked_fill(~mask[:, 1:], -100)
-        return F.cross_entropy(
+        total = F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
             targets.reshape(-1),
             ignore_index=-100,
             label_smoothing=self.label_smoothing,
+            reduction="sum",
         )
+        # Mean over real target tokens; a batch without any (1-token captions) gives 0, not NaN.
+        return total / mask[:, 1:].sum().clamp_min(1)
 
 
 @hookimpl

@@ -67,8 +67,8 @@ class ClsPooler(_SimplePooler):
     def __init__(self, cfg: ProjectConfig, *, in_dim: int, out_dim: int, num_prefix_tokens: int = 0) -> None:
         if num_prefix_tokens < 1:
             raise ValueError(
-                "the cls pooler needs a class token, and its input has none "
-                "(set image_encoder.class_token: true, or use the cascade arrangement)"
+                "the cls pooler needs a class token, and its input has none (use "
+                "pooler_arrangement: parallel with an image encoder that has one, e.g. vit with class_token: true)"
             )
         super().__init__(cfg, in_dim=in_dim, out_dim=out_dim, num_prefix_tokens=num_prefix_tokens)
 
@@ -86,6 +86,10 @@ class MeanPooler(_SimplePooler):
 
 
 class IdentityPooler(_SimplePooler):
+    def __init__(self, cfg: ProjectConfig, *, in_dim: int, out_dim: int, num_prefix_tokens: int = 0) -> None:
+        super().__init__(cfg, in_dim=in_dim, out_dim=out_dim, num_prefix_tokens=num_prefix_tokens)
+        self.num_prefix_tokens_out = num_prefix_tokens  # passed through with the other tokens
+
     def select(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
         return tokens
 

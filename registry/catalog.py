@@ -65,7 +65,7 @@ class Catalog:
         """``vit [encoders.vit], timm [encoders.timm]``: what is registered, for messages."""
         entries = self.entries(kind)
         if not entries:
-            return "(none)"
+            return "(none: no loaded plugin provides one; is plugin autoloading off?)"
         return ", ".join(f"{e.spec.name} [{e.plugin}]" for e in entries)
 
     def get(self, kind: Kind, name: str) -> Entry:
@@ -87,9 +87,9 @@ class Catalog:
     def build(self, kind: Kind, config: ComponentConfig, *, path: str = "", **kwargs: Any) -> Any:
         """Build the component ``config`` selects, passing the kind's keyword arguments.
 
-        ``path`` (e.g. ``model.caption_pooler``) is named in the error if the factory refuses the
-        configuration: factories raise ``ValueError`` for settings that only conflict once the
-        surrounding model is known (say, a head count that does not divide the width).
+        ``path`` (e.g. ``model.caption_pooler``) is named in the :class:`BuildError` raised when
+        the factory fails: factories raise ``ValueError`` for settings that only conflict once
+        the surrounding model is known (say, a head count that does not divide the width).
         """
         entry = self.get(kind, config.type)
         if not isinstance(config, entry.spec.config):
@@ -101,6 +101,8 @@ class Catalog:
             return entry.spec.factory(config, **kwargs)
         except (VlframeError, ValidationError):
             raise
-        except ValueError as exc:
-            where = path or kind.label
-            raise BuildError(f"{where} ({kind.label} '{config.type}'): {exc}") from exc
+        except Exception as exc:
+            where = f"{path or kind.label} ({kind.label} '{config.type}' [{entry.plugin}])"
+            # A ValueError is the factory's own word on the config; anything else is named as is.
+            detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            raise BuildError(f"{where}: {detail}") from exc

@@ -49,7 +49,7 @@ class ComponentConfig(ConfigModel):
 class ObjectiveConfig(ComponentConfig):
     """Base of objective configs: each objective is weighted and declares the model outputs it reads."""
 
-    weight: float = Field(1.0, ge=0.0, description="Multiplier of this loss in the total.")
+    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="Multiplier of this loss in the total.")
     #: Model outputs this objective reads (e.g. ``image_embeds``); a model builder checks them.
     requires: ClassVar[frozenset[str]] = frozenset()
 
@@ -62,12 +62,14 @@ KIND_CONFIG_BASE[Kind.OBJECTIVE] = ObjectiveConfig
 def _dispatch(kind: Kind):
     def validate(value: Any, handler: Any, info: ValidationInfo) -> ComponentConfig:
         catalog = (info.context or {}).get(CONTEXT_KEY)
+        if catalog is None and isinstance(value, ComponentConfig):
+            return value  # already validated (e.g. assigning one config's part to another)
         if catalog is None:
             raise PydanticCustomError(
                 "vlframe_no_catalog",
-                "cannot validate a {kind} without a component catalog; "
+                "cannot validate {kind} without a component catalog; "
                 "use Registry.validate(...) or vlframe.load_config(...)",
-                {"kind": kind.label},
+                {"kind": kind.article},
             )
         names = catalog.names(kind)
         if isinstance(value, ComponentConfig):
@@ -75,15 +77,15 @@ def _dispatch(kind: Kind):
         if not isinstance(value, Mapping):
             raise PydanticCustomError(
                 "vlframe_not_a_component",
-                "expected a mapping with a 'type' key naming a {kind}; registered: {names}",
-                {"kind": kind.label, "names": catalog.describe(kind)},
+                "expected a mapping with a 'type' key naming {kind}; registered: {names}",
+                {"kind": kind.article, "names": catalog.describe(kind)},
             )
         name = value.get("type")
         if name is None:
             raise PydanticCustomError(
                 "vlframe_missing_type",
-                "missing; choose a {kind}: {names}",
-                {"kind": kind.label, "names": catalog.describe(kind)},
+                "missing; choose {kind}: {names}",
+                {"kind": kind.article, "names": catalog.describe(kind)},
             )
         if not isinstance(name, str) or name not in names:
             raise PydanticCustomError(

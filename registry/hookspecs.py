@@ -28,8 +28,9 @@ def vlframe_image_encoders() -> list[ComponentSpec]:
 
     Called once per registry, when its catalog is first built. Each factory is called as
     ``factory(config)`` and returns an ``nn.Module`` that maps images ``(B, 3, H, W)`` to tokens
-    ``(B, N, width)`` and has the attributes ``width`` (token size) and ``num_prefix_tokens``
-    (class/register tokens at the front of the sequence, 0 if none).
+    ``(B, N, width)`` and has the attributes ``width`` (token size), ``num_prefix_tokens``
+    (class/register tokens at the front of the sequence, 0 if none) and ``image_size`` (the
+    side, in pixels, of the square images it expects).
     """
 
 
@@ -54,7 +55,9 @@ def vlframe_poolers() -> list[ComponentSpec]:
     ``factory(config, in_dim=int, out_dim=int, num_prefix_tokens=int)`` and returns an
     ``nn.Module`` mapping tokens ``(B, N, in_dim)`` to ``(B, M, module.out_dim)``.
     ``out_dim`` is the size the model would like; a pooler that passes tokens through unchanged
-    may keep ``in_dim`` and say so in its ``out_dim`` attribute.
+    may keep ``in_dim`` and say so in its ``out_dim`` attribute. A pooler whose output still
+    starts with the input's prefix (class) tokens says how many in ``num_prefix_tokens_out``
+    (0 if the attribute is absent).
     """
 
 

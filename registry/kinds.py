@@ -22,6 +22,11 @@ class Kind(str, Enum):
         return self.value.replace("_", " ")
 
     @property
+    def article(self) -> str:
+        """``an image encoder``, ``a pooler``: the label with its article."""
+        return ("an " if self.value[0] in "aeiou" else "a ") + self.label
+
+    @property
     def hook(self) -> str:
         """Name of the hook that returns the specs of this kind."""
         return _HOOKS[self]

@@ -85,18 +85,27 @@ class Registry:
         ``enable`` or ``VLFRAME_PLUGINS`` load. ``plugins`` are objects registered directly.
         """
         registry = cls()
-        for name in [*_env_list(ENV_BLOCK), *block]:
+        blocked = [*_env_list(ENV_BLOCK), *block]
+        for name in blocked:
             registry.block(name)
         if autoload is None:
             autoload = not _env_flag(ENV_DISABLE_AUTOLOAD)
         only = None if autoload else {*_env_list(ENV_ENABLE), *enable}
-        registry.load_entry_points(only=only)
+        known = registry.load_entry_points(only=only)
         for plugin in plugins:
-            registry.register(plugin)
+            known.add(registry.register(plugin))
+        for name in blocked:  # a misspelled block would silently block nothing
+            if name not in known:
+                raise PluginError(
+                    f"cannot block plugin '{name}': no such plugin{did_you_mean(name, known)}; "
+                    f"plugins: {', '.join(sorted(known)) or '(none)'}"
+                )
         return registry
 
-    def load_entry_points(self, *, only: set[str] | None = None) -> None:
+    def load_entry_points(self, *, only: set[str] | None = None) -> set[str]:
         """Import and register the plugins of the entry-point group (all, or those in ``only``).
+
+        Returns the names of every entry point in the group, loaded or not.
 
         Loaded in our own loop, not pluggy's ``load_setuptools_entrypoints``, so that an import
         failure names the entry point and its distribution.
@@ -131,6 +140,7 @@ class Registry:
                     f"no plugin entry point named {', '.join(repr(m) for m in missing)} "
                     f"in group '{ENTRY_POINT_GROUP}'; available: {', '.join(sorted(seen)) or '(none)'}"
                 )
+        return set(seen)
 
     # -- registration ----------------------------------------------------------------------
 

@@ -56,6 +56,15 @@ def test_unknown_plugin_in_set_is_a_one_line_error() -> None:
     ]
 
 
+def test_validate_also_catches_what_only_fails_at_build_time() -> None:
+    result = run_cli("config", "validate", str(CONFIGS / "coca_tiny.yaml"), "--set", "model.caption_pooler.heads=3")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert result.err.splitlines() == [
+        f"error: {CONFIGS / 'coca_tiny.yaml'}: model.caption_pooler (pooler 'attentional' [poolers]): "
+        "heads=3 does not divide width 256"
+    ]
+
+
 def test_config_show_prints_the_resolved_config() -> None:
     result = run_cli("config", "show", str(CONFIGS / "coca_large.yaml"), "--set", "model.text_decoder.layers=3")
     assert result.code == 0, result.err

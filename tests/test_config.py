@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -177,10 +178,62 @@ def test_schema_covers_every_registered_component(registry: Registry) -> None:
         key = f"{entry.kind.value}.{entry.spec.name}"
         assert defs[key]["properties"]["type"] == {"const": entry.spec.name, "description": "Registered component name."}
         assert entry.plugin in defs[key]["description"]
-    model_refs = [ref["$ref"] for ref in schema["properties"]["model"]["anyOf"]]
-    assert model_refs == ["#/$defs/model.coca"]
+    model_refs = [ref.get("$ref") for ref in schema["properties"]["model"]["anyOf"]]
+    assert model_refs == ["#/$defs/model.coca", None]
     coca = defs["model.coca"]["properties"]
-    pooler_refs = [r["$ref"] for r in coca["caption_pooler"]["anyOf"][0]["anyOf"]]
-    assert pooler_refs == [f"#/$defs/pooler.{n}" for n in registry.catalog.names(Kind.POOLER)]
+    pooler_refs = [r.get("$ref") for r in coca["caption_pooler"]["anyOf"][0]["anyOf"]]
+    assert pooler_refs == [f"#/$defs/pooler.{n}" for n in registry.catalog.names(Kind.POOLER)] + [None]
     assert "x-vlframe-kind" not in str(schema)
     assert defs["image_encoder.vit"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_files_satisfy_the_schema_an_editor_would_use(path: Path, registry: Registry) -> None:
+    validator = jsonschema.Draft202012Validator(config_schema(registry.catalog))
+    errors = list(validator.iter_errors(yaml.safe_load(path.read_text())))
+    assert errors == [], [e.message for e in errors]
+
+
+def test_schema_flags_what_validation_flags(registry: Registry) -> None:
+    validator = jsonschema.Draft202012Validator(config_schema(registry.catalog))
+    assert not validator.is_valid({"model": {"type": "coca", "text_decoder": {"type": "causal_text", "layrs": 2}}})
+    assert not validator.is_valid({"model": {"type": "coca", "caption_pooler": {"type": "maxx"}}})
+    assert not validator.is_valid({"extend": "coca_tiny.yaml"})
+    assert validator.is_valid({"extends": "coca_tiny.yaml", "model": {"caption_pooler": {"heads": 2}}})
+
+
+def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    bad = write(tmp_path / "dup.yaml", "model:\n  type: coca\n  embed_dim: 8\n  embed_dim: 16\n")
+    with pytest.raises(ConfigError) as err:
+        configfile.compose(bad)
+    assert err.value.lines() == [f"{bad}:4:3: invalid YAML: duplicate key 'embed_dim'"]
+
+
+def test_top_level_and_plugin_section_typos_get_suggestions(tmp_path: Path, registry: Registry) -> None:
+    path = write(tmp_path / "typo.yaml", {"extend": "coca_tiny.yaml", "model": {"type": "coca"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, registry=registry)
+    assert "extend: unknown field (did you mean 'extends'?); allowed: description, extends, model, plugins" in problems(err)
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "coca_tiny.yaml", ["plugins.blok=[]"])
+    assert problems(err) == ["plugins.blok: unknown field (did you mean 'block'?); allowed: autoload, block, enable"]
+
+
+def test_field_errors_point_at_the_field(registry: Registry) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "coca_tiny.yaml", ["model.text_decoder.activation=swish", "model.image_encoder.heads=3",
+                                                 "model.image_encoder.patch_size=15"], registry=registry)
+    assert problems(err) == [
+        "model.image_encoder.heads: 3 heads do not divide width 256",
+        "model.image_encoder.image_size: 128 is not a multiple of patch_size 15",
+        "model.text_decoder.activation: unknown activation 'swish'; available: gelu, quick_gelu, relu",
+    ]
+
+
+def test_validated_parts_can_be_reassigned_without_a_catalog(registry: Registry) -> None:
+    config = load_config(CONFIGS / "coca_tiny.yaml", registry=registry)
+    other = load_config(CONFIGS / "coca_tiny.yaml", ["model.caption_pooler={type: none}"], registry=registry)
+    config.model.caption_pooler = other.model.caption_pooler
+    assert config.model.caption_pooler.type == "none"
+    with pytest.raises(Exception, match="Input should be a valid integer"):
+        config.model.embed_dim = "wide"

@@ -67,6 +67,7 @@ def test_embeddings_are_normalised_and_ignore_padding(tiny) -> None:
         # The same captions cut to their real length (no padding at all) embed identically.
         alone = [tiny.encode_text(row[row != 0][None]) for row in text]
     torch.testing.assert_close(image_embeds.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(padded.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(padded, torch.cat(alone), atol=1e-5, rtol=1e-5)
 
 
@@ -145,9 +146,31 @@ def test_each_table8_ablation_trains_a_step(path: Path, registry: Registry) -> N
     assert set(out.losses) == set(expected.objectives)
     for name, objective in expected.objectives.items():
         assert model.weights[name] == objective.weight
-    assert model.text_decoder.__class__.__name__ == "TextDecoder"
     assert len(model.text_decoder.blocks) == expected.text_decoder.layers
+    # What each row changes reaches the built model.
+    for part in ("caption_pooler", "contrastive_pooler", "multimodal_decoder", "lm_head",
+                 "image_projection", "text_projection"):
+        assert (getattr(model, part) is None) == (getattr(expected, part) is None), part
+    if expected.multimodal_decoder is not None:
+        assert len(model.multimodal_decoder.blocks) == expected.multimodal_decoder.layers
+    if expected.caption_pooler is not None and expected.caption_pooler.type == "attentional":
+        assert model.caption_pooler.queries.shape[0] == expected.caption_pooler.n_query
+    assert model.cascade == (expected.pooler_arrangement == "cascade")
+    assert model.text_decoder.mode == (expected.text_decoder.embedding if expected.text_projection else None)
     assert_every_parameter_learns(model, out)
+
+
+def test_shipped_objective_ablations_drop_their_parts(registry: Registry) -> None:
+    names = {}
+    for row in ("objectives_contrastive_only", "objectives_captioning_only"):
+        model = build_model(CONFIGS / "ablations" / f"{row}.yaml", registry=registry, device="meta")
+        names[row] = [name for name, _ in model.named_parameters()]
+    assert not any(n.startswith(("multimodal_decoder.", "lm_head.", "caption_pooler."))
+                   for n in names["objectives_contrastive_only"])
+    assert "objectives.contrastive.log_inv_temperature" in names["objectives_contrastive_only"]
+    assert not any(n.startswith(("contrastive_pooler.", "image_projection.", "text_projection.", "objectives."))
+                   or n == "text_decoder.cls_token" for n in names["objectives_captioning_only"])
+    assert any(n.startswith("multimodal_decoder.") for n in names["objectives_captioning_only"])
 
 
 def test_ablation_rows_change_what_they_say(registry: Registry) -> None:
@@ -165,26 +188,50 @@ def test_ablation_rows_change_what_they_say(registry: Registry) -> None:
     assert cfg("objectives_captioning_only").contrastive_pooler is None
 
 
-def test_parallel_and_cascade_feed_the_contrastive_pooler_differently(registry: Registry) -> None:
-    cascade = build_model(CONFIGS / "coca_tiny.yaml", registry=registry)
-    parallel = build_model(CONFIGS / "coca_tiny.yaml", ["model.pooler_arrangement=parallel"], registry=registry)
-    assert cascade.contrastive_pooler.norm_tokens.normalized_shape == (256,)
+@pytest.mark.parametrize("arrangement, seen", [("parallel", 64), ("cascade", 16)])
+def test_pooler_arrangement_decides_what_the_contrastive_pooler_reads(arrangement, seen, registry: Registry) -> None:
+    model = build_model(CONFIGS / "coca_tiny.yaml", [
+        f"model.pooler_arrangement={arrangement}", "model.caption_pooler.n_query=16",
+    ], registry=registry)
     calls = []
-    hook = parallel.contrastive_pooler.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
-    parallel.encode_image(batch(parallel)[0])
-    hook.remove()
-    assert calls == [(4, 64, 256)]  # all 64 image tokens, not the caption pooler's queries
-    calls.clear()
-    cascade.contrastive_pooler.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
-    cascade.encode_image(batch(cascade)[0])
-    assert calls == [(4, 64, 256)]  # the 64 caption queries
+    model.contrastive_pooler.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    images = batch(model)[0]
+    model.encode_image(images)
+    # parallel: the 64 image tokens; cascade: the caption pooler's 16 queries
+    assert calls == [(4, seen, 256)]
+    before = model.encode_image(images)
+    with torch.no_grad():
+        model.caption_pooler.queries.add_(1.0)
+    changed = not torch.allclose(before, model.encode_image(images))
+    assert changed == (arrangement == "cascade")
+
+
+def test_later_tokens_and_padding_do_not_leak_into_earlier_positions(tiny) -> None:
+    images, text = batch(tiny, n=2, length=12)
+    text[:, 6:] = torch.randint(3, 8192, (2, 6))  # no padding: all 12 tokens are real
+    mask = torch.ones_like(text, dtype=torch.bool)
+    with torch.no_grad():
+        base = tiny(images, text, mask).logits
+        changed = text.clone()
+        changed[:, 8:] = torch.randint(3, 8192, (2, 4))
+        # Causal: positions before 8 cannot see tokens 8..11.
+        torch.testing.assert_close(tiny(images, changed, mask).logits[:, :8], base[:, :8])
+        # Padding: whatever sits in padded positions changes neither logits nor losses.
+        pad_mask = mask.clone()
+        pad_mask[:, 9:] = False
+        a = tiny(images, text, pad_mask)
+        other_padding = torch.cat([text[:, :9], changed[:, 9:]], dim=1)
+        b = tiny(images, other_padding, pad_mask)
+    torch.testing.assert_close(a.logits[:, :9], b.logits[:, :9])
+    for name in a.losses:
+        torch.testing.assert_close(a.losses[name], b.losses[name])
 
 
 def test_cls_pooler_needs_a_class_token(registry: Registry) -> None:
     overrides = ["model.pooler_arrangement=parallel", "model.contrastive_pooler={type: cls}"]
     with pytest.raises(BuildError) as err:
         build_model(CONFIGS / "coca_tiny.yaml", overrides, registry=registry)
-    assert str(err.value).startswith("model.contrastive_pooler (pooler 'cls'): the cls pooler needs a class token")
+    assert str(err.value).startswith("model.contrastive_pooler (pooler 'cls' [poolers]): the cls pooler needs a class token")
     model = build_model(CONFIGS / "coca_tiny.yaml", [*overrides, "model.image_encoder.class_token=true"],
                         registry=registry)
     out = model(*batch(model))
@@ -214,6 +261,15 @@ def test_contrastive_temperature_starts_at_007_and_is_clamped(tiny) -> None:
         objective.log_inv_temperature.fill_(torch.log(torch.tensor(1 / 0.07)).item())
 
 
+def test_caption_loss_of_a_batch_without_targets_is_zero(tiny) -> None:
+    images, text = batch(tiny, n=2, length=4)
+    mask = torch.zeros_like(text, dtype=torch.bool)
+    mask[:, 0] = True  # only a BOS: nothing to predict
+    out = tiny(images, text, mask)
+    assert out.losses["caption"].item() == 0.0
+    assert torch.isfinite(out.loss)
+
+
 def test_label_smoothing_changes_the_caption_loss(registry: Registry) -> None:
     torch.manual_seed(0)
     plain = build_model(CONFIGS / "coca_tiny.yaml", registry=registry)
@@ -230,4 +286,4 @@ def test_label_smoothing_changes_the_caption_loss(registry: Registry) -> None:
 def test_heads_that_do_not_divide_the_width_name_the_part(registry: Registry) -> None:
     with pytest.raises(BuildError) as err:
         build_model(CONFIGS / "coca_tiny.yaml", ["model.caption_pooler.heads=3"], registry=registry)
-    assert str(err.value) == "model.caption_pooler (pooler 'attentional'): heads=3 does not divide width 256"
+    assert str(err.value) == "model.caption_pooler (pooler 'attentional' [poolers]): heads=3 does not divide width 256"

@@ -152,3 +152,16 @@ def test_environment_blocks_named_plugins(monkeypatch: pytest.MonkeyPatch) -> No
         catalog.get(Kind.IMAGE_ENCODER, "timm")
     assert "unknown image encoder 'timm'" in str(err.value)
     assert "registered: vit [encoders.vit]" in str(err.value)
+
+
+def test_blocking_an_unknown_plugin_is_an_error_with_a_suggestion() -> None:
+    with pytest.raises(PluginError) as err:
+        Registry.discover(block=["encoders.tim"])
+    assert str(err.value).startswith("cannot block plugin 'encoders.tim': no such plugin (did you mean 'encoders.timm'?)")
+
+
+def test_with_nothing_loaded_the_message_says_why() -> None:
+    reg = Registry.discover(autoload=False)
+    with pytest.raises(UnknownComponentError) as err:
+        reg.catalog.get(Kind.MODEL, "coca")
+    assert "registered: (none: no loaded plugin provides one; is plugin autoloading off?)" in str(err.value)

@@ -22,7 +22,7 @@ def test_timm_vit_as_coca_image_encoder(registry: Registry) -> None:
     assert model.image_encoder.width == 64 and model.image_encoder.num_prefix_tokens == 1
     out = model(torch.randn(2, 3, 128, 128), torch.randint(1, 8192, (2, 8)))
     out.loss.backward()
-    assert all(p.grad is not None for p in model.image_encoder.parameters() if p.requires_grad)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_encoder.parameters())
 
 
 def test_convolutional_feature_maps_become_tokens(registry: Registry) -> None:
@@ -56,7 +56,7 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path, registry: Registry)
         build_model(CONFIGS / "coca_tiny.yaml", [TIMM_VIT, f"model.image_encoder.pretrained_path={path}"],
                     registry=registry)
     message = str(err.value)
-    assert message.startswith("model.image_encoder (image encoder 'timm'): weights in")
+    assert message.startswith("model.image_encoder (image encoder 'timm' [encoders.timm]): weights in")
     assert "missing keys: blocks.0.attn.proj.bias" in message and "shape mismatch: blocks.0.attn.qkv.weight" in message
 
 
@@ -71,3 +71,38 @@ def test_unknown_model_and_missing_file_are_config_errors(tmp_path: Path, regist
         "model.image_encoder.model_name: unknown timm model 'test_vitt' (did you mean 'test_vit'?)",
         f"model.image_encoder.pretrained_path: file not found: {tmp_path / 'none.pt'}",
     ]
+
+
+def test_channels_last_feature_maps_become_tokens(registry: Registry) -> None:
+    model = build_model(CONFIGS / "coca_tiny.yaml",
+                        ["model.image_encoder={type: timm, model_name: test_mambaout}"], registry=registry)
+    encoder = model.image_encoder
+    assert encoder.channels_last
+    images = torch.randn(2, 3, 128, 128)
+    feature_map = encoder.model.forward_features(images)  # (B, H, W, C)
+    tokens = encoder(images)
+    assert tokens.shape == (2, feature_map.shape[1] * feature_map.shape[2], encoder.width)
+    torch.testing.assert_close(tokens[:, 1], feature_map[:, 0, 1])  # row-major: token 1 is (0, 1)
+    out = model(images, torch.randint(1, 8192, (2, 8)))
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in encoder.parameters())
+
+
+def test_arguments_a_model_does_not_take_are_build_errors(tmp_path: Path, registry: Registry) -> None:
+    with pytest.raises(BuildError) as err:
+        build_model(CONFIGS / "coca_tiny.yaml",
+                    ["model.image_encoder={type: timm, model_name: test_resnet, image_size: 64}"], registry=registry)
+    assert str(err.value).startswith(
+        "model.image_encoder (image encoder 'timm' [encoders.timm]): timm model 'test_resnet' refused img_size: "
+    )
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tensor file")
+    with pytest.raises(BuildError, match="cannot read weights from .*junk.safetensors"):
+        build_model(CONFIGS / "coca_tiny.yaml", [TIMM_VIT, f"model.image_encoder.pretrained_path={junk}"],
+                    registry=registry)
+    with pytest.raises(ConfigError) as cfg_err:
+        load_config(CONFIGS / "coca_tiny.yaml", [TIMM_VIT, "model.image_encoder.model_kwargs={pretrained: true}"],
+                    registry=registry)
+    assert cfg_err.value.problems[0].path == "model.image_encoder.model_kwargs"
+    assert "pretrained cannot be set here" in cfg_err.value.problems[0].message

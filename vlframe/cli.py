@@ -68,16 +68,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
+    """Validate each file, then build its model on the meta device (no memory), so that
+    settings which only conflict once parts meet (say, heads that do not divide a width) are
+    caught here rather than at training time."""
     from vlframe import configfile
+    from vlframe.api import build_model
 
     failed = False
     for path in args.files:
         try:
-            configfile.load(path, args.overrides)
+            config, registry = configfile.load(path, args.overrides)
+            build_model(config, registry=registry, device="meta")
         except ConfigError as exc:
             failed = True
             for problem in exc.problems:  # a problem without a file (from --set) belongs to this one
                 print(f"error: {replace(problem, file=problem.file or str(path))}", file=sys.stderr)
+        except VlframeError as exc:
+            failed = True
+            for line in exc.lines():
+                print(f"error: {path}: {line}", file=sys.stderr)
         else:
             print(f"ok: {path}")
     return EXIT_USAGE if failed else 0
@@ -140,8 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = build_model(args.file, args.overrides)
     cfg = model.config
-    encoder = cfg.image_encoder
-    size = getattr(encoder, "image_size", None) or 224
+    size = model.image_encoder.image_size
     images = torch.randn(4, 3, size, size)
     text = torch.randint(1, cfg.vocab_size, (4, min(16, cfg.context_length)))
     out = model(images, text)

@@ -14,6 +14,7 @@ becomes one line with its dotted path, e.g. ``model.text_decoder.layrs: unknown 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
@@ -30,6 +31,21 @@ from vlframe.config import PluginSettings, VlframeConfig
 Data = dict[str, Any]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key written twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Data:
     """One YAML file as a mapping; errors name the file (and line, for syntax errors)."""
     try:
@@ -39,7 +55,7 @@ def read_yaml(path: Path) -> Data:
     except OSError as exc:
         raise ConfigError([Problem("", f"cannot read: {exc.strerror}", str(path))]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -136,12 +152,12 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str] | Mapping[
 
 def plugin_settings(data: Mapping[str, Any], source: str | None = None) -> PluginSettings:
     """The ``plugins:`` section, validated on its own (it decides which plugins exist)."""
+    section = data.get("plugins") or {}
     try:
-        return PluginSettings.model_validate(data.get("plugins") or {})
+        return PluginSettings.model_validate(section)
     except ValidationError as exc:
-        raise ConfigError([
-            Problem(_dotted(("plugins", *err["loc"])), err["msg"], source) for err in exc.errors()
-        ]) from None
+        problems = problems_from(exc, PluginSettings, section, None, source)
+        raise ConfigError([replace(p, path=f"plugins.{p.path}") for p in problems]) from None
 
 
 def registry_for(data: Mapping[str, Any], source: str | None = None) -> Registry:
@@ -193,7 +209,7 @@ def _dotted(loc: Iterable[Any]) -> str:
 
 
 def problems_from(
-    exc: ValidationError, root: type[BaseModel], data: Any, catalog: Catalog, source: str | None
+    exc: ValidationError, root: type[BaseModel], data: Any, catalog: Catalog | None, source: str | None
 ) -> list[Problem]:
     """One :class:`Problem` per pydantic error, worded for a person editing YAML."""
     problems = []
@@ -203,6 +219,8 @@ def problems_from(
             loc = (*loc, "type")
         elif kind == "extra_forbidden":
             fields = _fields_at(root, data, loc[:-1], catalog)
+            if len(loc) == 1 and root is VlframeConfig:
+                fields = sorted([*fields, "extends"])  # composed away before validation
             hint = did_you_mean(str(loc[-1]), fields) if fields else ""
             msg = f"unknown field{hint}" + (f"; allowed: {', '.join(fields)}" if fields else "")
         elif kind == "missing":
@@ -217,7 +235,7 @@ def problems_from(
     return problems
 
 
-def _fields_at(root: type[BaseModel], data: Any, loc: tuple[Any, ...], catalog: Catalog) -> list[str]:
+def _fields_at(root: type[BaseModel], data: Any, loc: tuple[Any, ...], catalog: Catalog | None) -> list[str]:
     """Field names of the config model found at ``loc`` (to suggest a misspelled key's fix)."""
     current: Any = root
     node = data
@@ -240,7 +258,7 @@ def _fields_at(root: type[BaseModel], data: Any, loc: tuple[Any, ...], catalog: 
     return []
 
 
-def _concrete(annotation: Any, node: Any, catalog: Catalog) -> Any:
+def _concrete(annotation: Any, node: Any, catalog: Catalog | None) -> Any:
     """Strip ``X | None``; resolve a component slot to the config class its ``type`` selects."""
     args = [a for a in get_args(annotation) if a is not type(None)]
     if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
@@ -248,7 +266,7 @@ def _concrete(annotation: Any, node: Any, catalog: Catalog) -> Any:
     for meta in getattr(annotation, "__metadata__", ()):
         schema = getattr(meta, "json_schema", None)
         if isinstance(schema, dict) and SCHEMA_KIND_KEY in schema:
-            if not isinstance(node, Mapping):
+            if catalog is None or not isinstance(node, Mapping):
                 return None
             try:
                 return catalog.get(Kind(schema[SCHEMA_KIND_KEY]), str(node.get("type"))).spec.config

@@ -3,6 +3,10 @@
 pydantic renders each component slot as a marker (``{"x-vlframe-kind": "pooler"}``); here every
 marker becomes an ``anyOf`` over the registered components of that kind, each of which pins its
 ``type`` to its registered name.
+
+The schema describes one *file*, which may be a partial file that ``extends`` another: no field
+is required, and ``null`` is accepted wherever a component goes (it removes an inherited one).
+Required fields are checked by ``vlframe config validate``, on the composed config.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ def config_schema(catalog: Catalog, root: type[BaseModel] = VlframeConfig) -> di
         sub["title"] = f"{entry.kind.label} '{entry.spec.name}'"
         sub["description"] = f"{entry.spec.summary} [{entry.source}]"
         sub["properties"]["type"] = {"const": entry.spec.name, "description": "Registered component name."}
-        sub["required"] = sorted({"type", *sub.get("required", [])})
         defs[key] = sub
 
     def expand(node: Any) -> Any:
@@ -41,13 +44,19 @@ def config_schema(catalog: Catalog, root: type[BaseModel] = VlframeConfig) -> di
             if SCHEMA_KIND_KEY in node:
                 kind = Kind(node[SCHEMA_KIND_KEY])
                 refs = [{"$ref": f"#/$defs/{kind.value}.{name}"} for name in catalog.names(kind)]
-                return {"anyOf": refs, "description": f"A {kind.label}, chosen by its 'type'."}
-            return {k: expand(v) for k, v in node.items()}
+                refs.append({"type": "null"})
+                return {"anyOf": refs, "description": f"{kind.article.capitalize()}, chosen by its 'type'."}
+            # "required" lists go: a file that extends another may leave any field out.
+            return {k: expand(v) for k, v in node.items() if not (k == "required" and isinstance(v, list))}
         if isinstance(node, list):
             return [expand(v) for v in node]
         return node
 
     schema = expand(schema)
+    schema["properties"]["extends"] = {
+        "description": "File(s) this one inherits from, relative to this file.",
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    }
     schema["$defs"] = expand(defs)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

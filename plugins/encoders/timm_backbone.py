@@ -24,6 +24,17 @@ class TimmConfig(ComponentConfig):
     image_size: int | None = Field(None, gt=0, description="Passed as img_size to models that take one.")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model arguments.")
 
+    @field_validator("model_kwargs")
+    @classmethod
+    def _not_reserved(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(set(kwargs) & {"pretrained", "num_classes", "global_pool", "img_size", "model_name"})
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)} cannot be set here: vlframe sets them "
+                "(weights come from pretrained_path, the image size from image_size)"
+            )
+        return kwargs
+
     @field_validator("model_name")
     @classmethod
     def _known_model(cls, name: str) -> str:
@@ -49,26 +60,44 @@ class TimmBackbone(nn.Module):
         kwargs = dict(cfg.model_kwargs)
         if cfg.image_size is not None:
             kwargs["img_size"] = cfg.image_size
-        # pretrained=False always: weights come from pretrained_path or not at all.
-        self.model = timm.create_model(cfg.model_name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        try:
+            # pretrained=False always: weights come from pretrained_path or not at all.
+            self.model = timm.create_model(cfg.model_name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        except TypeError as exc:  # an argument this architecture does not take
+            taken = ", ".join(sorted(kwargs)) or "no extra arguments"
+            raise ValueError(f"timm model '{cfg.model_name}' refused {taken}: {exc}") from exc
+        # forward_features never runs the classifier head, but some heads keep parameters even
+        # with num_classes=0 (norms, pre-logits MLPs): drop them so no parameter sits unused.
+        for name in ("head", "fc_norm"):
+            if any(True for _ in getattr(self.model, name, nn.Identity()).parameters()):
+                setattr(self.model, name, nn.Identity())
         self.model_name = cfg.model_name
         self.width = int(self.model.num_features)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
+        self.image_size = cfg.image_size or int(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        # Feature maps come channels-first (B, C, H, W) unless the model says NHWC (e.g. Swin).
+        self.channels_last = str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC"
         if cfg.pretrained_path is not None:
             self._load(cfg.pretrained_path)
 
     def _load(self, path: Path) -> None:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            import torch
+                state = load_file(str(path))
+            else:
+                import torch
 
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated, foreign or non-weights file
+            raise ValueError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(state, dict) and not any(hasattr(v, "shape") for v in state.values()):
+            state = state.get("state_dict", state.get("model", state))  # a training checkpoint
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
         # A classifier head in the file is expected: the backbone was built without one.
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "fc_norm.", "classifier."))}
         own = self.model.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -84,8 +113,8 @@ class TimmBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.model.forward_features(images)
-        if x.ndim == 4:  # convolutional feature map (B, C, H, W) -> tokens (B, H*W, C)
-            x = x.flatten(2).transpose(1, 2)
+        if x.ndim == 4:  # a feature map becomes H*W tokens
+            x = x.flatten(1, 2) if self.channels_last else x.flatten(2).transpose(1, 2)
         return x
 
 

@@ -7,7 +7,7 @@ LayerNorm. Returns every token: poolers downstream decide how to summarise them.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from registry import ComponentSpec, hookimpl
@@ -23,17 +23,18 @@ class ViTConfig(TransformerConfig):
     heads: int = Field(12, gt=0)
     class_token: bool = Field(False, description="Prepend a learned class token (for the 'cls' pooler).")
 
-    @model_validator(mode="after")
-    def _check_grid(self) -> ViTConfig:
+    def shape_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = super().shape_problems()
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        return self
+            problems.append((("image_size",), f"{self.image_size} is not a multiple of patch_size {self.patch_size}"))
+        return problems
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.width = cfg.width
+        self.image_size = cfg.image_size
         self.num_prefix_tokens = 1 if cfg.class_token else 0
         grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)

@@ -131,7 +131,8 @@ class CoCa(nn.Module):
         self.caption_pooler = build(Kind.POOLER, "caption_pooler", in_dim=image_dim, out_dim=decoder_dim,
                                     num_prefix_tokens=prefix)
         if self.caption_pooler is not None and self.cascade:
-            con_in, con_prefix = self.caption_pooler.out_dim, 0
+            con_in = self.caption_pooler.out_dim
+            con_prefix = getattr(self.caption_pooler, "num_prefix_tokens_out", 0)
         else:
             con_in, con_prefix = image_dim, prefix
         self.contrastive_pooler = build(Kind.POOLER, "contrastive_pooler", in_dim=con_in, out_dim=con_in,

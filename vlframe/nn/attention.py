@@ -10,7 +10,8 @@ backend plugs into :data:`BACKENDS` the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,9 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, cau
     return out.masked_fill(empty, 0.0).to(dtype)
 
 
-#: Attention backends by name. ``triton`` registers here when its kernels are available.
-BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "math": math_attention}
+#: Attention backends by name, fixed at import (read-only). The Triton kernels join this table
+#: here, in this module, when they land.
+BACKENDS: Mapping[str, AttentionFn] = MappingProxyType({"sdpa": sdpa_attention, "math": math_attention})
 
 
 class Attention(nn.Module):

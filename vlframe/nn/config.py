@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from registry import ComponentConfig
+from registry import ComponentConfig, raise_problems
 from vlframe.nn.transformer import ACTIVATIONS
 
 
@@ -22,10 +22,20 @@ class TransformerConfig(ComponentConfig):
     def mlp_hidden(self) -> int:
         return self.mlp_dim or 4 * self.width
 
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, name: str) -> str:
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation '{name}'; available: {', '.join(sorted(ACTIVATIONS))}")
+        return name
+
+    def shape_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Conflicts between fields, as ``(location, message)``; subclasses add their own."""
+        if self.width % self.heads:
+            return [(("heads",), f"{self.heads} heads do not divide width {self.width}")]
+        return []
+
     @model_validator(mode="after")
     def _check_shape(self) -> TransformerConfig:
-        if self.width % self.heads:
-            raise ValueError(f"heads={self.heads} does not divide width={self.width}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation '{self.activation}' is not one of {sorted(ACTIVATIONS)}")
+        raise_problems(type(self).__name__, self.shape_problems())
         return self

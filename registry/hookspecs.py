@@ -104,3 +104,31 @@ def vlframe_models() -> list[ComponentSpec]:
     ``encode_image``, ``encode_text`` and a ``forward`` returning the losses by objective name
     and their weighted total.
     """
+
+
+@hookspec
+def vlframe_tokenizers() -> list[ComponentSpec]:
+    """Return the tokenizers this plugin provides.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config, vocab_size=int)`` (the model's vocabulary, an upper bound) and returns a
+    tokenizer with ``pad_id``, ``bos_id``, ``eos_id``, ``cls_id``, ``vocab_size``, ``trained``,
+    ``encode(texts, context_length) -> (ids (B, L) long, mask (B, L) bool)``, ``decode(ids) ->
+    str``, ``train(texts, directory) -> Path`` (fits it to captions and saves it) and
+    ``save(directory) -> Path``; the factory loads a trained one when the config names a file.
+    """
+
+
+@hookspec
+def vlframe_datasets() -> list[ComponentSpec]:
+    """Return the image-text datasets this plugin provides.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config, split="train" | "val")`` and returns either a map-style dataset
+    (``__len__`` and ``__getitem__(i) -> vlframe.datasets.Sample``, raising
+    ``vlframe.datasets.SampleError`` for a missing or corrupt image or empty captions) or an
+    iterable one (``__iter__`` yielding ``Sample`` or ``SampleError`` values, with ``length``,
+    the nominal samples per epoch, and ``set_epoch(epoch)`` and ``shard(rank, world_size)``).
+    Both offer ``captions()``, every caption of the split without decoding an image (to train a
+    tokenizer), and ``describe()``, one line saying what was loaded.
+    """

@@ -15,6 +15,8 @@ class Kind(str, Enum):
     OBJECTIVE = "objective"
     HEAD = "head"
     MODEL = "model"
+    TOKENIZER = "tokenizer"
+    DATASET = "dataset"
 
     @property
     def label(self) -> str:
@@ -40,4 +42,6 @@ _HOOKS = {
     Kind.OBJECTIVE: "vlframe_objectives",
     Kind.HEAD: "vlframe_heads",
     Kind.MODEL: "vlframe_models",
+    Kind.TOKENIZER: "vlframe_tokenizers",
+    Kind.DATASET: "vlframe_datasets",
 }

@@ -21,3 +21,16 @@ class VlframeConfig(ConfigModel):
     description: str = Field("", description="Free text shown by `vlframe config show`.")
     plugins: PluginSettings = Field(default_factory=PluginSettings)
     model: component(Kind.MODEL)
+
+
+class TrackingConfig(ConfigModel):
+    """Where and how a run is tracked in MLflow."""
+
+    enabled: bool = Field(True, description="Track the run in MLflow.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: the embedded store sqlite:///<runs dir>/mlflow.db."
+    )
+    experiment: str = Field("vlframe", min_length=1)
+    run_name: str | None = Field(None, description="Default: the run directory's name.")
+    flush_every_s: float = Field(5.0, gt=0, description="How often buffered metrics are sent.")
+    timeout_s: float = Field(5.0, gt=0, description="Per-request timeout; an unreachable server never stalls training.")

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry import ComponentSpec, ObjectiveConfig, hookimpl
+from vlframe.distributed import all_reduce_sum, gather_with_grad, rank, world_size
 
 
 class ContrastiveConfig(ObjectiveConfig):
@@ -46,10 +47,15 @@ class ContrastiveLoss(nn.Module):
         return self.log_inv_temperature.clamp(max=self.max_log_inv).exp()
 
     def forward(self, outputs: dict[str, Tensor]) -> Tensor:
-        image, text = outputs["image_embeds"], outputs["text_embeds"]
-        logits = self.logit_scale() * image.float() @ text.float().t()
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        image, text = outputs["image_embeds"].float(), outputs["text_embeds"].float()
+        # Under torchrun the negatives are the *global* batch: each rank scores its own rows
+        # against every rank's embeddings, and its positives sit at its offset in that batch.
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        scale = self.logit_scale()
+        labels = torch.arange(image.shape[0], device=image.device) + rank() * image.shape[0]
+        image_to_text = scale * image @ all_text.t()
+        text_to_image = scale * text @ all_image.t()
+        return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels))
 
 
 class CaptioningConfig(ObjectiveConfig):
@@ -74,8 +80,11 @@ class CaptioningLoss(nn.Module):
             label_smoothing=self.label_smoothing,
             reduction="sum",
         )
-        # Mean over real target tokens; a batch without any (1-token captions) gives 0, not NaN.
-        return total / mask[:, 1:].sum().clamp_min(1)
+        # Mean over the real target tokens of the *global* batch (a batch without any gives 0, not
+        # NaN). Each rank divides by the global count times world size, so that DDP's gradient
+        # average equals the gradient of the global mean, whatever each rank's caption lengths.
+        count = all_reduce_sum(mask[:, 1:].sum().float()).clamp_min(1)
+        return total * world_size() / count
 
 
 @hookimpl

@@ -213,7 +213,7 @@ def test_top_level_and_plugin_section_typos_get_suggestions(tmp_path: Path, regi
     path = write(tmp_path / "typo.yaml", {"extend": "coca_tiny.yaml", "model": {"type": "coca"}})
     with pytest.raises(ConfigError) as err:
         load_config(path, registry=registry)
-    assert "extend: unknown field (did you mean 'extends'?); allowed: description, extends, model, plugins" in problems(err)
+    assert "extend: unknown field (did you mean 'extends'?); allowed: data, description, extends, model, plugins, tokenizer, tracking, train" in problems(err)
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "coca_tiny.yaml", ["plugins.blok=[]"])
     assert problems(err) == ["plugins.blok: unknown field (did you mean 'block'?); allowed: autoload, block, enable"]

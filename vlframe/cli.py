@@ -57,10 +57,36 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_model_summary)
 
-    p = sub.add_parser("train", help="train a model (the training loop lands with issue #3)")
+    p = sub.add_parser("train", help="train a model (tracked in MLflow); runs under torchrun too")
     p.add_argument("file", type=Path)
     _add_set(p)
+    p.add_argument("--run-dir", type=Path, help="run folder (default: <train.output_dir>/<config>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
+                   help="continue from a checkpoint folder, or the newest checkpoint of a run folder")
     p.set_defaults(func=cmd_train)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = tok.add_parser("train", help="train the config's tokenizer on its training captions")
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for tokenizer.model (default: here)")
+    _add_set(p)
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = data.add_parser("write-shards", help="write a config's dataset as WebDataset tar shards")
+    p.add_argument("file", type=Path)
+    p.add_argument("--split", choices=("train", "val"), default="train")
+    p.add_argument("--out", type=Path, required=True, help="folder for the shards")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    _add_set(p)
+    p.set_defaults(func=cmd_data_write_shards)
+
+    tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = tracking.add_parser("sync", help="deliver a run's journaled metrics that never reached MLflow")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--uri", help="tracking URI (default: the one the run used)")
+    p.set_defaults(func=cmd_tracking_sync)
     return parser
 
 
@@ -140,24 +166,62 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Placeholder until the trainer lands (issue #3): builds the model and checks one step."""
-    import torch
+    from vlframe import configfile
+    from vlframe.trainer import Trainer, default_run_dir
 
-    from vlframe.api import build_model
-    from vlframe.summary import parameter_counts
+    config, registry = configfile.load(args.file, args.overrides)
+    run_dir = args.run_dir
+    if run_dir is None:
+        resumed = args.resume if args.resume is not None and (args.resume / "checkpoints").is_dir() else None
+        run_dir = resumed or (args.resume.parent.parent if args.resume is not None else
+                              default_run_dir(args.file, config.train.output_dir))
+    result = Trainer(config, registry, run_dir=run_dir, resume=args.resume).fit()
+    if result.checkpoint is not None:
+        print(f"trained {result.step} steps; final checkpoint: {result.checkpoint}")
+    return 0
 
-    torch.manual_seed(0)
-    model = build_model(args.file, args.overrides)
-    cfg = model.config
-    size = model.image_encoder.image_size
-    images = torch.randn(4, 3, size, size)
-    text = torch.randint(1, cfg.vocab_size, (4, min(16, cfg.context_length)))
-    out = model(images, text)
-    out.loss.backward()
-    losses = ", ".join(f"{name} {loss.item():.4f}" for name, loss in out.losses.items())
-    print(f"built {cfg.type} from {args.file}: {parameter_counts(model)['total'] / 1e6:.1f}M parameters")
-    print(f"one forward/backward on a random batch: loss {out.loss.item():.4f} ({losses})")
-    print("the training loop (data, optimiser, checkpoints, MLflow) is not implemented yet: it lands with issue #3")
+
+def _datasets(config, registry, split: str):
+    from registry import ConfigError, Problem
+
+    if config.data is None:
+        raise ConfigError([Problem("data", "this config has no data section")])
+    block = config.data.train if split == "train" else config.data.val
+    if block is None:
+        raise ConfigError([Problem(f"data.{split}", "not set")])
+    return registry.catalog.build(Kind.DATASET, block, path=f"data.{split}", split=split)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from vlframe import configfile
+
+    config, registry = configfile.load(args.file, args.overrides)
+    dataset = _datasets(config, registry, "train")
+    tok_cfg = config.tokenizer or registry.catalog.get(Kind.TOKENIZER, "sentencepiece").spec.config(type="sentencepiece")
+    tokenizer = registry.catalog.build(Kind.TOKENIZER, tok_cfg, path="tokenizer", vocab_size=config.model.vocab_size)
+    path = tokenizer.train(dataset.captions(), args.out)
+    print(f"{path}: {tokenizer.vocab_size} pieces from {dataset.describe()}")
+    print(f"use it with: --set tokenizer.path={path}")
+    return 0
+
+
+def cmd_data_write_shards(args: argparse.Namespace) -> int:
+    from vlframe import configfile
+    from vlframe.shards import write_shards
+
+    config, registry = configfile.load(args.file, args.overrides)
+    dataset = _datasets(config, registry, args.split)
+    paths, written, skipped = write_shards(dataset, args.out, prefix=args.split, shard_size=args.shard_size)
+    print(f"wrote {written} samples to {len(paths)} shard(s) in {args.out} ({skipped} unusable skipped)")
+    print(f"use them with: data.{args.split}: {{type: shards, urls: {args.out}/{args.split}-{{000000..{len(paths) - 1:06d}}}.tar}}")
+    return 0
+
+
+def cmd_tracking_sync(args: argparse.Namespace) -> int:
+    from vlframe.tracking import sync
+
+    delivered, run_id = sync(args.run_dir, args.uri)
+    print(f"delivered {delivered} event(s) to MLflow run {run_id}")
     return 0
 
 

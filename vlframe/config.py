@@ -1,10 +1,13 @@
-"""The root of a vlframe config file, and the ``plugins:`` section read before discovery."""
+"""The root of a vlframe config file: model, tokenizer, data, training, tracking, plugins."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Literal
 
-from registry import ConfigModel, Kind, component
+from pydantic import Field, model_validator
+
+from registry import ConfigModel, Kind, component, raise_problems
 
 
 class PluginSettings(ConfigModel):
@@ -15,12 +18,66 @@ class PluginSettings(ConfigModel):
     enable: list[str] = Field(default_factory=list, description="Entry points to load when autoload is off.")
 
 
+class DataConfig(ConfigModel):
+    """Where images and captions come from, and how images are prepared."""
+
+    train: component(Kind.DATASET)
+    val: component(Kind.DATASET) | None = None
+    num_workers: int = Field(2, ge=0, description="Loader processes per rank (0: load in the training process).")
+    max_skip_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="Stop with an error once more than this fraction of samples is unusable."
+    )
+    hflip: bool = Field(False, description="Random horizontal flips (leave off when captions say left/right).")
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="Random resized crop area range, e.g. [0.8, 1.0]; none: resize and centre-crop."
+    )
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    val_batches: int | None = Field(None, gt=0, description="Validate on this many batches; default the whole split.")
+
+
+class TrainConfig(ConfigModel):
+    """The optimisation: steps, batch, optimiser, schedule, precision, checkpoints."""
+
+    steps: int = Field(1000, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(32, gt=0, description="Global batch per optimiser step (all ranks, all micro-batches).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0, description="Applied to matrices only (not biases, norms, embeddings' scales).")
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; none: no clipping.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU (where bf16 is slower)."
+    )
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    val_every: int | None = Field(None, gt=0, description="Validate every N steps (and at the end).")
+    checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept (the newest).")
+    output_dir: Path = Field(Path("runs"), description="Run directories go here, and the default MLflow store.")
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise_problems("TrainConfig", [(("grad_accum",), f"{self.grad_accum} does not divide batch_size {self.batch_size}")])
+        return self
+
+
 class VlframeConfig(ConfigModel):
-    """A whole run: the model and the plugins it is assembled from."""
+    """A whole run: the model, its tokenizer and data, how to train it, and where to track it."""
 
     description: str = Field("", description="Free text shown by `vlframe config show`.")
     plugins: PluginSettings = Field(default_factory=PluginSettings)
     model: component(Kind.MODEL)
+    tokenizer: component(Kind.TOKENIZER) | None = None
+    data: DataConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: "TrackingConfig" = Field(default_factory=lambda: TrackingConfig())
 
 
 class TrackingConfig(ConfigModel):
@@ -34,3 +91,6 @@ class TrackingConfig(ConfigModel):
     run_name: str | None = Field(None, description="Default: the run directory's name.")
     flush_every_s: float = Field(5.0, gt=0, description="How often buffered metrics are sent.")
     timeout_s: float = Field(5.0, gt=0, description="Per-request timeout; an unreachable server never stalls training.")
+
+
+VlframeConfig.model_rebuild()

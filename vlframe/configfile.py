@@ -276,3 +276,12 @@ def _concrete(annotation: Any, node: Any, catalog: Catalog | None) -> Any:
 
 
 __all__ = ["CONTEXT_KEY", "apply_overrides", "compose", "dump", "load", "merge", "read_yaml", "to_yaml", "validate"]
+
+
+def config_hash(config: BaseModel) -> str:
+    """A short hash of a config's canonical JSON: equal configs, equal hashes."""
+    import hashlib
+    import json
+
+    canonical = json.dumps(dump(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

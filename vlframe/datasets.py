@@ -48,3 +48,41 @@ def clean_captions(captions: list[str], key: str) -> list[str]:
     if not kept:
         raise SampleError(key, "no non-empty caption")
     return kept
+
+
+class FileDataset:
+    """Map-style dataset over ``(image path, captions)`` entries, as manifest plugins build them.
+
+    Entries whose image file is missing or whose captions are all empty are set aside when the
+    dataset is built (``skipped``); images that turn out corrupt raise :class:`SampleError` when
+    read. Either way the loader counts them and names them in its report.
+    """
+
+    def __init__(self, entries: list[tuple[Path, list[str]]], description: str) -> None:
+        self.entries: list[tuple[Path, list[str]]] = []
+        self.skipped: list[SampleError] = []
+        for path, captions in entries:
+            try:
+                captions = clean_captions(captions, str(path))
+                if not path.is_file():
+                    raise SampleError(str(path), "file not found")
+            except SampleError as err:
+                self.skipped.append(err)
+                continue
+            self.entries.append((path, captions))
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Sample:
+        path, captions = self.entries[index]
+        return Sample(load_image(path), list(captions), str(path))
+
+    def captions(self):
+        for _, captions in self.entries:
+            yield from captions
+
+    def describe(self) -> str:
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        return f"{self.description}: {len(self.entries)} images{skipped}"

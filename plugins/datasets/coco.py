@@ -1,1 +1,51 @@
-"""(being written)"""
+"""The COCO captions format: ``captions_*.json`` (``images``, ``annotations``) and an image folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from registry import ComponentConfig, ComponentSpec, hookimpl
+from vlframe.datasets import FileDataset
+
+
+class CocoConfig(ComponentConfig):
+    annotations: Path = Field(description="A captions_*.json file.")
+    images: Path = Field(description="The folder holding its images (file_name is relative to it).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N images (quick trials).")
+
+    @field_validator("annotations")
+    @classmethod
+    def _file(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @field_validator("images")
+    @classmethod
+    def _folder(cls, path: Path) -> Path:
+        if not path.is_dir():
+            raise ValueError(f"folder not found: {path}")
+        return path
+
+
+def build(cfg: CocoConfig, *, split: str) -> FileDataset:
+    try:
+        data = json.loads(cfg.annotations.read_text(encoding="utf-8"))
+        images = {img["id"]: img["file_name"] for img in data["images"]}
+        captions: dict[int, list[str]] = {image_id: [] for image_id in images}
+        for ann in data["annotations"]:
+            captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{cfg.annotations}: not a COCO captions file ({type(exc).__name__}: {exc})") from None
+    entries = [(cfg.images / images[i], captions[i]) for i in sorted(images)]
+    if cfg.limit is not None:
+        entries = entries[: cfg.limit]
+    return FileDataset(entries, f"COCO {cfg.annotations.name} ({split})")
+
+
+@hookimpl
+def vlframe_datasets() -> list[ComponentSpec]:
+    return [ComponentSpec("coco", CocoConfig, build, "COCO captions JSON with its image folder.")]

@@ -1,0 +1,337 @@
+"""MLflow tracking against real stores: an embedded sqlite file and `mlflow server` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow import MlflowClient  # noqa: E402
+
+from vlframe import tracking  # noqa: E402
+from vlframe.config import TrackingConfig  # noqa: E402
+from vlframe.tracking import Tracker, flatten, sync, system_metrics  # noqa: E402
+
+MLFLOW_EXE = Path(sys.executable).with_name("mlflow")
+SERVER_START_DEADLINE_S = 90
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The tracker sets these with setdefault; start each test without them (setenv first so that
+    # monkeypatch restores the caller's state, whatever the tracker set meanwhile).
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1:port, in its own process group (it spawns workers)."""
+
+    def __init__(self, port: int, root: Path):
+        self.port = port
+        self.root = root
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        from mlflow.cli import server as server_command
+
+        args = [str(MLFLOW_EXE), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{self.root / 'srv.db'}",
+                "--artifacts-destination", str(self.root / "artifacts")]
+        if any(p.name == "workers" for p in server_command.params):
+            args += ["--workers", "1"]
+        # The background job runner (a dozen huey processes) is not needed for tracking.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        log = (self.root / f"server-{time.monotonic_ns()}.log").open("w")
+        self.proc = subprocess.Popen(args, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        self._wait_healthy(log.name)
+        return self
+
+    def _wait_healthy(self, log: str) -> None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+        deadline = time.monotonic() + SERVER_START_DEADLINE_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{Path(log).read_text()[-3000:]}")
+            try:
+                with opener.open(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"mlflow server not healthy after {SERVER_START_DEADLINE_S} s:\n{Path(log).read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: a crash, not a shutdown."""
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None and not self._group_alive():
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal_group(signal.SIGKILL)  # workers that outlived their parent
+        self.proc.wait(timeout=30)
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Starts servers (``servers(port=None)``); every one is stopped when the test ends."""
+    started: list[Server] = []
+
+    def start(port: int | None = None) -> Server:
+        server = Server(port or _free_port(), tmp_path)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _config(**kwargs) -> TrackingConfig:
+    return TrackingConfig(experiment="vlframe-test", **{"timeout_s": 3.0, **kwargs})
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _delivered_lines(run_dir: Path) -> int:
+    return json.loads((run_dir / "tracking" / "delivered.json").read_text())["lines"]
+
+
+def test_local_store_round_trip(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_dir = tmp_path / "run"
+    (run_dir / "ckpt" / "extra").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("model: {}\n")
+    (run_dir / "ckpt" / "weights.bin").write_bytes(b"\x00\x01weights")
+    (run_dir / "ckpt" / "extra" / "notes.txt").write_text("nested")
+
+    tracker = Tracker(_config(flush_every_s=60), run_dir, default_uri=uri)
+    params = flatten({"model": {"width": 256, "layers": [1, 2]}, "lr": 0.001})
+    run_id = tracker.start(run_name="local", params=params, tags={"team": "vision"})
+    assert run_id is not None and tracker.run_id == run_id
+    for step in range(5):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step=step)
+    assert tracker.undelivered == 10  # buffered until flush_every_s
+    tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_artifact(run_dir / "ckpt", "checkpoint")
+    tracker.set_tags({"vlframe.skipped_samples": "0"})
+    lines = tracker.finish()
+
+    assert tracker.undelivered == 0
+    assert any(run_id in line for line in lines)
+    assert any(f"mlflow ui --backend-store-uri {uri}" in line for line in lines)
+    assert not any("vlframe tracking sync" in line for line in lines)
+    journal = tracker.journal_path.read_text().splitlines()
+    assert _delivered_lines(run_dir) == len(journal)
+    assert {json.loads(line)["kind"] for line in journal} == {"param", "tag", "metric", "artifact", "status"}
+    assert json.loads((run_dir / "tracking" / "run.json").read_text())["run_id"] == run_id
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "local"
+    assert run.data.params == {"model.width": "256", "model.layers": "[1, 2]", "lr": "0.001"}
+    assert run.data.tags["team"] == "vision" and run.data.tags["vlframe.skipped_samples"] == "0"
+    assert _history(client, run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "checkpoint"}
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/weights.bin",
+                                                                             "checkpoint/extra"}
+    local = Path(client.download_artifacts(run_id, "checkpoint/weights.bin", str(tmp_path / "dl")))
+    assert local.read_bytes() == b"\x00\x01weights"
+    # Artifacts of the embedded store sit next to its database, not in the current directory.
+    assert (tmp_path / "mlartifacts").is_dir()
+
+    # Resuming reopens the run and keeps the params it was started with.
+    resumed = Tracker(_config(), run_dir, default_uri=uri)
+    assert resumed.start(run_name="local", params={"lr": "0.5", "new": "1"}, tags={}, run_id=run_id) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    resumed.log_metrics({"train/loss": 0.1}, step=5)
+    resumed.finish("KILLED")
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.params["lr"] == "0.001" and run.data.params["new"] == "1"
+    assert _history(client, run_id, "train/loss")[-1] == (5, 0.1)
+    assert resumed.undelivered == 0 and _delivered_lines(run_dir) == len(resumed.journal_path.read_text().splitlines())
+
+
+def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
+    tracker = Tracker(_config(enabled=False), tmp_path, default_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert tracker.start(run_name="off", params={"a": "1"}, tags={}) is None
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.log_artifact(tmp_path)
+    tracker.set_tags({"a": "b"})
+    tracker.flush()
+    assert tracker.finish() == [] and tracker.undelivered == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_round_trip(tmp_path: Path, servers) -> None:
+    server = servers()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("a: 1\n")
+    tracker = Tracker(_config(uri=server.uri, flush_every_s=0.01), run_dir, default_uri="sqlite:///unused.db")
+    run_id = tracker.start(run_name="remote", params={"a": "1", "b": "x"}, tags={"t": "v"})
+    assert run_id is not None
+    for step in range(3):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker.log_artifact(run_dir / "config.yaml", "cfg")
+    lines = tracker.finish()
+    assert tracker.undelivered == 0
+    assert any(f"{server.uri}/#/experiments/" in line and run_id in line for line in lines)
+
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"a": "1", "b": "x"} and run.data.tags["t"] == "v"
+    assert _history(client, run_id, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert [a.path for a in client.list_artifacts(run_id, "cfg")] == ["cfg/config.yaml"]
+    local = Path(client.download_artifacts(run_id, "cfg/config.yaml", str(tmp_path / "dl")))
+    assert local.read_text() == "a: 1\n"
+    assert list((tmp_path / "artifacts").rglob("config.yaml"))  # uploaded through the server
+
+
+def test_server_dies_mid_run_then_sync(tmp_path: Path, servers) -> None:
+    server = servers()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracker = Tracker(_config(uri=server.uri, flush_every_s=0.01), run_dir, default_uri="sqlite:///unused.db")
+    run_id = tracker.start(run_name="crash", params={"a": "1"}, tags={})
+    assert run_id is not None
+    for step in range(10):
+        tracker.log_metrics({"loss": step * 0.5}, step=step)
+    tracker.flush()
+    assert tracker.undelivered == 0
+
+    server.kill()
+    (run_dir / "late.txt").write_text("written while offline")
+    began = time.monotonic()
+    for step in range(10, 30):
+        tracker.log_metrics({"loss": step * 0.5}, step=step)
+        time.sleep(0.02)  # let flush_every_s pass: every step wants a flush
+    tracker.log_artifact(run_dir / "late.txt")
+    lines = tracker.finish()
+    assert time.monotonic() - began < 15
+    text = "\n".join(lines)
+    assert "vlframe tracking sync" in text and str(tracker.journal_path) in text
+    pending = tracker.undelivered
+    assert pending == 22  # 20 metrics, the artifact, the final status
+
+    server.start()  # same port, same database
+    assert sync(run_dir) == (pending, run_id)
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert _history(client, run_id, "loss") == [(s, s * 0.5) for s in range(30)]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["late.txt"]
+    assert sync(run_dir) == (0, run_id)
+
+
+def test_unreachable_from_start(tmp_path: Path, servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _free_port()  # nothing listens there yet
+    uri = f"http://127.0.0.1:{port}"
+    offline, recovering = tmp_path / "offline", tmp_path / "recovering"
+
+    began = time.monotonic()
+    tracker = Tracker(_config(uri=uri, flush_every_s=0.01), offline, default_uri="sqlite:///unused.db")
+    assert tracker.start(run_name="never-online", params={"a": "1", "b": "2"}, tags={"t": "v"}) is None
+    for step in range(10):
+        tracker.log_metrics({"loss": float(step), "acc": step / 10}, step=step)
+    lines = tracker.finish()
+    assert time.monotonic() - began < 5
+    assert "not created" in lines[0] and any("vlframe tracking sync" in line for line in lines)
+    assert tracker.undelivered == 2 + 1 + 20 + 1  # params, tag, metrics, status
+
+    # A second run stays open and should reach MLflow by itself once the server is up.
+    monkeypatch.setattr(tracking, "RETRY_AFTER_S", 0.2)
+    live = Tracker(_config(uri=uri, flush_every_s=0.01), recovering, default_uri="sqlite:///unused.db")
+    assert live.start(run_name="recovers", params={"c": "3"}, tags={}) is None
+    live.log_metrics({"loss": 1.0}, step=0)
+
+    server = servers(port)
+    delivered, run_id = sync(offline)
+    assert delivered == 24
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "never-online"
+    assert run.data.params == {"a": "1", "b": "2"} and run.data.tags["t"] == "v"
+    assert _history(client, run_id, "loss") == [(s, float(s)) for s in range(10)]
+    assert _history(client, run_id, "acc") == [(s, s / 10) for s in range(10)]
+    assert json.loads((offline / "tracking" / "run.json").read_text())["run_id"] == run_id
+    assert sync(offline) == (0, run_id)
+
+    time.sleep(0.3)
+    live.log_metrics({"loss": 0.5}, step=1)
+    assert live.run_id is not None and live.undelivered == 0
+    live.finish()
+    assert _history(client, live.run_id, "loss") == [(0, 1.0), (1, 0.5)]
+    assert client.get_run(live.run_id).data.params == {"c": "3"}
+
+
+def test_flatten() -> None:
+    data = {
+        "model": {"image_encoder": {"width": 256, "act": None}, "empty": {}},
+        "layers": [1, {"x": 2}],
+        "long": "x" * 6001,
+        "ok": "y" * 6000,
+        "k" * 251: 1,
+        "flag": True,
+    }
+    assert flatten(data) == {
+        "model.image_encoder.width": "256",
+        "model.image_encoder.act": "None",
+        "model.empty": "{}",
+        "layers": '[1, {"x": 2}]',
+        "ok": "y" * 6000,
+        "flag": "True",
+    }
+    assert flatten({"a": {"b": 1}}, prefix="cfg") == {"cfg.a.b": "1"}
+
+
+def test_system_metrics() -> None:
+    metrics = system_metrics()
+    assert set(metrics) == {"system/cpu_percent", "system/memory_rss_gb", "system/memory_used_percent"}
+    assert all(isinstance(v, float) for v in metrics.values()) and metrics["system/memory_rss_gb"] > 0

@@ -1,0 +1,153 @@
+"""The training loop on the built-in synthetic data: learning, exact resume, crashes, skips."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from registry import Kind, Registry
+from vlframe import checkpoint, configfile
+from vlframe.data import DataError
+from vlframe.trainer import Trainer
+
+from conftest import ROOT
+from training_configs import TINY, micro
+
+
+def train(tmp_path: Path, name: str, overrides: dict, resume: Path | None = None, registry=None):
+    config, registry = configfile.load(TINY, overrides, registry)
+    return Trainer(config, registry, run_dir=tmp_path / name, resume=resume).fit()
+
+
+def losses(history: list[dict]) -> dict[int, tuple[float, ...]]:
+    return {h["step"]: (h["train/loss"], h["train/loss_caption"], h["train/loss_contrastive"]) for h in history}
+
+
+def test_synthetic_scenes_are_learnable_in_a_short_cpu_run(tmp_path: Path, registry: Registry) -> None:
+    overrides = micro(tmp_path, **{
+        "train.steps": 120, "train.lr": 2e-3, "train.warmup_steps": 10, "train.checkpoint_every": None,
+        "model.image_encoder.width": 96, "model.text_decoder.width": 96, "model.multimodal_decoder.width": 96,
+        "data.train.size": 4096,
+    })
+    result = train(tmp_path, "learn", overrides, registry=registry)
+    history = result.history
+    start = sum(h["train/loss_caption"] for h in history[:5]) / 5
+    end = sum(h["train/loss_caption"] for h in history[-5:]) / 5
+    assert end < 0.4 * start, (start, end)  # the captions' words and order are learnt
+    con_start = sum(h["train/loss_contrastive"] for h in history[:5]) / 5
+    con_end = sum(h["train/loss_contrastive"] for h in history[-5:]) / 5
+    assert con_end < con_start - 0.15, (con_start, con_end)  # images and captions start to match
+
+
+def test_same_config_same_losses_and_resume_continues_exactly(tmp_path: Path, registry: Registry) -> None:
+    overrides = micro(tmp_path, **{"data.num_workers": 2})
+    full = train(tmp_path, "full", overrides, registry=registry)
+    again = train(tmp_path, "again", overrides, registry=registry)
+    assert losses(full.history) == losses(again.history)  # bit-for-bit deterministic
+    middle = tmp_path / "full" / "checkpoints" / "step_000003"
+    assert checkpoint.find(middle) == middle
+    resumed = train(tmp_path, "resumed", overrides, resume=middle, registry=registry)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    assert losses(resumed.history) == {s: v for s, v in losses(full.history).items() if s > 3}
+    # The tokenizer came back with the checkpoint rather than being trained again.
+    assert (middle / "tokenizer.model").read_bytes() == (tmp_path / "resumed" / "tokenizer.model").read_bytes()
+    final = torch.load(resumed.checkpoint / checkpoint.STATE, weights_only=False)
+    assert final["step"] == 6
+
+
+def _write_manifest(root: Path, registry: Registry) -> Path:
+    """Real image files (synthetic scenes saved as PNG/JPEG) plus broken entries of each kind."""
+    entry = registry.catalog.get(Kind.DATASET, "synthetic")
+    scenes = entry.spec.factory(registry.validate(entry.spec.config, {"type": "synthetic", "size": 40,
+                                                                        "image_size": 64}), split="train")
+    images = root / "images"
+    images.mkdir(parents=True)
+    lines = []
+    for i in range(len(scenes)):
+        sample = scenes[i]
+        sample.image.save(images / f"{i:03d}.png")
+        lines.append({"image": f"images/{i:03d}.png", "captions": sample.captions})
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    good = images / "000.png"
+    (images / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
+    lines += [
+        {"image": "images/missing.jpg", "captions": ["a lost image."]},
+        {"image": "images/corrupt.jpg", "captions": ["a broken image."]},
+        {"image": "images/truncated.png", "captions": ["half an image."]},
+        {"image": "images/001.png", "captions": ["", "   "]},
+    ]
+    manifest = root / "train.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def test_missing_corrupt_and_empty_samples_are_skipped_and_counted(tmp_path: Path, registry: Registry,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    manifest = _write_manifest(tmp_path / "data", registry)
+    overrides = micro(tmp_path, **{
+        "data.train": {"type": "manifest", "path": str(manifest)}, "data.max_skip_fraction": 0.2,
+        "train.steps": 8, "train.batch_size": 8, "train.checkpoint_every": None,
+    })
+    result = train(tmp_path, "skips", overrides, registry=registry)
+    state = torch.load(result.checkpoint / checkpoint.STATE, weights_only=False)
+    skipped = state["skipped"]
+    names = {Path(k).name: reason for k, reason in skipped.items()}
+    assert names.keys() == {"missing.jpg", "corrupt.jpg", "truncated.png", "001.png"}
+    assert names["missing.jpg"] == "file not found"
+    assert names["corrupt.jpg"].startswith("cannot decode image")
+    assert names["001.png"] == "no non-empty caption"
+    assert result.history[-1]["train/skipped"] == 4.0
+    assert "4 unusable sample(s) skipped" in capsys.readouterr().err
+
+    # Past the configured fraction the run stops, naming the files.
+    strict = {**overrides, "data.max_skip_fraction": 0.02}
+    with pytest.raises(DataError) as err:
+        train(tmp_path, "strict", strict, registry=registry)
+    assert "more than data.max_skip_fraction 2.0%" in str(err.value)
+    assert "missing.jpg (file not found)" in str(err.value) and "001.png (no non-empty caption)" in str(err.value)
+
+
+def _vlframe(*args: str, **kwargs) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("vlframe")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLFRAME_")}
+    return subprocess.Popen([str(exe), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def _sets(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_crash_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, how: str) -> None:
+    overrides = micro(tmp_path, **{"train.steps": 400, "train.checkpoint_every": 2})
+    run = tmp_path / "crash"
+    proc = _vlframe("train", str(TINY), "--run-dir", str(run), *_sets(overrides))
+    deadline = time.time() + 120
+    while checkpoint.find(run) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert checkpoint.find(run) is not None, proc.communicate()[0]
+    proc.send_signal(getattr(signal, how))
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    saved = checkpoint.find(run)
+    step = torch.load(saved / checkpoint.STATE, weights_only=False)["step"]
+    assert 0 < step < 400
+    if how == "SIGTERM":  # a polite stop checkpoints the step it reached and says how to resume
+        assert f"checkpoint written at step {step}" in output and "--resume" in output
+    assert not list((run / "checkpoints").glob(".step_*"))  # no half-written checkpoint left behind
+    finish = dict(overrides, **{"train.steps": step + 2})
+    resumed = _vlframe("train", str(TINY), "--resume", str(run), *_sets(finish))
+    out = resumed.communicate(timeout=180)[0]
+    assert resumed.returncode == 0, out
+    assert f"resumed from {saved} at step {step}" in out
+    assert f"trained {step + 2} steps" in out

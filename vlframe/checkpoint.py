@@ -1,0 +1,100 @@
+"""Checkpoints: safetensors weights plus everything needed to continue exactly.
+
+A checkpoint is a folder ``step_000300/`` holding ``model.safetensors``, ``state.pt``
+(optimiser, scheduler, step, RNG states, tracking run id), ``config.yaml`` and the tokenizer.
+It is written under a temporary name and renamed into place, so a crash mid-write never leaves
+a half checkpoint where ``--resume`` would look.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+STATE = "state.pt"
+WEIGHTS = "model.safetensors"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    extra: dict[str, Any],
+    files: dict[str, Path | str],
+) -> Path:
+    """Write ``directory/step_{step:06d}`` atomically and return it.
+
+    ``files`` maps names to copy in (paths) or to write (text), e.g. the config and tokenizer.
+    """
+    final = directory / f"step_{step:06d}"
+    tmp = directory / f".step_{step:06d}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS))  # handles tied weights (saved once)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), **extra}, tmp / STATE)
+    for name, content in files.items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, tmp / name)
+        else:
+            (tmp / name).write_text(content, encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
+    """Restore weights (and optimiser/scheduler when given) from a checkpoint folder; return its state."""
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS} does not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def find(path: Path) -> Path | None:
+    """``path`` itself if it is a checkpoint, else the newest checkpoint in a run folder."""
+    if (path / STATE).is_file():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted(p for p in folder.glob("step_*") if (p / STATE).is_file())
+    return found[-1] if found else None
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    found = sorted(p for p in directory.glob("step_*") if (p / STATE).is_file())
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""Process-group helpers for ``torchrun``: setup, rank queries, and a gradient-keeping all-gather.
+
+Everything here works unchanged in a single process (world size 1), so the training loop and
+the objectives never branch on whether they run distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+# Inside local_only() this process computes as if alone (e.g. rank-0 validation).
+_LOCAL: ContextVar[bool] = ContextVar("vlframe_local_only", default=False)
+
+
+def is_distributed() -> bool:
+    return not _LOCAL.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Run without collectives: losses use this rank's batch alone (for single-rank evaluation)."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def setup_from_env() -> torch.device:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); return this rank's device.
+
+    CUDA ranks use NCCL and their ``LOCAL_RANK`` GPU; CPU ranks use gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    return device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sends every rank's gradient back to the rank that owns the rows.
+
+    Backward sums the incoming gradients over ranks (an all-reduce) and keeps this rank's slice:
+    rank r's embeddings get d(sum of every rank's loss)/d(rows of r). Works on gloo and NCCL.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Rows of ``x`` from every rank, concatenated in rank order; gradients flow back to each."""
+    return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over ranks (a new tensor, no gradient)."""
+    x = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    return all_reduce_sum(x) / world_size()

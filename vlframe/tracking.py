@@ -1,0 +1,594 @@
+"""MLflow tracking that never stalls training and never loses an event.
+
+Every event (param, tag, metric, artifact, status) is first appended to a journal in the run
+directory, then delivered to MLflow in journal order. When MLflow cannot be reached, training goes
+on, delivery is retried at most every ``RETRY_AFTER_S`` seconds, and ``sync`` (the command
+``vlframe tracking sync RUN_DIR``) delivers whatever is left later.
+
+Files under ``RUN_DIR/tracking/``:
+  journal.jsonl   one JSON event a line, appended before any delivery attempt
+  delivered.json  how many journal lines MLflow already has (rewritten atomically)
+  run.json        where the run lives: uri, experiment, run id (null until MLflow has the run)
+
+Delivery is at least once, which is safe because every kind of event is idempotent in MLflow:
+a metric identical in key, step, timestamp and value is stored once, params already on the run are
+skipped, tags and the status are overwritten, artifacts are re-uploaded to the same place.
+
+mlflow is imported lazily: this module must stay importable (and quick to import) without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry.errors import VlframeError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from vlframe.config import TrackingConfig
+
+# MLflow's own limits (mlflow.utils.validation); longer keys or values would be refused.
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+# Per-request limits of MLflow's log_batch.
+BATCH_LIMITS = {"param": 100, "tag": 100, "metric": 1000}
+MAX_BATCH_ENTITIES = 1000
+# After a failed delivery, wait this long before trying again: a dead server then costs one
+# timeout per RETRY_AFTER_S, not one per training step.
+RETRY_AFTER_S = 30.0
+# The timeout sync uses when the environment sets none: nothing waits on it, artifacts may be big.
+SYNC_TIMEOUT_S = 30.0
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Tags the MLflow run with our own id, so a run created by an attempt that died before
+# recording it in run.json is found again instead of created twice.
+LOCAL_ID_TAG = "vlframe.local_id"
+
+
+class TrackingError(VlframeError):
+    """``sync`` could not deliver a run's journal (no journal, or MLflow unreachable)."""
+
+
+def flatten(data: Mapping, prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: ``{"model.image_encoder.width": "256", ...}``.
+
+    Lists are kept whole, as their JSON text; keys or values MLflow would refuse (too long) are
+    dropped rather than failing the whole batch.
+    """
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name))
+            continue
+        if isinstance(value, Mapping):
+            text = "{}"
+        elif isinstance(value, (list, tuple)):
+            text = json.dumps(value, default=str)
+        else:
+            text = str(value)
+        if len(name) <= MAX_KEY_LENGTH and len(text) <= MAX_PARAM_VALUE_LENGTH:
+            flat[name] = text
+    return flat
+
+
+def system_metrics() -> dict[str, float]:
+    """CPU and memory use of this machine and process, to log next to the training metrics."""
+    try:
+        import psutil
+    except ImportError:  # optional: tracking works without it
+        return {}
+    return {
+        # Usage since the previous call; the first call of a process reports 0.
+        "system/cpu_percent": float(psutil.cpu_percent(interval=None)),
+        "system/memory_rss_gb": psutil.Process().memory_info().rss / 2**30,
+        "system/memory_used_percent": float(psutil.virtual_memory().percent),
+    }
+
+
+# -- the tracking folder ---------------------------------------------------------------------------
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    # A crash mid-write must leave the previous version, never a truncated file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _Journal:
+    """The ``tracking/`` folder of a run directory: journal, delivery count and run.json."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.path = folder / "journal.jsonl"
+        self._delivered_path = folder / "delivered.json"
+        self._run_path = folder / "run.json"
+        self._file: Any = None
+        self.lines = 0  # lines in the journal, counted by read() then kept up by append()
+
+    def read(self, start: int) -> list[dict]:
+        """The events from line ``start`` on.
+
+        A line that is not a JSON object (the tail of a crash mid-write) stays as ``{}`` so
+        that line numbers, which delivered.json counts, keep their meaning.
+        """
+        events: list[dict] = []
+        self.lines = 0
+        if self.path.exists():
+            with self.path.open(encoding="utf-8") as lines:
+                for self.lines, line in enumerate(lines, 1):
+                    if self.lines > start:
+                        events.append(_parse_event(line))
+        return events
+
+    def append(self, events: Sequence[dict]) -> None:
+        if self._file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a+", encoding="utf-8")
+            # A line cut short by a crash must not swallow the first new event.
+            if self._file.tell() > 0:
+                self._file.seek(self._file.tell() - 1)
+                if self._file.read(1) != "\n":
+                    self._file.write("\n")
+        self._file.write("".join(json.dumps(e) + "\n" for e in events))
+        self.lines += len(events)
+        self._file.flush()  # in the OS before delivery is tried; fsync would cost too much per step
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def delivered(self) -> int:
+        try:
+            return int(json.loads(self._delivered_path.read_text(encoding="utf-8"))["lines"])
+        except FileNotFoundError:
+            return 0
+
+    def set_delivered(self, lines: int) -> None:
+        _write_json_atomic(self._delivered_path, {"lines": lines})
+
+    def read_run(self) -> dict | None:
+        try:
+            return json.loads(self._run_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def write_run(self, info: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self._run_path, info)
+
+
+def _parse_event(line: str) -> dict:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+# -- talking to MLflow -----------------------------------------------------------------------------
+
+
+def _client(uri: str, timeout_s: float) -> MlflowClient:
+    # MLflow's defaults retry a dead server for minutes; users may still override these.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout_s))))
+    from mlflow import MlflowClient
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates the file, not its folder
+    return MlflowClient(tracking_uri=uri)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        return Path(uri.removeprefix("sqlite:///"))
+    return None
+
+
+def _is_local_store(uri: str) -> bool:
+    return _sqlite_path(uri) is not None or uri.startswith("file:") or "://" not in uri
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # An embedded sqlite store would put artifacts under the current directory: keep them next
+    # to the database instead. A server chooses its own location.
+    db = _sqlite_path(uri)
+    location = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another process may have created it in between.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _create_run(client: MlflowClient, info: dict) -> str:
+    experiment_id = _experiment_id(client, info["experiment"], info["uri"])
+    info["experiment_id"] = experiment_id
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{LOCAL_ID_TAG}` = '{info['local_id']}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, start_time=info["start_time"], tags={LOCAL_ID_TAG: info["local_id"]},
+        run_name=info["run_name"],
+    )
+    return run.info.run_id
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return run.info.lifecycle_stage != "deleted"
+
+
+def _is_rejection(exc: Exception) -> bool:
+    """MLflow refused the data itself (HTTP 400: bad key, bad value); retrying cannot help.
+
+    Everything else (connection refused, timeouts, server errors) may pass: retry later.
+    """
+    status = getattr(exc, "get_http_status_code", None)
+    return callable(status) and status() == 400
+
+
+def _short_reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("timeout", "timed out"), ("Name or service not known", "unknown host")):
+        if needle in text:
+            return short
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+class _Delivery:
+    """Sends journal events to one MLflow run, in order, in as few requests as MLflow allows."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.rejected = 0  # events MLflow refused for good, skipped so later ones still go
+        self.reason = ""
+        self._params: dict[str, str] | None = None  # params already on the run
+
+    def send(self, events: Sequence[dict]) -> Iterator[int]:
+        """Delivers ``events``; yields how many are done after each request.
+
+        Raises whatever MLflow raises when it cannot be reached; the caller keeps the rest.
+        """
+        done = 0
+        batch: list[dict] = []
+        counts = dict.fromkeys(BATCH_LIMITS, 0)
+        for event in events:
+            kind = event.get("kind")
+            if kind in BATCH_LIMITS:
+                if counts[kind] == BATCH_LIMITS[kind] or len(batch) == MAX_BATCH_ENTITIES:
+                    self._send_batch(batch)
+                    done += len(batch)
+                    yield done
+                    batch, counts = [], dict.fromkeys(BATCH_LIMITS, 0)
+                batch.append(event)
+                counts[kind] += 1
+                continue
+            if batch:
+                self._send_batch(batch)
+                done += len(batch)
+                yield done
+                batch, counts = [], dict.fromkeys(BATCH_LIMITS, 0)
+            self._send_one(event)
+            done += 1
+            yield done
+        if batch:
+            self._send_batch(batch)
+            yield done + len(batch)
+
+    def _send_batch(self, events: list[dict]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        param_events = [e for e in events if e["kind"] == "param"]
+        params = self._new_params(param_events) if param_events else {}
+        tags = {e["key"]: e["value"] for e in events if e["kind"] == "tag"}  # a later value wins
+        metrics = [Metric(e["key"], e["value"], e["timestamp"], e["step"]) for e in events if e["kind"] == "metric"]
+        if not (params or tags or metrics):
+            return
+        try:
+            self.client.log_batch(
+                self.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True,
+            )
+        except Exception as exc:
+            if not _is_rejection(exc):
+                raise
+            # Find the refused events by halving, so one bad key costs a few requests, not the batch.
+            if len(events) == 1:
+                self._reject(exc)
+                return
+            half = len(events) // 2
+            self._send_batch(events[:half])
+            self._send_batch(events[half:])
+            return
+        if params:
+            self._params.update(params)
+
+    def _new_params(self, events: list[dict]) -> dict[str, str]:
+        """Params not on the run yet: a resumed run keeps the values it was started with."""
+        if self._params is None:
+            self._params = dict(self.client.get_run(self.run_id).data.params)
+        new: dict[str, str] = {}
+        for event in events:
+            if event["key"] not in self._params:
+                new.setdefault(event["key"], event["value"])
+        return new
+
+    def _send_one(self, event: dict) -> None:
+        kind = event.get("kind")
+        try:
+            if kind == "artifact":
+                path = Path(event["path"])
+                if not path.exists():
+                    self.rejected += 1
+                    self.reason = f"artifact {path} no longer exists"
+                elif path.is_dir():
+                    self.client.log_artifacts(self.run_id, str(path), event.get("artifact_path"))
+                else:
+                    self.client.log_artifact(self.run_id, str(path), event.get("artifact_path"))
+            elif kind == "status" and event["status"] in TERMINAL_STATUSES:
+                self.client.set_terminated(self.run_id, event["status"], end_time=event["timestamp"])
+            elif kind == "status":
+                self.client.update_run(self.run_id, status=event["status"])
+            # Anything else (an unreadable line) has nothing to deliver.
+        except Exception as exc:
+            if not _is_rejection(exc):
+                raise
+            self._reject(exc)
+
+    def _reject(self, exc: Exception) -> None:
+        self.rejected += 1
+        self.reason = f"MLflow refused an event: {_short_reason(exc)}"
+
+
+class _Outbox:
+    """A run's undelivered journal events and the MLflow run they go to."""
+
+    def __init__(self, folder: Path, timeout_s: float):
+        self.journal = _Journal(folder)
+        self.timeout_s = timeout_s
+        self.info: dict | None = self.journal.read_run()
+        self.pending: list[dict] = []
+        self._client: MlflowClient | None = None
+        self._delivery: _Delivery | None = None
+
+    def load(self) -> None:
+        """Picks up the events an earlier process journaled but did not deliver."""
+        self.pending = self.journal.read(self.journal.delivered())
+
+    def record(self, events: Sequence[dict]) -> None:
+        self.journal.append(events)
+        self.pending.extend(events)
+
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = _client(self.info["uri"], self.timeout_s)
+        return self._client
+
+    def ensure_run(self) -> str:
+        if self.info["run_id"] is None:
+            self.info["run_id"] = _create_run(self.client(), self.info)
+            self.journal.write_run(self.info)
+        return self.info["run_id"]
+
+    def deliver(self) -> int:
+        """Sends every pending event; returns how many. Raises when MLflow cannot take them."""
+        run_id = self.ensure_run()
+        if self._delivery is None or self._delivery.run_id != run_id:
+            self._delivery = _Delivery(self.client(), run_id)
+        first = self.journal.lines - len(self.pending)  # the journal line of pending[0]
+        sent = 0
+        try:
+            for sent in self._delivery.send(self.pending):
+                self.journal.set_delivered(first + sent)
+        finally:
+            del self.pending[:sent]
+        return sent
+
+    @property
+    def rejected(self) -> tuple[int, str]:
+        return (self._delivery.rejected, self._delivery.reason) if self._delivery else (0, "")
+
+
+# -- the trainer's side ----------------------------------------------------------------------------
+
+
+class Tracker:
+    """Tracks one training run (call it on rank 0 only).
+
+    Methods never raise because of MLflow: failures are kept as ``reason`` and the events stay in
+    the journal. A run directory holds one run: ``start`` in a directory that already has one
+    continues it, as does ``start(run_id=...)`` with the run's MLflow id.
+    """
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, *, default_uri: str):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.uri = cfg.uri or default_uri
+        self.reason = ""  # why the last delivery failed; empty while MLflow answers
+        self._outbox = _Outbox(self.run_dir / "tracking", cfg.timeout_s)
+        self._active = False  # between start and finish, and only when tracking is enabled
+        self._retry_at = 0.0  # time.monotonic() before which no delivery is attempted
+        self._last_flush = time.monotonic()
+
+    @property
+    def run_id(self) -> str | None:
+        info = self._outbox.info
+        return info["run_id"] if info else None
+
+    @property
+    def journal_path(self) -> Path:
+        return self._outbox.journal.path
+
+    @property
+    def undelivered(self) -> int:
+        return len(self._outbox.pending)
+
+    def start(self, *, run_name: str, params: dict[str, str], tags: dict[str, str],
+              run_id: str | None = None) -> str | None:
+        """Opens the MLflow run (a new one, or ``run_id`` reopened); None while MLflow is unreachable."""
+        if not self.cfg.enabled:
+            return None
+        outbox = self._outbox
+        info = outbox.info
+        resuming = info is not None and run_id in (None, info["run_id"])
+        if not resuming:
+            info = {"uri": self.uri, "experiment": self.cfg.experiment, "experiment_id": None,
+                    "run_id": run_id, "run_name": run_name, "local_id": uuid.uuid4().hex, "start_time": _now_ms()}
+            resuming = run_id is not None
+        info["uri"] = self.uri
+        outbox.info = info
+        outbox.journal.write_run(info)
+        outbox.load()
+        self._active = True
+
+        now = _now_ms()
+        events = [{"kind": "param", "key": k, "value": str(v)} for k, v in params.items()]
+        events += [{"kind": "tag", "key": k, "value": str(v)} for k, v in tags.items()]
+        if resuming:
+            events.append({"kind": "status", "status": "RUNNING", "timestamp": now})
+        outbox.record(events)
+        self._deliver(force=True)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self._active:
+            return
+        now = _now_ms()
+        self._outbox.record([{"kind": "metric", "key": k, "value": float(v), "step": int(step), "timestamp": now}
+                             for k, v in metrics.items()])
+        self._flush_if_due()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Uploads a file or a directory's contents (journaled by path: it must still exist at delivery)."""
+        if not self._active:
+            return
+        self._outbox.record([{"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path,
+                              "timestamp": _now_ms()}])
+        self.flush()  # artifacts are rare and usually wanted at once
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self._active:
+            return
+        self._outbox.record([{"kind": "tag", "key": k, "value": str(v)} for k, v in tags.items()])
+        self._flush_if_due()
+
+    def flush(self) -> None:
+        if self._active:
+            self._deliver(force=False)
+
+    def finish(self, status: str = "FINISHED") -> list[str]:
+        """Ends the run; returns lines telling the user where it is and what is left to sync."""
+        if not self._active:
+            return []
+        self._outbox.record([{"kind": "status", "status": status, "timestamp": _now_ms()}])
+        self._deliver(force=True)  # one more try even while offline: costs at most one timeout
+        self._active = False
+        self._outbox.journal.close()
+        return self._report()
+
+    def _flush_if_due(self) -> None:
+        if time.monotonic() - self._last_flush >= self.cfg.flush_every_s:
+            self.flush()
+
+    def _deliver(self, *, force: bool) -> None:
+        self._last_flush = time.monotonic()
+        if not self._outbox.pending or (not force and self._last_flush < self._retry_at):
+            return
+        try:
+            self._outbox.deliver()
+        except Exception as exc:  # MLflow down or failing: training goes on, the journal keeps it
+            self.reason = _short_reason(exc)
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
+        else:
+            self.reason = ""
+
+    def _report(self) -> list[str]:
+        info = self._outbox.info
+        uri = info["uri"]
+        if self.run_id is None:
+            lines = [f"MLflow run not created: {uri} could not be reached ({self.reason})"]
+        else:
+            lines = [f"MLflow run {self.run_id} in experiment '{info['experiment']}' at {uri}"]
+            if _is_local_store(uri):
+                lines.append(f"  view it with: mlflow ui --backend-store-uri {shlex.quote(uri)}")
+            elif info.get("experiment_id") is not None:
+                lines.append(f"  view it at: {uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{self.run_id}")
+        rejected, why = self._outbox.rejected
+        if rejected:
+            lines.append(f"{rejected} event(s) skipped: {why}")
+        if self.undelivered:
+            cause = f" ({self.reason})" if self.reason else ""
+            lines.append(f"{self.undelivered} event(s) not delivered to MLflow{cause}; they are kept in {self.journal_path}")
+            lines.append(f"  deliver them with: vlframe tracking sync {shlex.quote(str(self.run_dir))}")
+        return lines
+
+
+# -- later delivery --------------------------------------------------------------------------------
+
+
+def sync(run_dir: Path, uri: str | None = None) -> tuple[int, str]:
+    """Delivers every undelivered journal event of ``run_dir``; returns (events delivered, run id).
+
+    ``uri`` replaces the recorded tracking URI. When the recorded run is not found there (another
+    server, or the run was deleted), a new run is created and the whole journal replayed into it.
+    """
+    outbox = _Outbox(Path(run_dir) / "tracking", SYNC_TIMEOUT_S)
+    info = outbox.info
+    if info is None:
+        raise TrackingError(f"{run_dir} has no tracking journal (tracking/run.json is missing)")
+    if uri:
+        info["uri"] = uri
+    outbox.load()
+    try:
+        if info["run_id"] is not None and not _run_exists(outbox.client(), info["run_id"]):
+            info["run_id"] = None
+            outbox.journal.set_delivered(0)
+            outbox.load()
+        run_id = outbox.ensure_run()
+        outbox.journal.write_run(info)  # the URI that worked is the one to use next time
+        delivered = outbox.deliver()
+    except Exception as exc:
+        raise TrackingError(
+            f"could not deliver to MLflow at {info['uri']} ({_short_reason(exc)}); "
+            f"{len(outbox.pending)} event(s) left in {outbox.journal.path}"
+        ) from exc
+    rejected, why = outbox.rejected
+    if rejected:
+        # Delivered around them; nothing more can be done, so say it instead of failing.
+        logging.getLogger(__name__).warning("%d event(s) skipped: %s", rejected, why)
+    return delivered, run_id

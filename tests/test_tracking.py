@@ -21,7 +21,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from vlframe import tracking  # noqa: E402
 from vlframe.config import TrackingConfig  # noqa: E402
-from vlframe.tracking import Tracker, flatten, sync, system_metrics  # noqa: E402
+from vlframe.tracking import Tracker, TrackingError, flatten, sync, system_metrics  # noqa: E402
 
 MLFLOW_EXE = Path(sys.executable).with_name("mlflow")
 SERVER_START_DEADLINE_S = 90
@@ -141,6 +141,10 @@ def _delivered_lines(run_dir: Path) -> int:
     return json.loads((run_dir / "tracking" / "delivered.json").read_text())["lines"]
 
 
+def _delivered_lines_or_0(run_dir: Path) -> int:
+    return _delivered_lines(run_dir) if (run_dir / "tracking" / "delivered.json").exists() else 0
+
+
 def test_local_store_round_trip(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_dir = tmp_path / "run"
@@ -184,7 +188,10 @@ def test_local_store_round_trip(tmp_path: Path) -> None:
     # Artifacts of the embedded store sit next to its database, not in the current directory.
     assert (tmp_path / "mlartifacts").is_dir()
 
-    # Resuming reopens the run and keeps the params it was started with.
+    # A crash mid-write left half a line; resuming reopens the run, keeps the params it was
+    # started with, and journals after the broken line instead of into it.
+    with tracker.journal_path.open("a") as journal_file:
+        journal_file.write('{"kind": "met')
     resumed = Tracker(_config(), run_dir, default_uri=uri)
     assert resumed.start(run_name="local", params={"lr": "0.5", "new": "1"}, tags={}, run_id=run_id) == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
@@ -194,7 +201,10 @@ def test_local_store_round_trip(tmp_path: Path) -> None:
     assert run.info.status == "KILLED"
     assert run.data.params["lr"] == "0.001" and run.data.params["new"] == "1"
     assert _history(client, run_id, "train/loss")[-1] == (5, 0.1)
-    assert resumed.undelivered == 0 and _delivered_lines(run_dir) == len(resumed.journal_path.read_text().splitlines())
+    journal = resumed.journal_path.read_text().splitlines()
+    assert resumed.undelivered == 0 and _delivered_lines(run_dir) == len(journal)
+    assert journal[-6] == '{"kind": "met'  # then 2 params, RUNNING, the metric, KILLED
+    assert [json.loads(line)["kind"] for line in journal[-5:]] == ["param", "param", "status", "metric", "status"]
 
 
 def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
@@ -232,6 +242,13 @@ def test_server_round_trip(tmp_path: Path, servers) -> None:
     local = Path(client.download_artifacts(run_id, "cfg/config.yaml", str(tmp_path / "dl")))
     assert local.read_text() == "a: 1\n"
     assert list((tmp_path / "artifacts").rglob("config.yaml"))  # uploaded through the server
+
+    # A run with nothing to log yet is still created at start.
+    bare = Tracker(_config(uri=server.uri), tmp_path / "bare", default_uri="sqlite:///unused.db")
+    bare_id = bare.start(run_name="bare", params={}, tags={})
+    assert bare_id is not None and client.get_run(bare_id).info.status == "RUNNING"
+    bare.finish("FAILED")
+    assert client.get_run(bare_id).info.status == "FAILED"
 
 
 def test_server_dies_mid_run_then_sync(tmp_path: Path, servers) -> None:
@@ -284,6 +301,12 @@ def test_unreachable_from_start(tmp_path: Path, servers, monkeypatch: pytest.Mon
     assert time.monotonic() - began < 5
     assert "not created" in lines[0] and any("vlframe tracking sync" in line for line in lines)
     assert tracker.undelivered == 2 + 1 + 20 + 1  # params, tag, metrics, status
+
+    with pytest.raises(TrackingError, match="connection refused"):
+        sync(offline)
+    assert tracker.undelivered == 24 and _delivered_lines_or_0(offline) == 0
+    with pytest.raises(TrackingError, match="no tracking journal"):
+        sync(tmp_path / "elsewhere")
 
     # A second run stays open and should reach MLflow by itself once the server is up.
     monkeypatch.setattr(tracking, "RETRY_AFTER_S", 0.2)

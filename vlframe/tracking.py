@@ -128,7 +128,7 @@ class _Journal:
         events: list[dict] = []
         self.lines = 0
         if self.path.exists():
-            with self.path.open(encoding="utf-8") as lines:
+            with self.path.open(encoding="utf-8", errors="replace") as lines:
                 for self.lines, line in enumerate(lines, 1):
                     if self.lines > start:
                         events.append(_parse_event(line))
@@ -137,15 +137,20 @@ class _Journal:
     def append(self, events: Sequence[dict]) -> None:
         if self._file is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a+", encoding="utf-8")
-            # A line cut short by a crash must not swallow the first new event.
-            if self._file.tell() > 0:
-                self._file.seek(self._file.tell() - 1)
-                if self._file.read(1) != "\n":
-                    self._file.write("\n")
+            cut_short = self._ends_mid_line()
+            self._file = self.path.open("a", encoding="utf-8")
+            if cut_short:  # end the line a crash cut short, or it would swallow the first new event
+                self._file.write("\n")
         self._file.write("".join(json.dumps(e) + "\n" for e in events))
         self.lines += len(events)
         self._file.flush()  # in the OS before delivery is tried; fsync would cost too much per step
+
+    def _ends_mid_line(self) -> bool:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return False
+        with self.path.open("rb") as raw:
+            raw.seek(-1, os.SEEK_END)
+            return raw.read(1) != b"\n"
 
     def close(self) -> None:
         if self._file is not None:
@@ -527,7 +532,9 @@ class Tracker:
 
     def _deliver(self, *, force: bool) -> None:
         self._last_flush = time.monotonic()
-        if not self._outbox.pending or (not force and self._last_flush < self._retry_at):
+        if not self._outbox.pending and self.run_id is not None:
+            return
+        if not force and self._last_flush < self._retry_at:
             return
         try:
             self._outbox.deliver()
@@ -547,13 +554,15 @@ class Tracker:
             if _is_local_store(uri):
                 lines.append(f"  view it with: mlflow ui --backend-store-uri {shlex.quote(uri)}")
             elif info.get("experiment_id") is not None:
-                lines.append(f"  view it at: {uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{self.run_id}")
+                page = f"#/experiments/{info['experiment_id']}/runs/{self.run_id}"
+                lines.append(f"  view it at: {uri.rstrip('/')}/{page}")
         rejected, why = self._outbox.rejected
         if rejected:
             lines.append(f"{rejected} event(s) skipped: {why}")
         if self.undelivered:
             cause = f" ({self.reason})" if self.reason else ""
-            lines.append(f"{self.undelivered} event(s) not delivered to MLflow{cause}; they are kept in {self.journal_path}")
+            lines.append(f"{self.undelivered} event(s) not delivered to MLflow{cause}; "
+                         f"they are kept in {self.journal_path}")
             lines.append(f"  deliver them with: vlframe tracking sync {shlex.quote(str(self.run_dir))}")
         return lines
 

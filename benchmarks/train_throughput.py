@@ -2,30 +2,29 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--batch 32] [--threads 2]
 
-Each model is measured in its own fresh process (so peak memory is its own): forward, backward
-and an AdamW step on a random batch (images 128 px, captions of 32 tokens), after warm-up
+Each model is measured in its own fresh process: forward, backward and a (fused) AdamW step on
+a random batch (images 128 px, captions of 32 tokens), after warm-up
 steps. open_clip (pip install open_clip_torch) is built at the same shape: ViT 256 x 4 layers,
 patch 16, text 2 unimodal + 2 multimodal layers of width 256, 4 heads, context 32, vocabulary
 8192, 64 pooler queries, embed 256, caption/contrastive loss weights 2/1. Both run in eager
-mode (no torch.compile), float32, with the same thread count.
+mode (no torch.compile), in float32 and in bf16 autocast (which `vlframe train` picks where the
+CPU computes bf16 natively), with the same thread count. Memory is the step's peak resident
+memory above what stays resident between steps (weights, optimiser state, framework): the
+activations, gradients and temporaries a step needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def current_rss_mib() -> float:
@@ -70,26 +69,72 @@ def build_open_clip():
     return model, step
 
 
-def measure(which: str, steps: int, warmup: int, batch: int, threads: int) -> dict:
+class PeakRSS:
+    """Samples this process's resident memory every half millisecond; ``peak`` is the highest seen.
+
+    The parent starts this process with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns
+    large freed blocks to the system at once: resident memory then follows the live tensors
+    instead of the allocator's high-water mark, and a step's peak is visible.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.0005)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(which: str, steps: int, warmup: int, batch: int, threads: int, precision: str) -> dict:
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, step = build_vlframe() if which == "vlframe" else build_open_clip()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    # vlframe's trainer uses AdamW with weight decay; fused (one kernel per step) for both models.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     images = torch.randn(batch, 3, 128, 128)
     text = torch.randint(3, 8192, (batch, 32))
     text[:, 0], text[:, -1] = 1, 2
-    before = current_rss_mib()
-    times = []
-    for i in range(warmup + steps):
-        began = time.perf_counter()
+
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+
+    def one_step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = step(images, text)
+        with autocast:
+            loss = step(images, text)
         loss.backward()
         optimizer.step()
-        if i >= warmup:
+        return float(loss)
+
+    for _ in range(warmup):  # optimiser state exists from here on
+        one_step()
+    optimizer.zero_grad(set_to_none=True)
+    resident = current_rss_mib()  # weights, optimiser state, framework
+    times = []
+    with PeakRSS() as rss:
+        for _ in range(steps):
+            began = time.perf_counter()
+            loss = one_step()
             times.append(time.perf_counter() - began)
     times.sort()
     median = times[len(times) // 2]
@@ -98,21 +143,30 @@ def measure(which: str, steps: int, warmup: int, batch: int, threads: int) -> di
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "s_per_step": median,
         "images_per_s": batch / median,
-        "peak_rss_mib": rss_peak_mib(),
-        "step_peak_mib": rss_peak_mib() - before,
-        "loss": float(loss),
+        "resident_mib": resident,
+        "step_peak_mib": rss.peak / 2**20 - resident,
+        "loss": loss,
     }
 
 
-def run_child(which: str, args: argparse.Namespace) -> dict | None:
+def run_child(which: str, args: argparse.Namespace) -> dict | None:  # args.precision: one mode
+    """Time in one fresh process (default allocator), measure memory in another.
+
+    Returning freed memory to the system at once (for an honest peak) slows every allocation,
+    so the two measurements never share a process.
+    """
     cmd = [sys.executable, __file__, "--child", which, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        print(f"{which}: failed: {tail[0]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+           "--batch", str(args.batch), "--threads", str(args.threads), "--precision", args.precision]
+    results = []
+    for env in (dict(os.environ), dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            print(f"{which}: failed: {tail[0]}")
+            return None
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    timed, memory = results
+    return {**timed, "resident_mib": memory["resident_mib"], "step_peak_mib": memory["step_peak_mib"]}
 
 
 def main() -> None:
@@ -121,38 +175,44 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
+                        help="bf16: autocast, which `vlframe train` uses where the CPU computes bf16 natively")
     parser.add_argument("--child", choices=("vlframe", "open_clip"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch, args.threads)))
+        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch, args.threads, args.precision)))
         return
 
     import torch
 
-    print(f"coca_tiny training step, batch {args.batch}, {args.threads} threads, float32 eager; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    from vlframe.trainer import resolve_precision
+
+    trainer_mode = resolve_precision("auto", torch.device("cpu"))
+    print(f"coca_tiny training step, batch {args.batch}, {args.threads} threads, eager; "
+          f"median of {args.steps} steps after {args.warmup} warm-up; `vlframe train` here uses {trainer_mode}")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    results = {}
     try:
         import open_clip  # noqa: F401
 
-        have_open_clip = True
+        models = ("vlframe", "open_clip")
     except ImportError:
-        have_open_clip = False
+        models = ("vlframe",)
         print("open_clip is not installed (pip install open_clip_torch): measuring vlframe alone")
-    for which in ("vlframe", "open_clip") if have_open_clip else ("vlframe",):
-        res = run_child(which, args)
-        if res is None:
-            continue
-        results[which] = res
-        print(f"{which:10s} {res['params_m']:6.2f}M params  {res['s_per_step']:.3f} s/step  "
-              f"{res['images_per_s']:6.1f} images/s  peak RSS {res['peak_rss_mib']:7.1f} MiB  "
-              f"(step peak above start {res['step_peak_mib']:6.1f} MiB)")
-    if "open_clip" in results and "vlframe" in results:
-        v, o = results["vlframe"], results["open_clip"]
-        print(f"vlframe / open_clip: throughput {v['images_per_s'] / o['images_per_s']:.2f}x (goal >= 1.2x), "
-              f"peak RSS {v['peak_rss_mib'] / o['peak_rss_mib']:.2f}x, "
-              f"step peak {v['step_peak_mib'] / o['step_peak_mib']:.2f}x (goal <= 0.8x)")
+    modes = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    for mode in modes:
+        results = {}
+        for which in models:
+            res = run_child(which, argparse.Namespace(**{**vars(args), "precision": mode}))
+            if res is None:
+                continue
+            results[which] = res
+            print(f"{mode} {which:10s} {res['params_m']:6.2f}M params  {res['s_per_step']:.3f} s/step  "
+                  f"{res['images_per_s']:6.1f} images/s  step peak {res['step_peak_mib']:6.1f} MiB above "
+                  f"{res['resident_mib']:.0f} MiB resident")
+        if "open_clip" in results and "vlframe" in results:
+            v, o = results["vlframe"], results["open_clip"]
+            print(f"{mode} vlframe / open_clip: throughput {v['images_per_s'] / o['images_per_s']:.2f}x (goal >= 1.2x), "
+                  f"step peak memory {v['step_peak_mib'] / o['step_peak_mib']:.2f}x (goal <= 0.8x)")
 
 
 if __name__ == "__main__":

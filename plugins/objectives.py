@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from registry import ComponentSpec, ObjectiveConfig, hookimpl
 from vlframe.distributed import all_reduce_sum, gather_with_grad, rank, world_size
@@ -59,27 +60,44 @@ class ContrastiveLoss(nn.Module):
 
 
 class CaptioningConfig(ObjectiveConfig):
-    requires: ClassVar[frozenset[str]] = frozenset({"logits", "text", "text_mask"})
+    requires: ClassVar[frozenset[str]] = frozenset({"caption_states", "lm_head", "text", "text_mask"})
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    chunk_tokens: int | None = Field(
+        1024, gt=0, description="Score the vocabulary this many target tokens at a time, recomputing in "
+        "backward (saves the logits' memory); none: all at once.",
+    )
 
 
 class CaptioningLoss(nn.Module):
-    """Next-token negative log-likelihood; padding positions are ignored."""
+    """Next-token negative log-likelihood over the real (non-padding) target tokens.
+
+    Reads the decoder's states and applies the LM head itself: only real target positions are
+    scored, and in chunks whose logits are recomputed during backward rather than kept, so the
+    ``(B, L, vocabulary)`` logits never exist at once (the largest activation of a captioner).
+    """
 
     def __init__(self, cfg: CaptioningConfig) -> None:
         super().__init__()
         self.label_smoothing = cfg.label_smoothing
+        self.chunk = cfg.chunk_tokens
 
-    def forward(self, outputs: dict[str, Tensor]) -> Tensor:
-        logits, text, mask = outputs["logits"], outputs["text"], outputs["text_mask"]
-        targets = text[:, 1:].masked_fill(~mask[:, 1:], -100)
-        total = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=-100,
-            label_smoothing=self.label_smoothing,
-            reduction="sum",
-        )
+    def _chunk_nll(self, states: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
+        logits = head(states).float()
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="sum")
+
+    def forward(self, outputs: dict[str, Any]) -> Tensor:
+        states, head = outputs["caption_states"], outputs["lm_head"]
+        text, mask = outputs["text"], outputs["text_mask"]
+        keep = mask[:, 1:]  # position t predicts token t+1, when that token is real
+        states, targets = states[:, :-1][keep], text[:, 1:][keep]
+        total = states.new_zeros((), dtype=torch.float32)
+        step = self.chunk or max(1, targets.shape[0])
+        for start in range(0, targets.shape[0], step):
+            part = (states[start : start + step], targets[start : start + step], head)
+            if self.chunk and torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_nll, *part, use_reentrant=False)
+            else:
+                total = total + self._chunk_nll(*part)
         # Mean over the real target tokens of the *global* batch (a batch without any gives 0, not
         # NaN). Each rank divides by the global count times world size, so that DDP's gradient
         # average equals the gradient of the global mean, whatever each rank's caption lengths.

@@ -38,7 +38,7 @@ class AttentionalPooler(nn.Module):
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         queries = self.queries.expand(tokens.shape[0], -1, -1)
-        return self.norm(self.attn(queries, self.norm_tokens(tokens), key_mask=mask))
+        return self.norm(self.attn(queries, tokens, key_mask=mask, context_norm=self.norm_tokens))
 
 
 class ProjectConfig(ComponentConfig):

@@ -79,7 +79,10 @@ def vlframe_objectives() -> list[ComponentSpec]:
     Called once per registry, when its catalog is first built. Configs subclass
     :class:`~registry.config.ObjectiveConfig` (a ``weight`` and the class variable ``requires``
     naming the model outputs read). Each factory is called as ``factory(config)`` and returns an
-    ``nn.Module`` whose ``forward(outputs: dict[str, Tensor])`` returns a scalar loss, unweighted.
+    ``nn.Module`` whose ``forward(outputs: dict)`` returns a scalar loss, unweighted. CoCa's
+    outputs: ``text``, ``text_mask``, ``image_embeds``, ``text_embeds`` (normalised),
+    ``caption_states`` (the multimodal decoder's output), ``lm_head`` (the module mapping those
+    states to logits) and, when an objective asks for them, ``logits``.
     """
 
 

@@ -99,3 +99,62 @@ def test_module_self_and_cross_attention_agree_across_backends() -> None:
 def test_unknown_backend_is_refused_with_the_available_ones() -> None:
     with pytest.raises(ValueError, match="unknown attention backend 'flash9'; available: math, sdpa"):
         set_attention_backend(Attention(8, 2), "flash9")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu", "relu"])
+def test_mlp_recomputing_its_activation_matches_plain_autograd(activation: str) -> None:
+    from vlframe.nn import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 48, activation)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    out = mlp(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+    plain = mlp.fc2(mlp.act(mlp.fc1(x)))  # the same layers through ordinary autograd
+    expected = torch.autograd.grad(plain.square().sum(), [x, *mlp.parameters()])
+    torch.testing.assert_close(out, plain)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_with_fused_norms_match_plain_autograd() -> None:
+    """The fused pre-norm path (recomputed in backward) gives plain autograd's values and gradients."""
+    from vlframe.nn import Block
+
+    torch.manual_seed(0)
+    block = Block(16, 4, 32, causal=True, cross_dim=24)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ctx = torch.randn(2, 7, 24, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool)
+    out = block(x, mask, ctx)
+    grads = torch.autograd.grad(out.square().sum(), [x, ctx, *block.parameters()])
+
+    def plain(x, ctx):  # the same block, written with plain modules only
+        h = x + block.attn(block.norm1(x), key_mask=mask)
+        h = h + block.cross(block.norm_cross(h), block.norm_context(ctx))
+        return h + block.mlp.fc2(block.mlp.act(block.mlp.fc1(block.norm2(h))))
+
+    with torch.autocast("cpu", enabled=False):
+        reference = plain(x, ctx)
+    expected = torch.autograd.grad(reference.square().sum(), [x, ctx, *block.parameters()])
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_paths_follow_autocast_like_plain_modules() -> None:
+    """Under bf16 autocast the fused block computes what plain modules under autocast compute."""
+    from vlframe.nn import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 4, 64)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+        with torch.no_grad():  # the no-grad path is the plain modules
+            plain = block(x)
+    assert out.dtype == plain.dtype
+    torch.testing.assert_close(out, plain, atol=2e-2, rtol=2e-2)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in block.parameters())

@@ -47,7 +47,7 @@ def tiny(registry: Registry):
 
 def test_coca_tiny_forward_backward(tiny) -> None:
     images, text = batch(tiny)
-    out = tiny(images, text)
+    out = tiny(images, text, return_logits=True)
     assert set(out.losses) == {"caption", "contrastive"}
     assert all(torch.isfinite(loss) for loss in out.losses.values())
     torch.testing.assert_close(out.loss, 2.0 * out.losses["caption"] + 1.0 * out.losses["contrastive"])
@@ -74,10 +74,31 @@ def test_embeddings_are_normalised_and_ignore_padding(tiny) -> None:
 def test_captioning_loss_ignores_padding(tiny) -> None:
     images, text = batch(tiny)
     with torch.no_grad():
-        out = tiny(images, text)
+        out = tiny(images, text, return_logits=True)
     targets, valid = text[:, 1:], text[:, 1:] != 0
     manual = F.cross_entropy(out.logits[:, :-1][valid], targets[valid])
     torch.testing.assert_close(out.losses["caption"], manual)
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 1024])
+def test_chunked_caption_loss_matches_full_logits_in_value_and_gradient(chunk, registry: Registry) -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS / "coca_tiny.yaml", [f"model.objectives.caption.chunk_tokens={json_null(chunk)}"],
+                        registry=registry)
+    images, text = batch(model)
+    out = model(images, text, return_logits=True)
+    targets, valid = text[:, 1:], text[:, 1:] != 0
+    manual = F.cross_entropy(out.logits[:, :-1][valid], targets[valid])
+    torch.testing.assert_close(out.losses["caption"], manual)
+    grads = torch.autograd.grad(out.losses["caption"], [model.lm_head.proj.weight, model.caption_pooler.queries],
+                                retain_graph=True)
+    expected = torch.autograd.grad(manual, [model.lm_head.proj.weight, model.caption_pooler.queries])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def json_null(value):
+    return "null" if value is None else value
 
 
 def test_attention_backends_give_the_same_losses(registry: Registry) -> None:
@@ -211,17 +232,17 @@ def test_later_tokens_and_padding_do_not_leak_into_earlier_positions(tiny) -> No
     text[:, 6:] = torch.randint(3, 8192, (2, 6))  # no padding: all 12 tokens are real
     mask = torch.ones_like(text, dtype=torch.bool)
     with torch.no_grad():
-        base = tiny(images, text, mask).logits
+        base = tiny(images, text, mask, return_logits=True).logits
         changed = text.clone()
         changed[:, 8:] = torch.randint(3, 8192, (2, 4))
         # Causal: positions before 8 cannot see tokens 8..11.
-        torch.testing.assert_close(tiny(images, changed, mask).logits[:, :8], base[:, :8])
+        torch.testing.assert_close(tiny(images, changed, mask, return_logits=True).logits[:, :8], base[:, :8])
         # Padding: whatever sits in padded positions changes neither logits nor losses.
         pad_mask = mask.clone()
         pad_mask[:, 9:] = False
-        a = tiny(images, text, pad_mask)
+        a = tiny(images, text, pad_mask, return_logits=True)
         other_padding = torch.cat([text[:, :9], changed[:, 9:]], dim=1)
-        b = tiny(images, other_padding, pad_mask)
+        b = tiny(images, other_padding, pad_mask, return_logits=True)
     torch.testing.assert_close(a.logits[:, :9], b.logits[:, :9])
     for name in a.losses:
         torch.testing.assert_close(a.losses[name], b.losses[name])
@@ -278,7 +299,7 @@ def test_label_smoothing_changes_the_caption_loss(registry: Registry) -> None:
                          registry=registry)
     images, text = batch(plain)
     with torch.no_grad():
-        a, b = plain(images, text), smooth(images, text)
+        a, b = plain(images, text, return_logits=True), smooth(images, text, return_logits=True)
     torch.testing.assert_close(a.logits, b.logits)
     assert not torch.isclose(a.losses["caption"], b.losses["caption"])
 

@@ -19,7 +19,7 @@ def micro(tmp_path, **extra) -> dict:
         "data.train.size": 512, "data.train.image_size": 64, "data.val": None, "data.num_workers": 0,
         "train.batch_size": 16, "train.steps": 6, "train.warmup_steps": 2, "train.log_every": 1,
         "train.val_every": None, "train.checkpoint_every": 3, "train.output_dir": str(tmp_path / "runs"),
-        "tracking.enabled": False,
+        "tracking.enabled": False, "train.precision": "fp32",
     }
     overrides.update(extra)
     return overrides

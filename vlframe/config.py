@@ -52,7 +52,8 @@ class TrainConfig(ConfigModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; none: no clipping.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU (where bf16 is slower)."
+        "auto", description="auto: bf16 autocast where the hardware computes bf16 natively (CUDA GPUs "
+        "that support it, CPUs with AVX-512 BF16 or AMX), float32 elsewhere.",
     )
     seed: int = 0
     log_every: int = Field(10, gt=0)

@@ -24,7 +24,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adafactor":
         # torch's Adafactor (factored second moments, no first moment): the paper's optimiser family.
         return torch.optim.Adafactor(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    # fused: one kernel for the whole update, without the foreach path's temporaries.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

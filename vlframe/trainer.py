@@ -130,7 +130,7 @@ class Trainer:
         loader = train_loader(source, collate, cfg.data, global_batch=t.batch_size // t.grad_accum, rank=self.rank,
                               world=world, seed=t.seed, start_step=step * t.grad_accum)
         batches = iter(loader)
-        precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        precision = resolve_precision(t.precision, device)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
         self._say(f"{train_data.describe()}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
@@ -311,6 +311,19 @@ class Trainer:
             self._say("validation: " + " ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()))
         distributed.barrier()
         return metrics
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where bf16 matmuls run natively (there they are 2-5x faster), else ``fp32``."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
 
 
 def _git_commit() -> str | None:

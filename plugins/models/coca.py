@@ -15,7 +15,7 @@ its weight: ``L = sum(weight_i * L_i)``.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ _PRODUCERS = {
     "image_embeds": "contrastive_pooler and image_projection",
     "text_embeds": "text_projection",
     "logits": "caption_pooler, multimodal_decoder and lm_head",
+    "caption_states": "caption_pooler, multimodal_decoder and lm_head",
+    "lm_head": "caption_pooler, multimodal_decoder and lm_head",
 }
 
 
@@ -73,7 +75,7 @@ class CoCaConfig(ComponentConfig):
         if self.text_projection is not None:
             out.add("text_embeds")
         if self.multimodal_decoder is not None and self.lm_head is not None and self.caption_pooler is not None:
-            out.add("logits")
+            out.update({"logits", "caption_states", "lm_head"})
         return out
 
     @model_validator(mode="after")
@@ -153,7 +155,9 @@ class CoCa(nn.Module):
              for name, obj in cfg.objectives.items()}
         )
         self.weights = {name: obj.weight for name, obj in cfg.objectives.items()}
-        self._needs_logits = any("logits" in type(o).requires for o in cfg.objectives.values())
+        needs = set().union(*(type(o).requires for o in cfg.objectives.values()))
+        self._needs_logits = "logits" in needs
+        self._needs_states = bool({"logits", "caption_states"} & needs)
         self._needs_embeds = any({"image_embeds", "text_embeds"} & type(o).requires for o in cfg.objectives.values())
         set_attention_backend(self, cfg.attention_backend)
 
@@ -191,18 +195,26 @@ class CoCa(nn.Module):
 
     # -- training forward ------------------------------------------------------------------
 
-    def forward(self, images: Tensor, text: Tensor, text_mask: Tensor | None = None) -> ModelOutput:
-        """Run both towers, evaluate every objective, and return the losses and the outputs."""
+    def forward(self, images: Tensor, text: Tensor, text_mask: Tensor | None = None, *,
+                return_logits: bool = False) -> ModelOutput:
+        """Run both towers, evaluate every objective, and return the losses and the outputs.
+
+        ``return_logits`` also computes the full next-token logits (the captioning loss itself
+        scores the vocabulary in chunks and does not need them).
+        """
         mask = self._text_mask(text, text_mask)
         context, image_embed = self._image_side(images, embeds=self._needs_embeds)
         states, pooled = self.text_decoder(text, mask)
-        outputs: dict[str, Tensor] = {"text": text, "text_mask": mask}
+        outputs: dict[str, Any] = {"text": text, "text_mask": mask}
         if image_embed is not None:
             outputs["image_embeds"] = F.normalize(image_embed, dim=-1)
         if pooled is not None and self.text_projection is not None:
             outputs["text_embeds"] = F.normalize(self.text_projection(pooled), dim=-1)
-        if self._needs_logits and self.multimodal_decoder is not None:
-            outputs["logits"] = self.lm_head(self.multimodal_decoder(states, mask, context))
+        if (self._needs_states or return_logits) and self.multimodal_decoder is not None:
+            outputs["caption_states"] = self.multimodal_decoder(states, mask, context)
+            outputs["lm_head"] = self.lm_head
+            if self._needs_logits or return_logits:
+                outputs["logits"] = self.lm_head(outputs["caption_states"])
         losses = {name: objective(outputs) for name, objective in self.objectives.items()}
         total = sum(self.weights[name] * loss for name, loss in losses.items())
         return ModelOutput(

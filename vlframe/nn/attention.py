@@ -103,20 +103,36 @@ class Attention(nn.Module):
             raise ValueError(f"unknown attention backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
         self._backend = name
 
-    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        *,
+        norm: nn.LayerNorm | None = None,
+        context_norm: nn.LayerNorm | None = None,
+    ) -> Tensor:
         """Attend from ``x`` ``(B, L, dim)`` to ``context`` (cross) or to ``x`` itself (self).
 
         ``key_mask`` ``(B, S)`` marks the real keys; ``None`` means all keys are real.
+        ``norm``/``context_norm`` are pre-norms applied here, fused into the projections so that
+        the normalised tensors are recomputed in backward rather than stored.
         """
+        from vlframe.nn.transformer import norm_linear
+
+        def project(t: Tensor, t_norm: nn.LayerNorm | None, linear: nn.Linear) -> Tensor:
+            return norm_linear(t, t_norm, linear) if t_norm is not None else linear(t)
+
         b, lq, _ = x.shape
         h, d = self.heads, self.dim // self.heads
         if self.is_cross:
             if context is None:
                 raise ValueError("cross-attention needs a context")
-            q = self.q_proj(x).view(b, lq, h, d).transpose(1, 2)
-            k, v = self.kv_proj(context).view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+            q = project(x, norm, self.q_proj).view(b, lq, h, d).transpose(1, 2)
+            kv = project(context, context_norm, self.kv_proj)
+            k, v = kv.view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
         else:
-            q, k, v = self.qkv_proj(x).view(b, lq, 3, h, d).permute(2, 0, 3, 1, 4)
+            q, k, v = project(x, norm, self.qkv_proj).view(b, lq, 3, h, d).permute(2, 0, 3, 1, 4)
         out = BACKENDS[self._backend](q, k, v, key_mask, self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, self.dim))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlframe.nn.attention import Attention
@@ -18,9 +19,72 @@ class QuickGELU(nn.Module):
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "relu": nn.ReLU}
 
 
-class MLP(nn.Sequential):
+def _linear_grads(grad: Tensor, inputs: Tensor, weight: Tensor, bias: Tensor | None):
+    """Gradients of ``linear(inputs)`` w.r.t. its input, weight and bias."""
+    flat_grad = grad.reshape(-1, grad.shape[-1])
+    grad_w = flat_grad.t() @ inputs.reshape(-1, inputs.shape[-1])
+    return grad @ weight, grad_w, (flat_grad.sum(0) if bias is not None else None)
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """``linear(f(x))`` that keeps only ``x`` for backward and recomputes ``f(x)`` there.
+
+    ``f`` is a LayerNorm before a projection or an activation inside an MLP. Stored, each would
+    cost a second tensor of its input's size per layer, next to the one autograd keeps anyway;
+    recomputing an elementwise or normalisation op costs far less than that memory.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, x: Tensor, weight: Tensor, bias: Tensor | None, *fn_params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.fn = fn
+        ctx.save_for_backward(x, weight, bias, *fn_params)
+        return F.linear(fn(x, *fn_params), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight, bias, *fn_params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (x, *fn_params)]
+            y = ctx.fn(*leaves)
+        grad_y, grad_w, grad_b = _linear_grads(grad, y.detach(), weight, bias)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+        return (None, grads[0], grad_w, grad_b, *grads[1:])
+
+
+def _recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor) -> Tensor:
+    """``linear(fn(x))`` through :class:`_RecomputedLinear` when training in full precision.
+
+    Under autocast (bf16) the plain modules run instead: activations are half the size there
+    already, and the recomputation measured slower than the memory it saves is worth.
+    """
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return linear(fn(x, *fn_params))
+    return _RecomputedLinear.apply(fn, x, linear.weight, linear.bias, *fn_params)
+
+
+def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
+    """``linear(norm(x))``, recomputing the normalised tensor in backward instead of storing it."""
+    eps, shape = norm.eps, norm.normalized_shape
+
+    def layer_norm(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return F.layer_norm(t, shape, w, b, eps)
+
+    return _recomputed_linear(layer_norm, x, linear, norm.weight, norm.bias)
+
+
+class MLP(nn.Module):
+    """Linear, activation, linear; the hidden activation is recomputed in backward, not stored."""
+
     def __init__(self, dim: int, hidden: int, activation: str = "gelu") -> None:
-        super().__init__(nn.Linear(dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, dim))
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACTIVATIONS[activation]()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+        """``x`` may be un-normalised, with ``norm`` the LayerNorm to apply first (fused, see above)."""
+        h = norm_linear(x, norm, self.fc1) if norm is not None else self.fc1(x)
+        return _recomputed_linear(self.act, h, self.fc2)
 
 
 class Block(nn.Module):
@@ -59,10 +123,11 @@ class Block(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_mask=mask)
+        # Each LayerNorm is handed to the projection after it, which recomputes it in backward.
+        x = x + self.attn(x, key_mask=mask, norm=self.norm1)
         if self.cross is not None:
-            x = x + self.cross(self.norm_cross(x), self.norm_context(context), key_mask=context_mask)
-        return x + self.mlp(self.norm2(x))
+            x = x + self.cross(x, context, key_mask=context_mask, norm=self.norm_cross, context_norm=self.norm_context)
+        return x + self.mlp(x, norm=self.norm2)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mlflow_server import servers  # noqa: F401 - a fixture shared by the tracking tests
 from registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from registry import BuildError, ConfigError, Kind, Registry
+from registry import ConfigError, Kind, Registry
 from vlframe import configfile, load_config
 from vlframe.data import StepSampler
 from vlframe.datasets import SampleError

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from registry import Kind, Registry
 from vlframe import checkpoint, configfile
@@ -48,8 +47,10 @@ def test_synthetic_scenes_are_learnable_in_a_short_cpu_run(tmp_path: Path, regis
     assert con_end < con_start - 0.15, (con_start, con_end)  # images and captions start to match
 
 
-def test_same_config_same_losses_and_resume_continues_exactly(tmp_path: Path, registry: Registry) -> None:
-    overrides = micro(tmp_path, **{"data.num_workers": 2})
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_config_same_losses_and_resume_continues_exactly(precision: str, tmp_path: Path,
+                                                              registry: Registry) -> None:
+    overrides = micro(tmp_path, **{"data.num_workers": 2, "train.precision": precision})
     full = train(tmp_path, "full", overrides, registry=registry)
     again = train(tmp_path, "again", overrides, registry=registry)
     assert losses(full.history) == losses(again.history)  # bit-for-bit deterministic

@@ -58,9 +58,9 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------------
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, *, markup: bool = True) -> None:
         if self.rank == 0:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=markup)
 
     def _build_tokenizer(self, train_data: Any, ckpt: Path | None) -> Any:
         cfg = self.config
@@ -214,11 +214,11 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._say(f"data: {ledger.report()}")
+            self._say(f"data: {ledger.report()}", markup=False)
             if tracker is not None:
                 tracker.set_tags({"vlframe.skipped_samples": str(ledger.count)})
                 for line in tracker.finish(status):
-                    self._say(line)
+                    self._say(line, markup=False)  # paths and server errors may hold [brackets]
             distributed.teardown()
 
     # -- pieces of the loop ----------------------------------------------------------------

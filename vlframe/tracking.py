@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -552,7 +553,9 @@ class Tracker:
         else:
             lines = [f"MLflow run {self.run_id} in experiment '{info['experiment']}' at {uri}"]
             if _is_local_store(uri):
-                lines.append(f"  view it with: mlflow ui --backend-store-uri {shlex.quote(uri)}")
+                # `python -m mlflow`: the mlflow script need not be on PATH (it is not in .venv/bin).
+                ui = f"{shlex.quote(sys.executable)} -m mlflow ui --backend-store-uri {shlex.quote(uri)}"
+                lines.append(f"  view it with: {ui}")
             elif info.get("experiment_id") is not None:
                 page = f"#/experiments/{info['experiment_id']}/runs/{self.run_id}"
                 lines.append(f"  view it at: {uri.rstrip('/')}/{page}")

@@ -8,6 +8,8 @@ from registry.catalog import Catalog, Entry
 from registry.config import (
     ComponentConfig,
     ConfigModel,
+    ExistingDir,
+    ExistingFile,
     ObjectiveConfig,
     component,
     raise_problems,
@@ -47,6 +49,8 @@ __all__ = [
     "ENV_DISABLE_AUTOLOAD",
     "ENV_ENABLE",
     "Entry",
+    "ExistingDir",
+    "ExistingFile",
     "Kind",
     "ObjectiveConfig",
     "PluginError",

@@ -11,9 +11,11 @@ everywhere (``extra="forbid"``), so a misspelled key is an error rather than a s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -115,6 +117,23 @@ def component(kind: Kind) -> Any:
         WrapValidator(_dispatch(kind)),
         WithJsonSchema({SCHEMA_KIND_KEY: kind.value}),
     ]
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+def _existing_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise ValueError(f"folder not found: {path}")
+    return path
+
+
+#: A path that must name an existing file (or folder) when the config is validated.
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
 
 
 def raise_problems(title: str, problems: Sequence[tuple[tuple[str | int, ...], str]]) -> None:

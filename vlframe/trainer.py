@@ -117,7 +117,13 @@ class Trainer:
         scheduler = build_scheduler(optimizer, t)
         step, run_id = 0, None
         if ckpt is not None:
-            state = checkpoint.load(ckpt, model, optimizer, scheduler)
+            try:
+                state = checkpoint.load(ckpt, model, optimizer, scheduler)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise VlframeError(f"--resume {ckpt}: cannot continue this config from it: {exc}") from exc
+            if state.get("config_hash") not in (None, configfile.config_hash(cfg)):
+                self._say(f"note: the config differs from the one {ckpt.name} was trained with "
+                          f"(see {ckpt / 'config.yaml'})", markup=False)
             step, run_id = state["step"], state.get("run_id")
             checkpoint.set_rng_state(state["rng"])
             for key, reason in state.get("skipped", {}).items():

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
+from registry import ComponentConfig, ComponentSpec, ExistingDir, ExistingFile, hookimpl
 from vlframe.datasets import FileDataset
 
 
 class CocoConfig(ComponentConfig):
-    annotations: Path = Field(description="A captions_*.json file.")
-    images: Path = Field(description="The folder holding its images (file_name is relative to it).")
+    annotations: ExistingFile = Field(description="A captions_*.json file.")
+    images: ExistingDir = Field(description="The folder holding its images (file_name is relative to it).")
     limit: int | None = Field(None, gt=0, description="Use only the first N images (quick trials).")
-
-    @field_validator("annotations")
-    @classmethod
-    def _file(cls, path: Path) -> Path:
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
-
-    @field_validator("images")
-    @classmethod
-    def _folder(cls, path: Path) -> Path:
-        if not path.is_dir():
-            raise ValueError(f"folder not found: {path}")
-        return path
 
 
 def build(cfg: CocoConfig, *, split: str) -> FileDataset:

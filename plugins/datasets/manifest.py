@@ -17,27 +17,20 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
+from registry import ComponentConfig, ComponentSpec, ExistingFile, hookimpl
 from vlframe.datasets import FileDataset
 
 
 class ManifestConfig(ComponentConfig):
-    path: Path = Field(description="The manifest file (.jsonl or .csv).")
+    path: ExistingFile = Field(description="The manifest file (.jsonl or .csv).")
     image_root: Path | None = Field(None, description="Folder image paths are relative to; default the manifest's.")
     format: Literal["auto", "jsonl", "csv"] = "auto"
     image_key: str = "image"
     caption_key: str = Field("captions", description="JSONL: a string or list of strings; CSV: a column.")
     caption_separator: str | None = Field(None, description="CSV only: split a caption cell on this string.")
     limit: int | None = Field(None, gt=0, description="Use only the first N images (quick trials).")
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, path: Path) -> Path:
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
 
 
 def _read_jsonl(cfg: ManifestConfig) -> list[tuple[str, list[str]]]:

@@ -12,13 +12,13 @@ from typing import Any
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
+from registry import ComponentConfig, ComponentSpec, ExistingFile, hookimpl
 from registry.errors import did_you_mean
 
 
 class TimmConfig(ComponentConfig):
     model_name: str = Field(description="Any name from timm.list_models(), e.g. vit_base_patch16_224.")
-    pretrained_path: Path | None = Field(
+    pretrained_path: ExistingFile | None = Field(
         None, description="Local weights (.safetensors, .pth, .bin); never fetched from a hub."
     )
     image_size: int | None = Field(None, gt=0, description="Passed as img_size to models that take one.")
@@ -43,13 +43,6 @@ class TimmConfig(ComponentConfig):
         if not timm.is_model(name):
             raise ValueError(f"unknown timm model '{name}'{did_you_mean(name, timm.list_models())}")
         return name
-
-    @field_validator("pretrained_path")
-    @classmethod
-    def _file_exists(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
 
 
 class TimmBackbone(nn.Module):

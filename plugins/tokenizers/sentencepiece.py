@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
+from registry import ComponentConfig, ComponentSpec, ExistingFile, hookimpl
 
 FILENAME = "tokenizer.model"
 
 
 class SentencePieceConfig(ComponentConfig):
-    path: Path | None = Field(
+    path: ExistingFile | None = Field(
         None, description="A trained tokenizer.model; without one, `vlframe train` trains it on the training captions."
     )
     vocab_size: int | None = Field(None, gt=8, description="Target vocabulary; default the model's vocab_size.")
@@ -31,13 +31,6 @@ class SentencePieceConfig(ComponentConfig):
     lowercase: bool = Field(True, description="Lower-case text before training and encoding.")
     character_coverage: float = Field(1.0, gt=0.0, le=1.0)
     max_sentences: int = Field(1_000_000, gt=0, description="Captions sampled for training, at most.")
-
-    @field_validator("path")
-    @classmethod
-    def _file_exists(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
 
 
 class SentencePieceTokenizer:

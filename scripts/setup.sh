@@ -39,7 +39,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.vlframe-deps" 2>/dev/null)" !
 fi
 # Editable install of this checkout: registers the `vlframe` command and the built-in plugins'
 # entry points (cheap, so it runs every time and follows any change to pyproject.toml).
-"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation --no-index -e "$root" 2>&1 \
-    | grep -v -e '^\s*$' -e 'SetuptoolsDeprecationWarning' >&2 || true
+if ! log=$("$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation --no-index -e "$root" 2>&1); then
+    echo "$log" >&2
+    echo "vlframe setup: installing this checkout failed" >&2
+    exit 1
+fi
 "$venv/bin/vlframe" --help > /dev/null
 echo "vlframe setup: ready in $venv" >&2

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-MLFLOW_EXE = Path(sys.executable).with_name("mlflow")
 SERVER_START_DEADLINE_S = 90
 
 
@@ -36,7 +35,7 @@ class Server:
     def start(self) -> Server:
         from mlflow.cli import server as server_command
 
-        args = [str(MLFLOW_EXE), "server", "--host", "127.0.0.1", "--port", str(self.port),
+        args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--backend-store-uri", f"sqlite:///{self.root / 'srv.db'}",
                 "--artifacts-destination", str(self.root / "artifacts")]
         if any(p.name == "workers" for p in server_command.params):

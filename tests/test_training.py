@@ -144,7 +144,8 @@ def test_a_crash_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, how: str)
     step = torch.load(saved / checkpoint.STATE, weights_only=False)["step"]
     assert 0 < step < 400
     if how == "SIGTERM":  # a polite stop checkpoints the step it reached and says how to resume
-        assert f"checkpoint written at step {step}" in output and "--resume" in output
+        assert f"stopped after step {step}; continue with: vlframe train ... --resume {run}" in output
+        assert f"newest checkpoint: step_{step:06d}" in output
     assert not list((run / "checkpoints").glob(".step_*"))  # no half-written checkpoint left behind
     finish = dict(overrides, **{"train.steps": step + 2})
     resumed = _vlframe("train", str(TINY), "--resume", str(run), *_sets(finish))

@@ -214,8 +214,11 @@ class Trainer:
             status = "KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED"
             if step > last_saved and step > 0:  # keep what was learnt since the last checkpoint
                 with contextlib.suppress(Exception):
-                    path = self._save(step, model, optimizer, scheduler, tokenizer, tracker, ledger)
-                    self._say(f"[bold]checkpoint written at step {step}[/]: resume with --resume {path}")
+                    self._save(step, model, optimizer, scheduler, tokenizer, tracker, ledger)
+            latest = checkpoint.find(self.run_dir)
+            if latest is not None:
+                self._say(f"stopped after step {step}; continue with: vlframe train ... --resume {self.run_dir} "
+                          f"(newest checkpoint: {latest.name})", markup=False)
             raise
         finally:
             for sig, handler in previous.items():

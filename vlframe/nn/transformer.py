@@ -52,18 +52,36 @@ class _RecomputedLinear(torch.autograd.Function):
 
 
 def _recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor) -> Tensor:
-    """``linear(fn(x))`` through :class:`_RecomputedLinear` when training in full precision.
+    """``linear(fn(x))`` through :class:`_RecomputedLinear`, following autocast when it is on.
 
-    Under autocast (bf16) the plain modules run instead: activations are half the size there
-    already, and the recomputation measured slower than the memory it saves is worth.
+    Under autocast ``fn`` runs as autocast would run it (a LayerNorm in float32, an activation
+    in its input's dtype), its output is cast to the autocast dtype, and the linear runs in that
+    dtype; the Function itself runs with autocast off, on those explicit dtypes.
     """
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+    if not torch.is_grad_enabled():
         return linear(fn(x, *fn_params))
-    return _RecomputedLinear.apply(fn, x, linear.weight, linear.bias, *fn_params)
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _RecomputedLinear.apply(fn, x, linear.weight, linear.bias, *fn_params)
+    dtype = torch.get_autocast_dtype(device)
+    weight = linear.weight.to(dtype)
+    bias = linear.bias.to(dtype) if linear.bias is not None else None
+
+    def cast_fn(t: Tensor, *params: Tensor) -> Tensor:
+        return fn(t, *params).to(dtype)
+
+    with torch.autocast(device, enabled=False):
+        return _RecomputedLinear.apply(cast_fn, x, weight, bias, *fn_params)
 
 
 def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
-    """``linear(norm(x))``, recomputing the normalised tensor in backward instead of storing it."""
+    """``linear(norm(x))``, recomputing the normalised tensor in backward instead of storing it.
+
+    Only in full precision: under autocast the normalised tensor is stored in bf16 (half the
+    size already), and recomputing the float32 LayerNorm measured slower than it saves.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return linear(norm(x))
     eps, shape = norm.eps, norm.normalized_shape
 
     def layer_norm(t: Tensor, w: Tensor, b: Tensor) -> Tensor:

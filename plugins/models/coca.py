@@ -23,7 +23,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from registry import Catalog, ComponentConfig, ComponentSpec, Kind, component, hookimpl, raise_problems
-from vlframe.nn import BACKENDS, ModelOutput, set_attention_backend
+from vlframe.nn import ModelOutput, set_attention_backend
+from vlframe.nn.attention import check_backend
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -63,9 +64,7 @@ class CoCaConfig(ComponentConfig):
     @field_validator("attention_backend")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown attention backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
-        return name
+        return check_backend(name)
 
     def produces(self) -> set[str]:
         """The outputs this configuration computes, by the names objectives require."""

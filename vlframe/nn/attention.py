@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlframe.nn.recompute import norm_linear
+
 #: ``fn(q, k, v, key_mask, causal) -> out`` with q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``.
 AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", bool], Tensor]
 
@@ -63,6 +65,13 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, cau
 BACKENDS: Mapping[str, AttentionFn] = MappingProxyType({"sdpa": sdpa_attention, "math": math_attention})
 
 
+def check_backend(name: str) -> str:
+    """``name`` if it is an attention backend, else a ValueError listing the available ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
+    return name
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate query and key/value inputs.
 
@@ -99,9 +108,7 @@ class Attention(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown attention backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
-        self._backend = name
+        self._backend = check_backend(name)
 
     def forward(
         self,
@@ -118,8 +125,6 @@ class Attention(nn.Module):
         ``norm``/``context_norm`` are pre-norms applied here, fused into the projections so that
         the normalised tensors are recomputed in backward rather than stored.
         """
-        from vlframe.nn.transformer import norm_linear
-
         def project(t: Tensor, t_norm: nn.LayerNorm | None, linear: nn.Linear) -> Tensor:
             return norm_linear(t, t_norm, linear) if t_norm is not None else linear(t)
 
@@ -139,8 +144,7 @@ class Attention(nn.Module):
 
 def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
     """Switch every :class:`Attention` inside ``module`` to ``backend``; return ``module``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend '{backend}'; available: {', '.join(sorted(BACKENDS))}")
+    check_backend(backend)
     for sub in module.modules():
         if isinstance(sub, Attention):
             sub.backend = backend

@@ -1,0 +1,84 @@
+"""Linear layers that recompute their input's normalisation or activation in backward.
+
+``linear(f(x))`` normally keeps both ``x`` (for ``f``'s backward) and ``f(x)`` (for the linear's
+weight gradient). Keeping only ``x`` and recomputing ``f(x)`` in backward saves one tensor of
+that size per use: the largest activations of a transformer (the MLP's hidden layer, and every
+pre-norm's output) for the price of one elementwise or normalisation op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _linear_grads(grad: Tensor, inputs: Tensor, weight: Tensor, bias: Tensor | None):
+    """Gradients of ``linear(inputs)`` w.r.t. its input, weight and bias."""
+    flat_grad = grad.reshape(-1, grad.shape[-1])
+    grad_w = flat_grad.t() @ inputs.reshape(-1, inputs.shape[-1])
+    return grad @ weight, grad_w, (flat_grad.sum(0) if bias is not None else None)
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """``linear(f(x))`` that keeps only ``x`` for backward and recomputes ``f(x)`` there.
+
+    ``f`` is a LayerNorm before a projection or an activation inside an MLP. Stored, each would
+    cost a second tensor of its input's size per layer, next to the one autograd keeps anyway;
+    recomputing an elementwise or normalisation op costs far less than that memory.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, x: Tensor, weight: Tensor, bias: Tensor | None, *fn_params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.fn = fn
+        ctx.save_for_backward(x, weight, bias, *fn_params)
+        return F.linear(fn(x, *fn_params), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight, bias, *fn_params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (x, *fn_params)]
+            y = ctx.fn(*leaves)
+        grad_y, grad_w, grad_b = _linear_grads(grad, y.detach(), weight, bias)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+        return (None, grads[0], grad_w, grad_b, *grads[1:])
+
+
+def recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor) -> Tensor:
+    """``linear(fn(x))`` through :class:`_RecomputedLinear`, following autocast when it is on.
+
+    Under autocast ``fn`` runs as autocast would run it (a LayerNorm in float32, an activation
+    in its input's dtype), its output is cast to the autocast dtype, and the linear runs in that
+    dtype; the Function itself runs with autocast off, on those explicit dtypes.
+    """
+    if not torch.is_grad_enabled():
+        return linear(fn(x, *fn_params))
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _RecomputedLinear.apply(fn, x, linear.weight, linear.bias, *fn_params)
+    dtype = torch.get_autocast_dtype(device)
+    weight = linear.weight.to(dtype)
+    bias = linear.bias.to(dtype) if linear.bias is not None else None
+
+    def cast_fn(t: Tensor, *params: Tensor) -> Tensor:
+        return fn(t, *params).to(dtype)
+
+    with torch.autocast(device, enabled=False):
+        return _RecomputedLinear.apply(cast_fn, x, weight, bias, *fn_params)
+
+
+def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
+    """``linear(norm(x))``, recomputing the normalised tensor in backward instead of storing it.
+
+    Only in full precision: under autocast the normalised tensor is stored in bf16 (half the
+    size already), and recomputing the float32 LayerNorm measured slower than it saves.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return linear(norm(x))
+    eps, shape = norm.eps, norm.normalized_shape
+
+    def layer_norm(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return F.layer_norm(t, shape, w, b, eps)
+
+    return recomputed_linear(layer_norm, x, linear, norm.weight, norm.bias)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from registry import Kind  # noqa: E402
 from vlframe import configfile, distributed  # noqa: E402
+from vlframe.api import build_tokenizer  # noqa: E402
 from vlframe.data import Collate, ImageTextSource, build_transform, train_loader  # noqa: E402
 
 from training_configs import TINY, micro  # noqa: E402
@@ -27,8 +28,7 @@ def main(out: Path, workdir: Path) -> None:
     rank, world = distributed.rank(), distributed.world_size()
     catalog = registry.catalog
     dataset = catalog.build(Kind.DATASET, config.data.train, split="train")
-    tok_cfg = catalog.get(Kind.TOKENIZER, "sentencepiece").spec.config(type="sentencepiece")
-    tokenizer = catalog.build(Kind.TOKENIZER, tok_cfg, vocab_size=config.model.vocab_size)
+    tokenizer = build_tokenizer(config, registry)
     tokenizer.train(dataset.captions(), workdir / f"tok{rank}")  # deterministic: equal on every rank
     torch.manual_seed(0)
     model = catalog.build(Kind.MODEL, config.model, catalog=catalog)

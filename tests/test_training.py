@@ -56,6 +56,7 @@ def test_same_config_same_losses_and_resume_continues_exactly(precision: str, tm
     assert losses(full.history) == losses(again.history)  # bit-for-bit deterministic
     middle = tmp_path / "full" / "checkpoints" / "step_000003"
     assert checkpoint.find(middle) == middle
+    assert checkpoint.run_dir_of(middle) == checkpoint.run_dir_of(tmp_path / "full") == tmp_path / "full"
     resumed = train(tmp_path, "resumed", overrides, resume=middle, registry=registry)
     assert [h["step"] for h in resumed.history] == [4, 5, 6]
     assert losses(resumed.history) == {s: v for s, v in losses(full.history).items() if s > 3}

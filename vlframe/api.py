@@ -31,6 +31,19 @@ def load_config(
     return config
 
 
+def build_tokenizer(config: VlframeConfig, registry: Registry, path: Path | None = None) -> Any:
+    """The config's tokenizer (default: SentencePiece trained on the training captions).
+
+    ``path`` names a trained tokenizer file to load instead of the one the config names, e.g.
+    the one saved in a checkpoint. An untrained tokenizer has ``trained`` false.
+    """
+    catalog = registry.catalog
+    tok_cfg = config.tokenizer or catalog.get(Kind.TOKENIZER, "sentencepiece").spec.config(type="sentencepiece")
+    if path is not None:
+        tok_cfg = tok_cfg.model_copy(update={"path": path})
+    return catalog.build(Kind.TOKENIZER, tok_cfg, path="tokenizer", vocab_size=config.model.vocab_size)
+
+
 def build_model(
     config_or_path: ConfigSource,
     overrides: Iterable[str] | Mapping[str, Any] = (),

@@ -93,6 +93,13 @@ def find(path: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def run_dir_of(path: Path) -> Path:
+    """The run folder of ``path``: itself, or the run a checkpoint folder belongs to."""
+    if (path / STATE).is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
+
+
 def prune(directory: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
     found = sorted(p for p in directory.glob("step_*") if (p / STATE).is_file())

@@ -166,15 +166,14 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlframe import configfile
+    from vlframe import checkpoint, configfile
     from vlframe.trainer import Trainer, default_run_dir
 
     config, registry = configfile.load(args.file, args.overrides)
     run_dir = args.run_dir
-    if run_dir is None:
-        resumed = args.resume if args.resume is not None and (args.resume / "checkpoints").is_dir() else None
-        run_dir = resumed or (args.resume.parent.parent if args.resume is not None else
-                              default_run_dir(args.file, config.train.output_dir))
+    if run_dir is None and args.resume is not None:
+        run_dir = checkpoint.run_dir_of(args.resume)  # continue in the folder it came from
+    run_dir = run_dir or default_run_dir(args.file, config.train.output_dir)
     result = Trainer(config, registry, run_dir=run_dir, resume=args.resume).fit()
     if result.checkpoint is not None:
         print(f"trained {result.step} steps; final checkpoint: {result.checkpoint}")
@@ -194,11 +193,11 @@ def _datasets(config, registry, split: str):
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from vlframe import configfile
+    from vlframe.api import build_tokenizer
 
     config, registry = configfile.load(args.file, args.overrides)
     dataset = _datasets(config, registry, "train")
-    tok_cfg = config.tokenizer or registry.catalog.get(Kind.TOKENIZER, "sentencepiece").spec.config(type="sentencepiece")
-    tokenizer = registry.catalog.build(Kind.TOKENIZER, tok_cfg, path="tokenizer", vocab_size=config.model.vocab_size)
+    tokenizer = build_tokenizer(config, registry)
     path = tokenizer.train(dataset.captions(), args.out)
     print(f"{path}: {tokenizer.vocab_size} pieces from {dataset.describe()}")
     print(f"use it with: --set tokenizer.path={path}")

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from registry import Catalog, ConfigError, Kind, Problem, Registry, VlframeError
-from registry.config import CONTEXT_KEY, SCHEMA_KIND_KEY
+from registry.config import SCHEMA_KIND_KEY
 from registry.errors import did_you_mean
 from vlframe.config import PluginSettings, VlframeConfig
 
@@ -275,7 +275,8 @@ def _concrete(annotation: Any, node: Any, catalog: Catalog | None) -> Any:
     return getattr(annotation, "__origin__", annotation) if get_origin(annotation) is Annotated else annotation
 
 
-__all__ = ["CONTEXT_KEY", "apply_overrides", "compose", "dump", "load", "merge", "read_yaml", "to_yaml", "validate"]
+__all__ = ["apply_overrides", "compose", "config_hash", "dump", "load", "merge", "problems_from", "read_yaml",
+           "to_yaml", "validate"]
 
 
 def config_hash(config: BaseModel) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 
 from registry import ConfigError, Kind, Problem, Registry, VlframeError
 from vlframe import checkpoint, configfile, distributed
+from vlframe.api import build_tokenizer
 from vlframe.config import VlframeConfig
 from vlframe.data import Collate, ImageTextSource, SkipLedger, build_transform, eval_loader, train_loader
 from vlframe.metrics import retrieval_recall
@@ -64,12 +65,10 @@ class Trainer:
 
     def _build_tokenizer(self, train_data: Any, ckpt: Path | None) -> Any:
         cfg = self.config
-        catalog = self.registry.catalog
-        # Without a tokenizer section: SentencePiece, trained on the training captions.
-        tok_cfg = cfg.tokenizer or catalog.get(Kind.TOKENIZER, "sentencepiece").spec.config(type="sentencepiece")
-        if ckpt is not None and (ckpt / "tokenizer.model").is_file() and getattr(tok_cfg, "path", None) is None:
-            tok_cfg = tok_cfg.model_copy(update={"path": ckpt / "tokenizer.model"})
-        tokenizer = catalog.build(Kind.TOKENIZER, tok_cfg, path="tokenizer", vocab_size=cfg.model.vocab_size)
+        # A resumed run reads the tokenizer its checkpoint was trained with.
+        saved = ckpt / "tokenizer.model" if ckpt is not None else None
+        from_ckpt = saved if saved is not None and saved.is_file() and getattr(cfg.tokenizer, "path", None) is None else None
+        tokenizer = build_tokenizer(cfg, self.registry, from_ckpt)
         if not tokenizer.trained:
             target = self.run_dir / "tokenizer.model"
             if self.rank == 0:
@@ -77,8 +76,7 @@ class Trainer:
                 tokenizer.train(train_data.captions(), self.run_dir)
             distributed.barrier()
             if self.rank != 0:
-                tokenizer = catalog.build(Kind.TOKENIZER, tok_cfg.model_copy(update={"path": target}),
-                                          path="tokenizer", vocab_size=cfg.model.vocab_size)
+                tokenizer = build_tokenizer(cfg, self.registry, target)
         return tokenizer
 
     # -- the loop --------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class CaptioningConfig(ObjectiveConfig):
     requires: ClassVar[frozenset[str]] = frozenset({"caption_states", "lm_head", "text", "text_mask"})
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     chunk_tokens: int | None = Field(
-        1024, gt=0, description="Score the vocabulary this many target tokens at a time, recomputing in "
+        512, gt=0, description="Score the vocabulary this many target tokens at a time, recomputing in "
         "backward (saves the logits' memory); none: all at once.",
     )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlframe.nn import BACKENDS, Attention, set_attention_backend
-from vlframe.nn.attention import math_attention, sdpa_attention
+from vlframe.nn.attention import EAGER_MAX_KEYS, auto_attention, eager_attention, math_attention, sdpa_attention
 
 
 def reference(q, k, v, key_mask, causal):
@@ -65,7 +65,7 @@ def test_backends_match_reference(backend: str, case: str) -> None:
     torch.testing.assert_close(out.double(), reference(q, k, v, mask, causal), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fn", [sdpa_attention, math_attention])
+@pytest.mark.parametrize("fn", [sdpa_attention, eager_attention, math_attention, auto_attention])
 def test_rows_without_valid_keys_are_zero_with_finite_gradients(fn) -> None:
     q, k, v, _ = _inputs(4, 6, False)
     mask = torch.ones(3, 6, dtype=torch.bool)
@@ -92,12 +92,33 @@ def test_module_self_and_cross_attention_agree_across_backends() -> None:
         set_attention_backend(self_attn, backend)
         set_attention_backend(cross, backend)
         results[backend] = (self_attn(x, key_mask=mask), cross(x, ctx, key_mask=ctx_mask))
-    for a, b in zip(results["sdpa"], results["math"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for backend in sorted(BACKENDS):
+        for a, b in zip(results[backend], results["math"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bf16_backends_agree_and_auto_picks_eager_for_short_cpu_keys(case: str, monkeypatch) -> None:
+    lq, lk, causal, padded = CASES[case]
+    q, k, v, mask = (t.to(torch.bfloat16) if t is not None and t.is_floating_point() else t
+                     for t in _inputs(lq, lk, padded))
+    want = reference(q.float(), k.float(), v.float(), mask, causal)
+    for fn in (sdpa_attention, eager_attention):
+        torch.testing.assert_close(fn(q, k, v, mask, causal).double(), want, atol=2e-2, rtol=2e-2)
+    chosen = []
+    import vlframe.nn.attention as attention
+
+    monkeypatch.setattr(attention, "eager_attention", lambda *a: chosen.append("eager") or eager_attention(*a))
+    monkeypatch.setattr(attention, "sdpa_attention", lambda *a: chosen.append("sdpa") or sdpa_attention(*a))
+    auto_attention(q, k, v, mask, causal)  # bf16 on the CPU, few keys
+    auto_attention(q.float(), k.float(), v.float(), mask, causal)  # float32
+    long_k = torch.zeros(3, 2, EAGER_MAX_KEYS + 1, 8, dtype=torch.bfloat16)
+    auto_attention(q, long_k, long_k, None, False)  # too many keys to store the probabilities
+    assert chosen == ["eager", "sdpa", "sdpa"]
 
 
 def test_unknown_backend_is_refused_with_the_available_ones() -> None:
-    with pytest.raises(ValueError, match="unknown attention backend 'flash9'; available: math, sdpa"):
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9'; available: auto, eager, math, sdpa"):
         set_attention_backend(Attention(8, 2), "flash9")
 
 

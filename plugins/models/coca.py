@@ -43,7 +43,9 @@ class CoCaConfig(ComponentConfig):
     vocab_size: int = Field(64000, gt=0)
     context_length: int = Field(64, gt=1, description="Longest text, in tokens, BOS and EOS included.")
     pad_id: int = Field(0, ge=0, description="Padding token id, for inputs given without a mask.")
-    attention_backend: str = Field("sdpa", description="Attention implementation for every block.")
+    attention_backend: str = Field(
+        "auto", description="Attention implementation for every block: auto, sdpa, eager or math."
+    )
     image_encoder: component(Kind.IMAGE_ENCODER)
     text_decoder: component(Kind.TEXT_DECODER)
     caption_pooler: component(Kind.POOLER) | None = None

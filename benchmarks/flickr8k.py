@@ -19,8 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flickr8k"
 
+IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"
+
 # open_clip 3.3.0 at the same shape and budget, from ../shared/reference.md (2,823 s there).
-OPEN_CLIP = {"i2t_r1": 2.76, "i2t_r5": 10.28, "i2t_r10": 17.04, "t2i_r1": 2.76, "t2i_r5": 9.62, "t2i_r10": 17.44}
+OPEN_CLIP = {"i2t_r1": 2.76, "i2t_r5": 10.28, "i2t_r10": 17.04, "t2i_r1": 2.76, "t2i_r5": 9.62, "t2i_r10": 17.44,
+             "bleu4": 7.98, "meteor": 14.17, "rouge_l": 35.52, "cider": 18.97}
 
 
 def main() -> int:
@@ -28,6 +31,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", type=Path)
+    parser.add_argument("--caption-images", type=int, default=300, help="val images to caption (reference: 300)")
     args = parser.parse_args()
     if not (DATA / "train.jsonl").is_file():
         print(f"Flickr8k is not at {DATA}: nothing to measure")
@@ -60,6 +64,31 @@ def main() -> int:
         peer = [OPEN_CLIP[f"{way}_r{k}"] for k in (1, 5, 10)]
         print(f"  {label:12s} {ours[0]:6.2f} {ours[1]:6.2f} {ours[2]:6.2f}   "
               f"(open_clip, reference.md: {peer[0]:.2f} / {peer[1]:.2f} / {peer[2]:.2f})")
+
+    # Greedy captions of the first 300 val images against their 5 references (the reference
+    # protocol), then zero-shot classification of Imagenette, with the final weights.
+    from vlframe import evaluation
+    from vlframe.pretrained import load_trained
+
+    trained = load_trained(result.checkpoint, precision=config.train.precision)
+    began = time.time()
+    captions = evaluation.evaluate_captions(trained, evaluation.build_dataset(trained, str(DATA / "val.jsonl")),
+                                            limit=args.caption_images, out_dir=run_dir / "eval" / "caption")
+    names = {"bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+    print(f"  captions, greedy, first {captions.info['images']} val images ({time.time() - began:.0f} s; "
+          f"table: {run_dir / 'eval' / 'caption' / 'captions.html'}):")
+    print("   " + "   ".join(f"{label} {captions.metrics[key]:.2f}" for key, label in names.items()))
+    print("   (open_clip, reference.md: " + "   ".join(f"{label} {OPEN_CLIP[key]:.2f}" for key, label in names.items())
+          + ")")
+    if IMAGENETTE.is_dir():
+        zeroshot = evaluation.evaluate_zeroshot(trained, evaluation.build_dataset(trained, str(IMAGENETTE)))
+        print(f"  zero-shot Imagenette ({zeroshot.info['images']} images, {zeroshot.info['classes']} classes, "
+              f"{zeroshot.info['templates']} prompt templates): top-1 {zeroshot.metrics['top1']:.2f}   "
+              f"top-5 {zeroshot.metrics['top5']:.2f}   (chance: 10.00 / 50.00)")
+        evaluation.log_result(trained, zeroshot)
+    else:
+        print(f"  zero-shot skipped: no Imagenette at {IMAGENETTE}")
+    evaluation.log_result(trained, captions)
     return 0
 
 

@@ -43,7 +43,10 @@ def vlframe_text_decoders() -> list[ComponentSpec]:
     ``nn.Module`` with attributes ``width`` and ``token_embedding`` (an ``nn.Embedding``, for a
     tied LM head) whose ``forward(tokens (B, L), mask (B, L))`` returns ``(states (B, L, width),
     embedding (B, width) or None)``; ``embedding`` is the contrastive text feature and is
-    produced only when ``with_embedding`` is true.
+    produced only when ``with_embedding`` is true. To caption, ``forward`` also takes the keywords
+    ``embed=False`` (skip the embedding) and ``cache`` (a key/value cache, ``vlframe.nn.KVCache``,
+    passed on to its attention layers; ``tokens`` are then only the new positions, starting at
+    ``cache.offset``, and ``mask`` may be None).
     """
 
 
@@ -68,7 +71,8 @@ def vlframe_multimodal_decoders() -> list[ComponentSpec]:
     Called once per registry, when its catalog is first built. Each factory is called as
     ``factory(config, in_dim=int, context_dim=int)`` and returns an ``nn.Module`` with attribute
     ``width`` whose ``forward(states (B, L, in_dim), mask (B, L), context (B, M, context_dim))``
-    returns ``(B, L, width)``.
+    returns ``(B, L, width)``. To caption, ``forward`` also takes the keyword ``cache`` (see
+    text decoders); after the first cached call ``context`` may be None.
     """
 
 

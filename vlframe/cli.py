@@ -25,6 +25,46 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 where the hardware computes it natively")
+    parser.add_argument("--tracking-uri", help="MLflow store of a run id (default: $MLFLOW_TRACKING_URI or "
+                                               "./runs/mlflow.db); eval logs there too")
+
+
+def _add_generation(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--strategy", choices=("greedy", "beam", "sample"))
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--length-penalty", type=float)
+    group.add_argument("--max-length", type=int, help="most generated tokens")
+    group.add_argument("--min-length", type=int)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("-n", "--num-return-sequences", type=int, help="captions per image")
+    group.add_argument("--seed", type=int, help="sampling seed")
+
+
+def _generation_config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from vlframe.generation import GenerationConfig
+
+    names = ("strategy", "num_beams", "length_penalty", "max_length", "min_length", "top_k", "top_p", "temperature",
+             "repetition_penalty", "num_return_sequences", "seed")
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    try:
+        return GenerationConfig(**given)
+    except ValidationError as exc:
+        from registry import Problem
+
+        raise ConfigError([Problem("--" + ".".join(map(str, e["loc"])).replace("_", "-") if e["loc"] else "generation",
+                                   e["msg"]) for e in exc.errors()]) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlframe", description="Plugin-based vision-language models (CoCa).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,6 +120,55 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     _add_set(p)
     p.set_defaults(func=cmd_data_write_shards)
+
+    p = data.add_parser("match-pairs", help="derive an image-caption matching task (JSONL) from a config's dataset")
+    p.add_argument("file", type=Path)
+    p.add_argument("--split", choices=("train", "val"), default="val")
+    p.add_argument("--out", type=Path, required=True, help="folder for the images and pairs.jsonl")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--seed", type=int, default=0)
+    _add_set(p)
+    p.set_defaults(func=cmd_data_match_pairs)
+
+    p = sub.add_parser("eval", help="evaluate a trained model; metrics go to its MLflow run")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint folder or MLflow run id")
+    p.add_argument("--task", required=True, choices=("caption", "retrieval", "zeroshot", "probe", "understanding"))
+    p.add_argument("--data", help="dataset: a folder (ImageFolder), .jsonl/.csv, COCO .json, a dataset .yaml, or "
+                                  "'synthetic' (default: the run's validation split); understanding: the test JSONL")
+    p.add_argument("--train-data", help="probe: a separate training set (default: split --data per class); "
+                                        "understanding: the training JSONL (required)")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--templates", type=Path, help="zeroshot: a file of prompt templates, one per line, with {}")
+    p.add_argument("--head", choices=("linear", "attentional"), default="linear", help="probe head")
+    p.add_argument("--finetune", action="store_true", help="probe: train the image encoder too")
+    p.add_argument("--steps", type=int, help="probe/understanding: training steps (default 300)")
+    p.add_argument("--lr", type=float, help="probe/understanding: learning rate of the head")
+    p.add_argument("--out", type=Path, help="folder for the results (default: RUN/eval/TASK-CHECKPOINT-TIME)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    _add_runtime(p)
+    _add_generation(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("caption", help="caption image files with a trained model")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    _add_runtime(p)
+    _add_generation(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("embed", help="write contrastive embeddings of images, texts or a dataset")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", type=Path, help="image files")
+    what.add_argument("--texts", type=Path, help="a text file, one text per line")
+    what.add_argument("--data", help="a dataset (as for eval): its images and all their captions")
+    p.add_argument("--out", type=Path, required=True, help="a .safetensors file (keys and texts go beside it, .json)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_embed)
 
     tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -216,6 +305,125 @@ def cmd_data_write_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_match_pairs(args: argparse.Namespace) -> int:
+    from vlframe import configfile
+    from vlframe.probes import write_match_pairs
+
+    config, registry = configfile.load(args.file, args.overrides)
+    dataset = _datasets(config, registry, args.split)
+    path = write_match_pairs(dataset, args.out, limit=args.limit, seed=args.seed)
+    rows = path.read_text(encoding="utf-8").count("\n")
+    print(f"wrote {rows} (image, caption, yes/no) rows to {path}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from vlframe.pretrained import load_trained
+
+    return load_trained(args.source, device=args.device, precision=args.precision, tracking_uri=args.tracking_uri)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlframe import evaluation, probes
+
+    trained = _load(args)
+    out = args.out or evaluation.default_out_dir(trained, args.task)
+    task = args.task
+    if task == "caption":
+        dataset = evaluation.build_dataset(trained, args.data)
+        result = evaluation.evaluate_captions(trained, dataset, generation=_generation_config(args), limit=args.limit,
+                                              batch_size=args.batch_size, out_dir=out)
+    elif task == "retrieval":
+        dataset = evaluation.build_dataset(trained, args.data)
+        result = evaluation.evaluate_retrieval(trained, dataset, limit=args.limit, batch_size=args.batch_size)
+    elif task == "zeroshot":
+        dataset = evaluation.build_dataset(trained, args.data)
+        templates = None
+        if args.templates is not None:
+            templates = [t.strip() for t in args.templates.read_text(encoding="utf-8").splitlines() if t.strip()]
+        result = evaluation.evaluate_zeroshot(trained, dataset, templates=templates, limit=args.limit,
+                                              batch_size=args.batch_size)
+    elif task == "probe":
+        dataset = evaluation.build_dataset(trained, args.data)
+        train = evaluation.build_dataset(trained, args.train_data, split="train") if args.train_data else None
+        settings = {"head": args.head, "finetune": args.finetune}
+        settings.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
+        result = probes.evaluate_probe(trained, dataset, train_dataset=train, cfg=probes.ProbeConfig(**settings),
+                                       limit=args.limit, out_dir=out)
+    else:
+        if not args.data or not args.train_data:
+            raise ConfigError([_problem("--data/--train-data", "understanding needs --train-data TRAIN.jsonl "
+                                        "and --data TEST.jsonl (see vlframe data match-pairs)")])
+        settings = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+        result = probes.evaluate_understanding(trained, Path(args.train_data), Path(args.data),
+                                               cfg=probes.UnderstandingConfig(**settings), out_dir=out)
+    evaluation.save_result(result, out)
+    print(result.summary())
+    print(f"results: {out}")
+    if not args.no_track:
+        _, message = evaluation.log_result(trained, result, tracking_uri=args.tracking_uri)
+        print(message)
+    return 0
+
+
+def _problem(path: str, message: str):
+    from registry import Problem
+
+    return Problem(path, message)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from vlframe.datasets import SampleError
+
+    trained = _load(args)
+    config = _generation_config(args)
+    for path in args.images:
+        try:
+            images = trained.load_images([path])
+        except SampleError as err:
+            raise ConfigError([_problem("", str(err))]) from None
+        captions = trained.caption(images, config)[0]
+        if args.json:
+            print(json.dumps({"image": str(path), "captions": captions}))
+        else:
+            for text in captions:
+                print(f"{path}: {text}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from vlframe import evaluation
+
+    trained = _load(args)
+    tensors, listing = {}, {}
+    if args.images:
+        names = [str(p) for p in args.images]
+        tensors["image_embeds"] = torch.cat([trained.embed_images(trained.load_images(args.images[i : i + args.batch_size]))
+                                             for i in range(0, len(names), args.batch_size)])
+        listing["images"] = names
+    elif args.texts:
+        texts = [t for t in args.texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+        tensors["text_embeds"] = trained.embed_texts(texts, batch_size=args.batch_size)
+        listing["texts"] = texts
+    else:
+        dataset = evaluation.build_dataset(trained, args.data)
+        images, texts, owners, keys, captions = evaluation.embed_dataset(trained, dataset, limit=args.limit,
+                                                                         batch_size=args.batch_size)
+        tensors.update(image_embeds=images, text_embeds=texts, text_image=owners)
+        listing.update(images=keys, texts=captions)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(args.out),
+              metadata={"checkpoint": str(trained.checkpoint), "normalized": "true"})
+    sidecar = args.out.with_suffix(".json")
+    sidecar.write_text(json.dumps(listing, indent=1), encoding="utf-8")
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+    print(f"wrote {shapes} to {args.out} (order in {sidecar})")
+    return 0
+
+
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
     from vlframe.tracking import sync
 
@@ -231,6 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VlframeError as exc:
         for line in exc.lines():
             print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        if args.command not in ("eval", "caption", "embed", "data"):
+            raise
+        # Downstream commands: a dataset or file that does not suit the task (the message names it).
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

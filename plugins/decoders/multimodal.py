@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry import ComponentSpec, hookimpl
-from vlframe.nn import Block, init_weights
+from vlframe.nn import Block, KVCache, init_weights
 from vlframe.nn.config import TransformerConfig
 
 
@@ -39,10 +39,13 @@ class MultimodalDecoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.apply(init_weights)
 
-    def forward(self, states: Tensor, mask: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+    def forward(self, states: Tensor, mask: Tensor | None, context: Tensor | None,
+                context_mask: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
+        """``cache``: incremental decoding (``states`` are the new positions; ``context`` may be
+        None once the first call has projected it)."""
         x = self.proj_in(states)
         for block in self.blocks:
-            x = block(x, mask, context, context_mask)
+            x = block(x, mask, context, context_mask, cache=cache)
         return self.norm(x)
 
 

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry import ComponentSpec, hookimpl
-from vlframe.nn import Block, init_weights
+from vlframe.nn import Block, KVCache, init_weights
 from vlframe.nn.config import TransformerConfig
 
 
@@ -46,11 +46,24 @@ class TextDecoder(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, tokens: Tensor, mask: Tensor | None, *, embed: bool = True,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """Token states ``(B, L, width)`` and the text embedding (None without one, or ``embed=False``).
+
+        Generation passes ``embed=False`` (no CLS token: the causal mask keeps it from changing the
+        token states anyway) and a ``cache``: ``tokens`` are then the new positions only.
+        """
         b, length = tokens.shape
-        if length > self.context_length:
-            raise ValueError(f"text of {length} tokens exceeds context_length {self.context_length}")
-        x = self.token_embedding(tokens) + self.pos_embed[:length]
+        start = cache.offset if cache is not None else 0
+        if start + length > self.context_length:
+            raise ValueError(f"text of {start + length} tokens exceeds context_length {self.context_length}")
+        x = self.token_embedding(tokens) + self.pos_embed[start : start + length]
+        if cache is not None or not embed or self.mode is None:
+            for block in self.blocks:
+                x = block(x, mask, cache=cache)
+            return x, None
+        if mask is None:
+            mask = torch.ones(b, length, dtype=torch.bool, device=tokens.device)
         if self.cls_token is not None:
             x = torch.cat([x, self.cls_token.expand(b, 1, -1)], dim=1)
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from registry import Catalog, ComponentConfig, ComponentSpec, Kind, component, hookimpl, raise_problems
-from vlframe.nn import ModelOutput, set_attention_backend
+from vlframe.nn import KVCache, ModelOutput, set_attention_backend
 from vlframe.nn.attention import check_backend
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -193,6 +193,39 @@ class CoCa(nn.Module):
         _, pooled = self.text_decoder(text, self._text_mask(text, text_mask))
         embed = self.text_projection(pooled)
         return F.normalize(embed, dim=-1) if normalize else embed
+
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """The image encoder's output tokens ``(B, N, width)``: the frozen features of probes."""
+        return self.image_encoder(images)
+
+    # -- captioning and multimodal understanding ------------------------------------------
+
+    def caption_context(self, images: Tensor) -> Tensor:
+        """The pooled image tokens the multimodal decoder attends to; computed once per caption."""
+        self._require("multimodal_decoder", "captioning")
+        context, _ = self._image_side(images, embeds=False)
+        return context
+
+    def caption_logits(self, tokens: Tensor, context: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Next-token logits ``(B, L, vocabulary)`` after each of ``tokens`` ``(B, L)``.
+
+        With a ``cache`` the tokens are the positions after those already decoded (the first call
+        passes the prompt, each later one the newest token), and the cache advances past them.
+        """
+        self._require("multimodal_decoder", "captioning")
+        states, _ = self.text_decoder(tokens, None, embed=False, cache=cache)
+        logits = self.lm_head(self.multimodal_decoder(states, None, context, cache=cache))
+        if cache is not None:
+            cache.offset += tokens.shape[1]
+        return logits
+
+    def multimodal_states(self, images: Tensor, text: Tensor, text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The multimodal decoder's states ``(B, L, width)`` for (image, text) pairs, and the text mask:
+        the input of multimodal-understanding heads (does this caption fit, VQA-style answers)."""
+        self._require("multimodal_decoder", "multimodal_states")
+        mask = self._text_mask(text, text_mask)
+        states, _ = self.text_decoder(text, mask, embed=False)
+        return self.multimodal_decoder(states, mask, self.caption_context(images)), mask
 
     # -- training forward ------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlframe.nn.cache import KVCache
 from vlframe.nn.recompute import norm_linear
 
 #: ``fn(q, k, v, key_mask, causal) -> out`` with q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``.
@@ -149,12 +150,16 @@ class Attention(nn.Module):
         *,
         norm: nn.LayerNorm | None = None,
         context_norm: nn.LayerNorm | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Attend from ``x`` ``(B, L, dim)`` to ``context`` (cross) or to ``x`` itself (self).
 
         ``key_mask`` ``(B, S)`` marks the real keys; ``None`` means all keys are real.
         ``norm``/``context_norm`` are pre-norms applied here, fused into the projections so that
         the normalised tensors are recomputed in backward rather than stored.
+        With a ``cache`` (generation), self-attention appends this call's keys/values to the
+        earlier ones (``key_mask`` then covers all keys) and cross-attention projects the
+        context once; later calls may pass ``context=None``.
         """
         def project(t: Tensor, t_norm: nn.LayerNorm | None, linear: nn.Linear) -> Tensor:
             return norm_linear(t, t_norm, linear) if t_norm is not None else linear(t)
@@ -162,14 +167,23 @@ class Attention(nn.Module):
         b, lq, _ = x.shape
         h, d = self.heads, self.dim // self.heads
         if self.is_cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context")
             q = project(x, norm, self.q_proj).view(b, lq, h, d).transpose(1, 2)
-            kv = project(context, context_norm, self.kv_proj)
-            k, v = kv.view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+            cached = cache.cross(self) if cache is not None else None
+            if cached is not None:
+                k, v = cached
+            elif context is None:
+                raise ValueError("cross-attention needs a context")
+            else:
+                kv = project(context, context_norm, self.kv_proj)
+                k, v = kv.view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+                if cache is not None:
+                    cache.set_cross(self, k, v)
         else:
             q, k, v = project(x, norm, self.qkv_proj).view(b, lq, 3, h, d).permute(2, 0, 3, 1, 4)
-        out = BACKENDS[self._backend](q, k, v, key_mask, self.causal)
+            if cache is not None:
+                k, v = cache.extend(self, k, v)
+        # A single query is the newest position: causality hides nothing from it.
+        out = BACKENDS[self._backend](q, k, v, key_mask, self.causal and lq > 1)
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, self.dim))
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from vlframe.nn.attention import Attention
+from vlframe.nn.cache import KVCache
 from vlframe.nn.recompute import norm_linear, recomputed_linear
 
 
@@ -69,11 +70,13 @@ class Block(nn.Module):
         mask: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         # Each LayerNorm is handed to the projection after it, which recomputes it in backward.
-        x = x + self.attn(x, key_mask=mask, norm=self.norm1)
+        x = x + self.attn(x, key_mask=mask, norm=self.norm1, cache=cache)
         if self.cross is not None:
-            x = x + self.cross(x, context, key_mask=context_mask, norm=self.norm_cross, context_norm=self.norm_context)
+            x = x + self.cross(x, context, key_mask=context_mask, norm=self.norm_cross, context_norm=self.norm_context,
+                               cache=cache)
         return x + self.mlp(x, norm=self.norm2)
 
 

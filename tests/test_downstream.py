@@ -1,0 +1,221 @@
+"""Downstream tasks on a really trained coca_tiny: captions, retrieval, zero-shot, probes, matching.
+
+The module trains the README's main job (`vlframe train configs/coca_tiny.yaml`, 300 steps on the
+built-in synthetic scenes, about a minute and a half) once, tracked in an MLflow store of its
+own, and every test reads that run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import CONFIGS, run_cli
+from plugins.datasets.synthetic import COLORS, SIZES, SyntheticConfig, SyntheticScenes
+from vlframe import evaluation
+from vlframe.metrics import retrieval_recall
+from vlframe.pretrained import LoadError, load_trained
+from vlframe.probes import ProbeConfig, evaluate_probe
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("downstream")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    result = run_cli("train", str(CONFIGS / "coca_tiny.yaml"), "--run-dir", str(root / "tiny"),
+                     "--set", f"tracking.uri={uri}", "--set", f"train.output_dir={root}")
+    assert result.code == 0, result.err[-2000:]
+    run_id = json.loads((root / "tiny" / "tracking" / "run.json").read_text())["run_id"]
+    return {"dir": root / "tiny", "uri": uri, "run_id": run_id, "root": root}
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    return load_trained(run["dir"], precision="auto")
+
+
+def _single_object_scenes(count: int) -> list:
+    scenes = SyntheticScenes(SyntheticConfig(type="synthetic", val_size=count, max_objects=1, seed=7), split="val")
+    return [scenes[i] for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    """An ImageFolder of single-shape scenes, one class per colour."""
+    root = tmp_path_factory.mktemp("colours")
+    for i, sample in enumerate(_single_object_scenes(210)):
+        colour = sample.meta["objects"][0]["color"]
+        (root / colour).mkdir(exist_ok=True)
+        sample.image.save(root / colour / f"{i:04d}.png")
+    (root / "classes.json").write_text(json.dumps({c: c for c in COLORS}))
+    return root
+
+
+def test_retrieval_recall_on_constructed_embeddings() -> None:
+    # 3 images, 2 captions each; caption j belongs to image j // 2. For image 1 the captions of
+    # image 2 score higher (0.3, 0.25) than its own best (0.2): its first hit is at rank 3.
+    # Caption 3 scores higher with image 0 (0.3) than with its own image 1 (0.1): rank 2.
+    images = torch.eye(4)[:3]
+    texts = torch.tensor([[1.0, 0, 0, 0], [0.9, 0, 0, 0.1], [0, 0.2, 0, 0], [0.3, 0.1, 0, 0],
+                          [0, 0.3, 1.0, 0], [0, 0.25, 0.8, 0]])
+    owners = torch.tensor([0, 0, 1, 1, 2, 2])
+    got = retrieval_recall(images, texts, owners, ks=(1, 2, 3))
+    assert got["i2t_r1"] == got["i2t_r2"] == pytest.approx(100 * 2 / 3) and got["i2t_r3"] == 100.0
+    assert got["t2i_r1"] == pytest.approx(100 * 5 / 6) and got["t2i_r2"] == got["t2i_r3"] == 100.0
+
+
+def test_trained_model_captions_synthetic_images_with_the_right_attributes(trained) -> None:
+    scenes = _single_object_scenes(96)
+    captions = trained.caption(trained.load_images([s.image for s in scenes]))
+    right = {"color": 0, "size": 0}
+    for sample, (text,) in zip(scenes, captions):
+        words = re.findall(r"[a-z]+", text)
+        truth = sample.meta["objects"][0]
+        for attribute, vocabulary in (("color", COLORS), ("size", SIZES)):
+            said = [w for w in words if w in vocabulary]
+            right[attribute] += bool(said) and said[0] == truth[attribute]
+    # Chance: 1 in 7 colours, 1 in 2 sizes.
+    assert right["color"] / len(scenes) > 0.6, captions[:5]
+    assert right["size"] / len(scenes) > 0.7, captions[:5]
+
+
+def test_eval_caption_logs_metrics_and_a_table_to_the_training_run(run) -> None:
+    out = run["root"] / "eval-caption"
+    result = run_cli("eval", str(run["dir"]), "--task", "caption", "--limit", "24", "--out", str(out),
+                     "--strategy", "beam", "--num-beams", "2")
+    assert result.code == 0, result.err[-2000:]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["metrics"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
+    assert saved["info"]["images"] == 24 and "spice" in saved["info"]["unavailable"]
+    page = (out / "captions.html").read_text()
+    assert page.count("<img") == 24
+    client = MlflowClient(tracking_uri=run["uri"])
+    logged = client.get_run(run["run_id"]).data.metrics
+    for name, value in saved["metrics"].items():
+        assert logged[f"eval/caption/{name}"] == pytest.approx(value)
+    artifacts = {Path(a.path).name for a in client.list_artifacts(run["run_id"], "eval/caption")}
+    assert {"captions.html", "captions.jsonl", "metrics.json"} <= artifacts
+    assert f"logged to MLflow run {run['run_id']}" in result.out
+
+
+def test_eval_retrieval_cli_equals_the_python_call(run, trained) -> None:
+    result = run_cli("eval", str(run["dir"]), "--task", "retrieval", "--limit", "64", "--no-track",
+                     "--out", str(run["root"] / "eval-retrieval"))
+    assert result.code == 0, result.err[-2000:]
+    cli_metrics = json.loads((run["root"] / "eval-retrieval" / "metrics.json").read_text())["metrics"]
+    direct = evaluation.evaluate_retrieval(trained, evaluation.build_dataset(trained, None), limit=64)
+    assert direct.info == {"images": 64, "captions": 192, "skipped": 0}
+    for name, value in direct.metrics.items():
+        assert cli_metrics[name] == pytest.approx(value, abs=1e-6)
+    assert direct.metrics["i2t_r10"] > 30  # chance: 10 of 64 images, about 16%
+
+
+def test_zero_shot_names_colours_well_above_chance(trained, colour_folder) -> None:
+    dataset = evaluation.build_dataset(trained, str(colour_folder))
+    result = evaluation.evaluate_zeroshot(trained, dataset, templates=["a {} shape.", "a small {} circle.",
+                                                                      "a large {} square in the center."])
+    assert result.info["classes"] == 7 and result.info["images"] == 210
+    assert result.metrics["top1"] > 50  # chance: 14%
+    assert result.metrics["top5"] >= result.metrics["top1"]
+
+
+@pytest.mark.parametrize("head", ["linear", "attentional"])
+def test_frozen_probes_learn_colours(trained, colour_folder, head, tmp_path) -> None:
+    dataset = evaluation.build_dataset(trained, str(colour_folder))
+    before = {k: v.clone() for k, v in trained.model.image_encoder.state_dict().items()}
+    result = evaluate_probe(trained, dataset, cfg=ProbeConfig(head=head, steps=150), out_dir=tmp_path)
+    assert result.metrics["top1"] > 60, result  # chance: 14%
+    assert result.info["train_images"] + result.info["test_images"] == 210
+    assert (tmp_path / "probe_head.safetensors").is_file()
+    after = trained.model.image_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fine_tuning_probe_trains_a_copy_of_the_encoder(trained, colour_folder) -> None:
+    dataset = evaluation.build_dataset(trained, str(colour_folder))
+    before = {k: v.clone() for k, v in trained.model.image_encoder.state_dict().items()}
+    result = evaluate_probe(trained, dataset, cfg=ProbeConfig(finetune=True, steps=20, batch_size=32, lr=3e-3))
+    assert result.info["finetune"] and result.info["last_loss"] < result.info["first_loss"]
+    assert result.metrics["top1"] > 30  # 20 steps; chance 14%
+    after = trained.model.image_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the loaded model is untouched
+
+
+def test_multimodal_understanding_head_tells_matching_captions(run, tmp_path) -> None:
+    for split, limit in (("train", "300"), ("val", "120")):
+        made = run_cli("data", "match-pairs", str(CONFIGS / "coca_tiny.yaml"), "--split", split, "--limit", limit,
+                       "--out", str(tmp_path / split))
+        assert made.code == 0, made.err[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "val" / "pairs.jsonl").read_text().splitlines()]
+    assert {r["label"] for r in rows} == {"yes", "no"} and (tmp_path / "val" / rows[0]["image"]).is_file()
+    out = tmp_path / "result"
+    result = run_cli("eval", str(run["dir"]), "--task", "understanding", "--train-data",
+                     str(tmp_path / "train" / "pairs.jsonl"), "--data", str(tmp_path / "val" / "pairs.jsonl"),
+                     "--steps", "200", "--out", str(out), "--no-track")
+    assert result.code == 0, result.err[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy"] > 70 and metrics["majority_baseline"] < 60, metrics
+
+
+def test_caption_and_embed_commands(run, trained, tmp_path) -> None:
+    scenes = _single_object_scenes(3)
+    paths = []
+    for i, sample in enumerate(scenes):
+        paths.append(tmp_path / f"scene{i}.png")
+        sample.image.save(paths[-1])
+    result = run_cli("caption", str(run["dir"]), *map(str, paths), "--json", "-n", "2", "--strategy", "beam")
+    assert result.code == 0, result.err[-2000:]
+    lines = [json.loads(line) for line in result.out.splitlines()]
+    assert [line["image"] for line in lines] == list(map(str, paths))
+    assert all(len(line["captions"]) == 2 and all(line["captions"]) for line in lines)
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a small red circle at the top.\na large blue square in the center.\n")
+    for flag, values in (("--images", list(map(str, paths))), ("--texts", [str(texts)])):
+        out = tmp_path / f"{flag[2:]}.safetensors"
+        result = run_cli("embed", str(run["dir"]), flag, *values, "--out", str(out))
+        assert result.code == 0, result.err[-2000:]
+        tensors = load_file(str(out))
+        (name, embeds), = tensors.items()
+        assert embeds.shape == (len(values) if flag == "--images" else 2, 256)
+        torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(len(embeds)))
+    listed = json.loads((tmp_path / "texts.json").read_text())
+    direct = trained.embed_texts(listed["texts"])
+    torch.testing.assert_close(load_file(str(tmp_path / "texts.safetensors"))["text_embeds"], direct, atol=1e-5, rtol=0)
+
+
+def test_load_by_mlflow_run_id_from_the_run_folder_or_the_logged_checkpoint(run, tmp_path, monkeypatch) -> None:
+    by_id = load_trained(run["run_id"], tracking_uri=run["uri"])
+    assert by_id.checkpoint.resolve() == (run["dir"] / "checkpoints" / "step_000300").resolve()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    moved = run["root"] / "moved-away"
+    shutil.move(run["dir"], moved)  # the run folder is gone: the logged artifact is downloaded
+    try:
+        remote = load_trained(run["run_id"], tracking_uri=run["uri"])
+        assert tmp_path / "cache" in remote.checkpoint.parents
+        for a, b in zip(remote.model.state_dict().values(), by_id.model.state_dict().values()):
+            assert torch.equal(a, b)
+    finally:
+        shutil.move(moved, run["dir"])
+    with pytest.raises(LoadError, match="not found at"):
+        load_trained("0" * 32, tracking_uri=run["uri"])
+
+
+def test_downstream_errors_name_what_is_wrong(run, tmp_path) -> None:
+    result = run_cli("eval", str(tmp_path / "nowhere"), "--task", "caption")
+    assert result.code == 2 and "neither a run folder, a checkpoint folder nor an MLflow run id" in result.err
+    result = run_cli("eval", str(run["dir"]), "--task", "zeroshot", "--no-track")
+    assert result.code == 2 and "zero-shot needs a dataset with class names" in result.err
+    result = run_cli("eval", str(run["dir"]), "--task", "understanding")
+    assert result.code == 2 and "understanding needs --train-data" in result.err
+    result = run_cli("caption", str(run["dir"]), str(tmp_path / "missing.png"))
+    assert result.code == 2 and "missing.png: file not found" in result.err
+    result = run_cli("caption", str(run["dir"]), str(CONFIGS / "coca_tiny.yaml"), "--top-p", "2")
+    assert result.code == 2 and "--top-p" in result.err

@@ -1,0 +1,171 @@
+"""Caption generation: the cache changes nothing, and each decoding rule does what it says.
+
+Two kinds of model: coca_tiny itself (random weights, its LM head sharpened so that the choices
+are not near-ties), for cache equivalence; and a scripted captioner whose next-token scores are
+a fixed function of the prefix, for rules whose right answer must be known exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from registry import Registry
+from vlframe import build_model
+from vlframe.generation import GenerationConfig, generate
+from vlframe.nn import KVCache
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BOS, EOS, PAD = 1, 2, 0
+
+
+@pytest.fixture(scope="module")
+def tiny(registry: Registry):
+    torch.manual_seed(0)
+    model = build_model(CONFIGS / "coca_tiny.yaml", registry=registry).eval()
+    with torch.no_grad():
+        model.lm_head.proj.weight.mul_(30.0)  # sharp, varied next-token distributions
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("settings", [
+    {"strategy": "greedy"},
+    {"strategy": "beam", "num_beams": 3, "num_return_sequences": 2},
+    {"strategy": "sample", "top_k": 40, "top_p": 0.9, "temperature": 0.8, "repetition_penalty": 1.3,
+     "num_return_sequences": 2, "seed": 3},
+], ids=lambda s: s["strategy"])
+def test_cached_generation_yields_exactly_the_tokens_of_uncached(tiny, images, settings) -> None:
+    cached = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, **settings)
+    plain = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, use_cache=False, **settings)
+    assert torch.equal(cached.tokens, plain.tokens)
+    torch.testing.assert_close(cached.scores, plain.scores, atol=1e-4, rtol=1e-4)
+    n = settings.get("num_return_sequences", 1)
+    assert cached.tokens.shape[:2] == (3, n)
+
+
+def test_cached_logits_equal_full_prefix_logits_for_a_longer_prompt(tiny, images) -> None:
+    prompt = torch.tensor([[BOS, 17, 33, 90, 5]] * 3)
+    with torch.no_grad():
+        context = tiny.caption_context(images)
+        full = tiny.caption_logits(prompt, context)
+        cache = KVCache()
+        first = tiny.caption_logits(prompt[:, :3], context, cache)  # a prompt of several tokens at once
+        rest = [tiny.caption_logits(prompt[:, i : i + 1], context, cache) for i in (3, 4)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-4, rtol=1e-4)
+    assert cache.offset == 5
+
+
+def test_beam_width_one_equals_greedy(tiny, images) -> None:
+    greedy = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=15)
+    beam = generate(tiny, images, strategy="beam", num_beams=1, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=15)
+    assert torch.equal(greedy.tokens, beam.tokens)
+
+
+def test_fixed_length_and_sampling_limits_on_the_real_model(tiny, images) -> None:
+    out = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, min_length=9, max_length=9)
+    assert out.tokens.shape[-1] == 9 and not (out.tokens[..., :8] == EOS).any()
+    greedy = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=10)
+    top1 = generate(tiny, images, strategy="sample", top_k=1, seed=0, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=10)
+    nucleus = generate(tiny, images, strategy="sample", top_p=1e-6, seed=0, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                       max_length=10)
+    assert torch.equal(top1.tokens, greedy.tokens) and torch.equal(nucleus.tokens, greedy.tokens)
+    default = generate(tiny, images[:1], bos_id=BOS, eos_id=EOS, pad_id=PAD, min_length=32)
+    assert default.tokens.shape[-1] == 32  # by default the whole context (32) may be generated
+    with pytest.raises(ValueError, match="exceeds the model's context_length 32"):
+        generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=40)
+
+
+class Scripted:
+    """A captioner whose log-probabilities come from ``table[last token]`` (a ``(V, V)`` tensor)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table.log_softmax(dim=-1)
+
+    def caption_context(self, images: torch.Tensor) -> torch.Tensor:
+        return images.new_zeros(images.shape[0], 1, 1)
+
+    def caption_logits(self, tokens, context, cache=None):
+        if cache is not None:
+            cache.offset += tokens.shape[1]
+        return self.table[tokens]
+
+
+def _table(vocab: int, prefer: dict[int, dict[int, float]]) -> torch.Tensor:
+    table = torch.full((vocab, vocab), -9.0)
+    for last, choices in prefer.items():
+        for token, p in choices.items():
+            table[last, token] = torch.tensor(p).log()
+    return table
+
+
+def test_eos_ends_a_caption_and_padding_follows() -> None:
+    model = Scripted(_table(6, {BOS: {3: 0.9}, 3: {EOS: 0.9}, EOS: {4: 0.9}, 4: {4: 0.9}}))
+    out = generate(model, torch.zeros(2, 3, 4, 4), bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=6)
+    assert out.tokens[:, 0].tolist() == [[3, EOS], [3, EOS]]  # stops at EOS; nothing after
+
+
+def test_min_length_holds_eos_back_and_max_length_cuts() -> None:
+    eager_to_end = Scripted(_table(6, {BOS: {EOS: 0.9, 3: 0.05}, 3: {EOS: 0.9, 4: 0.05}, 4: {EOS: 0.9, 3: 0.05}}))
+    for strategy in ("greedy", "beam", "sample"):
+        extra = {"seed": 0} if strategy == "sample" else {}
+        out = generate(eager_to_end, torch.zeros(1, 3, 4, 4), strategy=strategy, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                       min_length=4, max_length=8, **extra)
+        row = out.tokens[0, 0].tolist()
+        assert row.index(EOS) == 4, (strategy, row)  # four tokens, then EOS at once
+    never_ends = Scripted(_table(6, {BOS: {3: 0.9}, 3: {4: 0.9}, 4: {3: 0.9}}))
+    out = generate(never_ends, torch.zeros(1, 3, 4, 4), bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=5)
+    assert out.tokens[0, 0].tolist() == [3, 4, 3, 4, 3]
+
+
+def test_beam_search_finds_the_likelier_caption_that_greedy_misses() -> None:
+    # Greedy takes 3 (0.6) and is then stuck with 0.3 at best; 4 (0.4) leads to 0.95: 0.38 > 0.18.
+    model = Scripted(_table(8, {BOS: {3: 0.6, 4: 0.4}, 3: {5: 0.3, 6: 0.3, 7: 0.3}, 4: {5: 0.95},
+                                5: {EOS: 0.99}, 6: {EOS: 0.99}, 7: {EOS: 0.99}}))
+    images = torch.zeros(1, 3, 4, 4)
+    greedy = generate(model, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=5)
+    beam = generate(model, images, strategy="beam", num_beams=2, num_return_sequences=2, bos_id=BOS, eos_id=EOS,
+                    pad_id=PAD, max_length=5, length_penalty=0.0)
+    assert greedy.tokens[0, 0].tolist()[:2] == [3, 5]
+    assert beam.tokens[0, 0].tolist() == [4, 5, EOS]
+    assert beam.scores[0, 0] > beam.scores[0, 1]  # n-best, best first
+    # Scores are log-probabilities once the banned tokens (PAD, BOS) are ruled out; length_penalty
+    # 0 leaves their plain sum.
+    allowed = model.table.index_fill(1, torch.tensor([PAD, BOS]), float("-inf")).log_softmax(dim=-1)
+    torch.testing.assert_close(beam.scores[0, 0], allowed[BOS, 4] + allowed[4, 5] + allowed[5, EOS])
+
+
+def test_repetition_penalty_discourages_repeats() -> None:
+    model = Scripted(_table(8, {BOS: {3: 0.5, 4: 0.3}, 3: {3: 0.5, 4: 0.3, 5: 0.1}, 4: {3: 0.5, 4: 0.3, 5: 0.1},
+                                5: {3: 0.5, 4: 0.3, 5: 0.1}}))
+    images = torch.zeros(1, 3, 4, 4)
+    plain = generate(model, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=4).tokens[0, 0].tolist()
+    penalised = generate(model, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=4,
+                         repetition_penalty=3.0).tokens[0, 0].tolist()
+    assert plain == [3, 3, 3, 3]
+    assert len(set(penalised)) > 1 and penalised[0] == 3
+
+
+def test_banned_tokens_are_never_generated() -> None:
+    model = Scripted(_table(6, {BOS: {PAD: 0.5, BOS: 0.3, 3: 0.1}, 3: {EOS: 0.9}}))
+    out = generate(model, torch.zeros(1, 3, 4, 4), bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=4)
+    assert out.tokens[0, 0].tolist() == [3, EOS]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"strategy": "greedy", "num_return_sequences": 2}, "greedy decoding returns one caption"),
+    ({"strategy": "beam", "num_beams": 2, "num_return_sequences": 3}, "num_return_sequences 3 exceeds num_beams 2"),
+    ({"min_length": 9, "max_length": 4}, "min_length 9 exceeds max_length 4"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"strategy": "nucleus"}, "strategy"),
+])
+def test_generation_settings_are_validated(settings, message) -> None:
+    with pytest.raises(ValidationError, match=message):
+        GenerationConfig(**settings)

@@ -19,7 +19,11 @@ from safetensors.torch import load_file
 
 from conftest import CONFIGS, run_cli
 from plugins.datasets.synthetic import COLORS, SIZES, SyntheticConfig, SyntheticScenes
-from vlframe import evaluation
+from registry import ConfigError
+from training_configs import TINY, micro
+from vlframe import configfile, evaluation
+from vlframe.generation import generate
+from vlframe.trainer import Trainer
 from vlframe.metrics import retrieval_recall
 from vlframe.pretrained import LoadError, load_trained
 from vlframe.probes import ProbeConfig, evaluate_probe
@@ -86,6 +90,22 @@ def test_trained_model_captions_synthetic_images_with_the_right_attributes(train
     assert right["size"] / len(scenes) > 0.7, captions[:5]
 
 
+@pytest.mark.parametrize("settings", [{"strategy": "greedy"}, {"strategy": "beam", "num_beams": 3,
+                                      "num_return_sequences": 3, "length_penalty": 0.7},
+                                      {"strategy": "sample", "top_p": 0.9, "seed": 0, "num_return_sequences": 2}],
+                         ids=lambda s: s["strategy"])
+def test_cached_and_uncached_captions_agree_on_the_trained_model(trained, settings) -> None:
+    # Trained captions end (EOS) at different steps, unlike a random model's: padding, finished
+    # beams and the cache reordering after them are all exercised here.
+    images = trained.load_images([s.image for s in _single_object_scenes(6)])
+    ids = {"bos_id": 1, "eos_id": 2, "pad_id": 0}
+    cached = generate(trained.model, images, **ids, **settings)
+    plain = generate(trained.model, images, use_cache=False, **ids, **settings)
+    assert torch.equal(cached.tokens, plain.tokens)
+    ended = (cached.tokens == 2).any(dim=-1)
+    assert ended.all() and (cached.tokens == 0).any()  # every caption ended, some earlier than others
+
+
 def test_eval_caption_logs_metrics_and_a_table_to_the_training_run(run) -> None:
     out = run["root"] / "eval-caption"
     result = run_cli("eval", str(run["dir"]), "--task", "caption", "--limit", "24", "--out", str(out),
@@ -111,7 +131,8 @@ def test_eval_retrieval_cli_equals_the_python_call(run, trained) -> None:
     assert result.code == 0, result.err[-2000:]
     cli_metrics = json.loads((run["root"] / "eval-retrieval" / "metrics.json").read_text())["metrics"]
     direct = evaluation.evaluate_retrieval(trained, evaluation.build_dataset(trained, None), limit=64)
-    assert direct.info == {"images": 64, "captions": 192, "skipped": 0}
+    assert (direct.info["images"], direct.info["captions"], direct.info["skipped"]) == (64, 192, 0)
+    assert direct.info["data"].startswith("synthetic scenes: 256 val images")
     for name, value in direct.metrics.items():
         assert cli_metrics[name] == pytest.approx(value, abs=1e-6)
     assert direct.metrics["i2t_r10"] > 30  # chance: 10 of 64 images, about 16%
@@ -206,6 +227,39 @@ def test_load_by_mlflow_run_id_from_the_run_folder_or_the_logged_checkpoint(run,
         shutil.move(moved, run["dir"])
     with pytest.raises(LoadError, match="not found at"):
         load_trained("0" * 32, tracking_uri=run["uri"])
+
+
+def test_eval_by_run_id_without_the_run_folder_logs_to_the_same_store(run, tmp_path) -> None:
+    moved = run["root"] / "moved-for-eval"
+    shutil.move(run["dir"], moved)
+    try:
+        result = run_cli("eval", run["run_id"], "--tracking-uri", run["uri"], "--task", "retrieval", "--limit", "16",
+                         "--out", str(tmp_path / "out"), env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    finally:
+        shutil.move(moved, run["dir"])
+    assert result.code == 0, result.err[-2000:]
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    logged = MlflowClient(tracking_uri=run["uri"]).get_metric_history(run["run_id"], "eval/retrieval/i2t_r1")
+    assert logged[-1].value == pytest.approx(saved["i2t_r1"]) and logged[-1].step == 300
+
+
+def test_a_run_whose_data_is_gone_still_loads_and_asks_for_data(tmp_path) -> None:
+    scenes = _single_object_scenes(24)
+    (tmp_path / "data").mkdir()
+    with (tmp_path / "data" / "train.jsonl").open("w") as handle:
+        for i, sample in enumerate(scenes):
+            sample.image.save(tmp_path / "data" / f"{i}.png")
+            handle.write(json.dumps({"image": f"{i}.png", "captions": sample.captions}) + "\n")
+    overrides = micro(tmp_path, **{"data.train": {"type": "manifest", "path": str(tmp_path / "data" / "train.jsonl")},
+                                   "train.steps": 3, "train.checkpoint_every": None})
+    config, registry = configfile.load(TINY, overrides)
+    result = Trainer(config, registry, run_dir=tmp_path / "run").fit()
+    shutil.rmtree(tmp_path / "data")
+    trained = load_trained(result.checkpoint)
+    assert trained.step == 3 and any("train.jsonl" in m for m in trained.missing_files)
+    with pytest.raises(ConfigError, match="the run's data is not where its config says .*pass --data"):
+        evaluation.build_dataset(trained, None)
+    assert len(evaluation.build_dataset(trained, "synthetic")) > 0
 
 
 def test_downstream_errors_name_what_is_wrong(run, tmp_path) -> None:

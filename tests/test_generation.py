@@ -71,31 +71,38 @@ def test_beam_width_one_equals_greedy(tiny, images) -> None:
 
 def test_fixed_length_and_sampling_limits_on_the_real_model(tiny, images) -> None:
     out = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, min_length=9, max_length=9)
-    assert out.tokens.shape[-1] == 9 and not (out.tokens[..., :8] == EOS).any()
+    assert out.tokens.shape[-1] == 9 and not (out.tokens == EOS).any()  # exactly 9 tokens, never EOS
     greedy = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=10)
     top1 = generate(tiny, images, strategy="sample", top_k=1, seed=0, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=10)
     nucleus = generate(tiny, images, strategy="sample", top_p=1e-6, seed=0, bos_id=BOS, eos_id=EOS, pad_id=PAD,
                        max_length=10)
     assert torch.equal(top1.tokens, greedy.tokens) and torch.equal(nucleus.tokens, greedy.tokens)
-    default = generate(tiny, images[:1], bos_id=BOS, eos_id=EOS, pad_id=PAD, min_length=32)
-    assert default.tokens.shape[-1] == 32  # by default the whole context (32) may be generated
-    with pytest.raises(ValueError, match="exceeds the model's context_length 32"):
-        generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=40)
+    # Training predicts tokens 1..31 of a 32-token context: after BOS, at most 31 tokens by default.
+    default = generate(tiny, images[:1], bos_id=BOS, eos_id=EOS, pad_id=PAD, min_length=31)
+    assert default.tokens.shape[-1] == 31
+    for too_long in (32, 40):
+        with pytest.raises(ValueError, match="exceeds the model's context_length 32"):
+            generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=too_long)
 
 
 class Scripted:
-    """A captioner whose log-probabilities come from ``table[last token]`` (a ``(V, V)`` tensor)."""
+    """A captioner whose log-probabilities come from ``table[last token]`` (a ``(V, V)`` tensor).
 
-    def __init__(self, table: torch.Tensor) -> None:
-        self.table = table.log_softmax(dim=-1)
+    With several tables, image ``i`` uses the table its pixel value ``images[i, 0, 0, 0]`` names,
+    so different images can finish at different steps.
+    """
+
+    def __init__(self, *tables: torch.Tensor) -> None:
+        self.tables = torch.stack([t.log_softmax(dim=-1) for t in tables])
+        self.table = self.tables[0]
 
     def caption_context(self, images: torch.Tensor) -> torch.Tensor:
-        return images.new_zeros(images.shape[0], 1, 1)
+        return images[:, :1, :1, 0]  # (B, 1, 1): which table
 
     def caption_logits(self, tokens, context, cache=None):
         if cache is not None:
             cache.offset += tokens.shape[1]
-        return self.table[tokens]
+        return self.tables[context[:, 0, 0].long()[:, None], tokens]
 
 
 def _table(vocab: int, prefer: dict[int, dict[int, float]]) -> torch.Tensor:
@@ -107,9 +114,13 @@ def _table(vocab: int, prefer: dict[int, dict[int, float]]) -> torch.Tensor:
 
 
 def test_eos_ends_a_caption_and_padding_follows() -> None:
-    model = Scripted(_table(6, {BOS: {3: 0.9}, 3: {EOS: 0.9}, EOS: {4: 0.9}, 4: {4: 0.9}}))
-    out = generate(model, torch.zeros(2, 3, 4, 4), bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=6)
-    assert out.tokens[:, 0].tolist() == [[3, EOS], [3, EOS]]  # stops at EOS; nothing after
+    short = _table(6, {BOS: {3: 0.9}, 3: {EOS: 0.9}, EOS: {4: 0.9}, 4: {4: 0.9}})
+    longer = _table(6, {BOS: {3: 0.9}, 3: {4: 0.9}, 4: {5: 0.9}, 5: {EOS: 0.9}, EOS: {4: 0.9}})
+    images = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1, 1).expand(3, 3, 4, 4)  # tables 0, 1, 0
+    model = Scripted(short, longer)
+    for strategy in ("greedy", "beam"):
+        out = generate(model, images, strategy=strategy, num_beams=2, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=6)
+        assert out.tokens[:, 0].tolist() == [[3, EOS, PAD, PAD], [3, 4, 5, EOS], [3, EOS, PAD, PAD]], strategy
 
 
 def test_min_length_holds_eos_back_and_max_length_cuts() -> None:
@@ -123,6 +134,27 @@ def test_min_length_holds_eos_back_and_max_length_cuts() -> None:
     never_ends = Scripted(_table(6, {BOS: {3: 0.9}, 3: {4: 0.9}, 4: {3: 0.9}}))
     out = generate(never_ends, torch.zeros(1, 3, 4, 4), bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=5)
     assert out.tokens[0, 0].tolist() == [3, 4, 3, 4, 3]
+
+
+def test_length_penalty_decides_between_short_and_long_hypotheses() -> None:
+    # [EOS] at once: log 0.5 = -0.69. [3, 4, EOS]: log(0.45 * 0.9 * 0.9) = -1.01, or -0.34 per token.
+    # (The second live beam, 5 5 5 ..., never ends.)
+    model = Scripted(_table(6, {BOS: {EOS: 0.5, 3: 0.45, 5: 0.04}, 3: {4: 0.9}, 4: {EOS: 0.9}, 5: {5: 0.9}}))
+    images = torch.zeros(1, 3, 4, 4)
+    common = {"strategy": "beam", "num_beams": 2, "num_return_sequences": 2, "bos_id": BOS, "eos_id": EOS,
+              "pad_id": PAD, "max_length": 6}
+    plain = generate(model, images, length_penalty=0.0, **common)
+    per_token = generate(model, images, length_penalty=1.0, **common)
+    assert plain.tokens[0].tolist() == [[EOS, PAD, PAD], [3, 4, EOS]]
+    assert per_token.tokens[0].tolist() == [[3, 4, EOS], [EOS, PAD, PAD]]
+    torch.testing.assert_close(per_token.scores[0, 0] * 3, plain.scores[0, 1])
+
+
+def test_beam_search_stops_at_max_length_with_the_live_beams() -> None:
+    never_ends = Scripted(_table(6, {BOS: {3: 0.6, 4: 0.4}, 3: {4: 0.9}, 4: {3: 0.9}}))
+    out = generate(never_ends, torch.zeros(1, 3, 4, 4), strategy="beam", num_beams=2, num_return_sequences=2,
+                   bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=5, length_penalty=0.0)
+    assert out.tokens[0].tolist() == [[3, 4, 3, 4, 3], [4, 3, 4, 3, 4]]
 
 
 def test_beam_search_finds_the_likelier_caption_that_greedy_misses() -> None:

@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "'synthetic' (default: the run's validation split); understanding: the test JSONL")
     p.add_argument("--train-data", help="probe: a separate training set (default: split --data per class); "
                                         "understanding: the training JSONL (required)")
-    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--limit", type=int, help="use only N images: the first N, or for labelled (ImageFolder) data N "
+                                            "evenly spaced ones, so that every class is in")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--templates", type=Path, help="zeroshot: a file of prompt templates, one per line, with {}")
     p.add_argument("--head", choices=("linear", "attentional"), default="linear", help="probe head")

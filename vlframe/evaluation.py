@@ -68,6 +68,9 @@ def dataset_config(spec: str | Path | None, trained: Trained) -> Any:
             raise ConfigError(lines or [Problem("", str(exc), where)]) from None
 
     if spec is None:
+        if trained.missing_files:
+            raise ConfigError([Problem("data", f"the run's data is not where its config says ({trained.missing_files[0]}); "
+                                       "pass --data", str(trained.checkpoint / "config.yaml"))])
         block = (data.val or data.train) if data is not None else None
         if block is None:
             raise ConfigError([Problem("data", "the run's config names no dataset; pass --data")])
@@ -101,8 +104,16 @@ def dataset_config(spec: str | Path | None, trained: Trained) -> Any:
 
 
 def build_dataset(trained: Trained, spec: str | Path | None, split: str = "val") -> Any:
+    """The dataset ``spec`` names (see :func:`dataset_config`); the run's own data when None."""
     config = dataset_config(spec, trained)
+    data = trained.config.data
+    if spec is None and data is not None and data.val is None:
+        split = "train"  # the run had no validation split: say so in the result (see describe())
     return trained.registry.catalog.build(Kind.DATASET, config, path="--data", split=split)
+
+
+def describe(dataset: Any) -> str:
+    return dataset.describe() if hasattr(dataset, "describe") else type(dataset).__name__
 
 
 def iter_samples(dataset: Any, limit: int | None = None, skipped: list[str] | None = None) -> Iterator[Sample]:
@@ -207,7 +218,7 @@ def evaluate_captions(
     result = EvalResult(
         "caption",
         {name: 100.0 * value for name, value in scores.items()},
-        {"images": len(candidates), "skipped": len(skipped), "seconds": round(seconds, 2),
+        {"data": describe(dataset), "images": len(candidates), "skipped": len(skipped), "seconds": round(seconds, 2),
          "generation": generation.model_dump(), "unavailable": dict(UNAVAILABLE)},
     )
     if out_dir is not None:
@@ -244,14 +255,33 @@ def evaluate_retrieval(trained: Trained, dataset: Any, *, limit: int | None = No
     skipped: list[str] = []
     images, texts, owners, keys, _ = embed_dataset(trained, dataset, limit=limit, batch_size=batch_size, skipped=skipped)
     metrics = retrieval_recall(images, texts, owners.to(images.device))
-    return EvalResult("retrieval", metrics, {"images": len(keys), "captions": len(owners), "skipped": len(skipped)})
+    return EvalResult("retrieval", metrics, {"data": describe(dataset), "images": len(keys), "captions": len(owners),
+                                             "skipped": len(skipped)})
 
 
 # -- zero-shot classification ------------------------------------------------------------------
 
 
+class _Subset:
+    """Every ``stride``-th item of a map-style dataset: ImageFolder lists images class by class, so
+    a limit taken from the front would hold one or two classes; evenly spaced picks hold all."""
+
+    def __init__(self, dataset: Any, limit: int) -> None:
+        self.dataset, self.indices = dataset, [i * len(dataset) // limit for i in range(limit)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.dataset[self.indices[i]]
+
+
 def labelled_images(dataset: Any, *, limit: int | None = None) -> tuple[list[Sample], Tensor]:
-    """Samples that carry ``meta['label']`` and their labels (ImageFolder-style datasets)."""
+    """Samples that carry ``meta['label']`` and their labels (ImageFolder-style datasets).
+
+    ``limit`` takes that many evenly spaced images of a map-style dataset (all classes)."""
+    if limit is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and limit < len(dataset):
+        dataset, limit = _Subset(dataset, limit), None
     samples = list(iter_samples(dataset, limit))
     if not samples or "label" not in samples[0].meta:
         raise ValueError("this dataset has no class labels (use an ImageFolder folder: --data DIR)")
@@ -273,7 +303,8 @@ def evaluate_zeroshot(trained: Trained, dataset: Any, *, templates: Sequence[str
                         for batch in batched(iter(samples), batch_size)])
     accuracy = topk_accuracy(classify(embeds, classifier.to(embeds.device)), labels.to(embeds.device))
     return EvalResult("zeroshot", {k: 100.0 * v for k, v in accuracy.items()},
-                      {"images": len(samples), "classes": len(classes), "templates": len(templates)})
+                      {"data": describe(dataset), "images": len(samples), "classes": len(classes),
+                       "templates": len(templates)})
 
 
 # -- tracking ------------------------------------------------------------------------------------
@@ -304,7 +335,7 @@ def log_result(trained: Trained, result: EvalResult, *, tracking_uri: str | None
 
     uri = tracking_uri or trained.tracking_uri
     name = name or result.task
-    step = step if step is not None else int(trained.checkpoint.name.rsplit("_", 1)[-1] or 0)
+    step = step if step is not None else trained.step
     try:
         client = MlflowClient(tracking_uri=uri)
         run_id = trained.run_id

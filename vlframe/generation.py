@@ -27,13 +27,13 @@ class Captioner(Protocol):
 
 
 class GenerationConfig(ConfigModel):
-    """How captions are decoded. Lengths count generated tokens (EOS included), not the prompt."""
+    """How captions are decoded. Lengths count generated tokens, not the prompt."""
 
     strategy: Literal["greedy", "beam", "sample"] = "greedy"
     max_length: int | None = Field(
         None, gt=0, description="Most tokens generated after the prompt, EOS included; default: as many as the "
-        "model's context holds.")
-    min_length: int = Field(0, ge=0, description="EOS is forbidden until this many tokens are generated.")
+        "model was trained to predict (its context length less the prompt).")
+    min_length: int = Field(0, ge=0, description="Tokens a caption has at least before its EOS.")
     num_beams: int = Field(4, gt=0, description="beam: hypotheses kept at every step.")
     length_penalty: float = Field(
         1.0, description="beam: a finished hypothesis scores sum(log p) / length**length_penalty.")
@@ -84,7 +84,7 @@ class _Stepper:
         return logits[:, -1].float()
 
     def reorder(self, index: Tensor) -> None:
-        # Beams of one image share its context, so only the cached keys/values move.
+        # Beams of one image share its context, so the context itself stays; the cache moves.
         if self.cache is not None:
             self.cache.reorder(index)
 
@@ -220,11 +220,13 @@ def generate(
     if prompt.shape[0] != batch:
         raise ValueError(f"prompt has {prompt.shape[0]} rows for {batch} images")
     context_length = getattr(getattr(model, "config", None), "context_length", None)
-    if cfg.max_length is None:  # fill the context (the last token generated is never fed back)
-        cfg = cfg.model_copy(update={"max_length": max(1, context_length - prompt.shape[1] + 1) if context_length else 32})
+    # Training predicts tokens 1 .. context_length - 1 of a sequence: a prompt of P tokens leaves
+    # context_length - P tokens the model has learnt to predict, the EOS among them.
+    if cfg.max_length is None:
+        cfg = cfg.model_copy(update={"max_length": max(1, context_length - prompt.shape[1]) if context_length else 32})
         if cfg.min_length > cfg.max_length:
-            raise ValueError(f"min_length {cfg.min_length} exceeds the {cfg.max_length} tokens the context leaves")
-    if context_length is not None and prompt.shape[1] + cfg.max_length - 1 > context_length:
+            raise ValueError(f"min_length {cfg.min_length} exceeds the {cfg.max_length} tokens the context allows")
+    if context_length is not None and prompt.shape[1] + cfg.max_length > context_length:
         raise ValueError(f"a {prompt.shape[1]}-token prompt plus max_length {cfg.max_length} exceeds the "
                          f"model's context_length {context_length}")
     banned = tuple(banned_ids) if banned_ids is not None else tuple({pad_id, bos_id} - {eos_id})
@@ -235,7 +237,9 @@ def generate(
     n = cfg.num_return_sequences
     if cfg.strategy != "beam":
         tokens, scores = _greedy_or_sample(stepper, seqs, cfg, eos_id, pad_id, banned)
-        return Generated(tokens.view(batch, n, -1), scores.view(batch, n))
+        tokens, scores = tokens.view(batch, n, -1), scores.view(batch, n)
+        order = scores.argsort(dim=1, descending=True)  # several samples per image: best first
+        return Generated(tokens.gather(1, order[..., None].expand_as(tokens)), scores.gather(1, order))
     hypotheses = _beam(stepper, seqs, cfg, batch, eos_id, pad_id, banned)
     best = [sorted(h, key=lambda item: -item[0])[:n] for h in hypotheses]
     length = max(len(ids) for h in best for _, ids in h)
@@ -250,7 +254,13 @@ def generate(
 
 def caption(model: Captioner, tokenizer: Any, images: Tensor, config: GenerationConfig | None = None,
             **overrides: Any) -> list[list[str]]:
-    """Captions as text: ``num_return_sequences`` strings per image, best first."""
+    """Captions as text: ``num_return_sequences`` strings per image, best first.
+
+    The tokenizer's special tokens other than EOS (padding, BOS, unknown, CLS) are never
+    generated: decoding would drop them, so they would only use up length."""
+    specials = {getattr(tokenizer, name, None) for name in ("pad_id", "bos_id", "unk_id", "cls_id")}
+    banned = tuple(sorted(i for i in specials if i is not None and i != tokenizer.eos_id))
+    overrides.setdefault("banned_ids", banned)
     out = generate(model, images, config, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                    **overrides)
     return [[tokenizer.decode(row) for row in per_image] for per_image in out.tokens.tolist()]

@@ -47,6 +47,12 @@ class Trained:
     registry: Registry
     device: torch.device
     precision: str = "fp32"
+    step: int = 0
+    #: The MLflow store a run id was loaded from (evaluations are logged there too).
+    source_uri: str | None = None
+    #: Config entries that named files no longer there (the training data, a tokenizer or weights
+    #: file): the model does not need them, but "the run's validation split" is then unknown.
+    missing_files: tuple[str, ...] = ()
 
     @property
     def run_dir(self) -> Path:
@@ -56,6 +62,8 @@ class Trained:
     def tracking_uri(self) -> str:
         """Where the training run was tracked: as its run folder recorded it (``tracking/run.json``),
         else its configured URI, else the embedded store of its output folder."""
+        if self.source_uri:
+            return self.source_uri
         try:
             recorded = json.loads((self.run_dir / "tracking" / "run.json").read_text(encoding="utf-8"))["uri"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -108,12 +116,20 @@ class Trained:
             return caption(self.model, self.tokenizer, images, config, **overrides)
 
 
+def mlflow_uri(tracking_uri: str | None) -> str:
+    """The store to look a run id up in: the given URI, $MLFLOW_TRACKING_URI, or ./runs/mlflow.db."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+
+
 def _checkpoint_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
     """The run's checkpoint: its run folder when still on this machine, else its logged artifact."""
+    import shutil
+    import tempfile
+
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+    uri = mlflow_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         run = client.get_run(run_id)
@@ -127,10 +143,14 @@ def _checkpoint_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
     target = cache / "checkpoint"
     if checkpoint.find(target) is None:
         cache.mkdir(parents=True, exist_ok=True)
-        try:
-            client.download_artifacts(run_id, "checkpoint", str(cache))
-        except Exception as exc:  # noqa: BLE001 - any store failure means the same thing here
-            raise LoadError(f"MLflow run {run_id} at {uri} has no usable 'checkpoint' artifact ({exc})") from None
+        shutil.rmtree(target, ignore_errors=True)
+        # Into a temporary folder first: an interrupted download never looks like a checkpoint.
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            try:
+                client.download_artifacts(run_id, "checkpoint", tmp)
+            except Exception as exc:  # noqa: BLE001 - any store failure means the same thing here
+                raise LoadError(f"MLflow run {run_id} at {uri} has no usable 'checkpoint' artifact ({exc})") from None
+            os.replace(Path(tmp) / "checkpoint", target)
     found = checkpoint.find(target)
     if found is None:
         raise LoadError(f"MLflow run {run_id}: the downloaded 'checkpoint' artifact in {target} is incomplete")
@@ -173,20 +193,31 @@ def load_trained(
     config_file = ckpt / "config.yaml"
     if not config_file.is_file():
         raise LoadError(f"{ckpt}: no config.yaml (not a vlframe checkpoint?)")
+    missing: tuple[str, ...] = ()
     try:
         config, _ = configfile.load(config_file, (), registry)
     except ConfigError as err:
-        if not all(p.path.startswith(("data.train", "data.val")) for p in err.problems):
-            raise
-        # The training data has moved or is on another machine: the model does not need it.
-        config, _ = configfile.load(config_file, {"data.train": {"type": "synthetic"}, "data.val": None}, registry)
+        # Files the config names may have moved (or the run may come from another machine). The
+        # checkpoint holds the weights and the tokenizer, so only the data is really lost.
+        fixes: dict[str, Any] = {}
+        for problem in err.problems:
+            if problem.path.startswith(("data.train", "data.val")):
+                fixes.update({"data.train": {"type": "synthetic"}, "data.val": None})
+            elif problem.path == "tokenizer.path" or problem.path.endswith(".pretrained_path"):
+                fixes[problem.path] = None
+            else:
+                raise
+        config, _ = configfile.load(config_file, fixes, registry)
+        missing = tuple(sorted({str(p) for p in err.problems}))
     device = torch.device(device)
     model = build_model(config, registry=registry)
     state = checkpoint.load(ckpt, model)
     tokenizer = build_tokenizer(config, registry, path=ckpt / "tokenizer.model")
     model.to(device).eval()
+    from_mlflow = not Path(source).exists()
     return Trained(model, tokenizer, config, ckpt, state.get("run_id"), registry, device,
-                   resolve_precision(precision, device))
+                   resolve_precision(precision, device), step=int(state.get("step", 0)),
+                   source_uri=mlflow_uri(tracking_uri) if from_mlflow else None, missing_files=missing)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from registry import ConfigModel, Kind
 from vlframe.datasets import Sample, load_image
-from vlframe.evaluation import EvalResult, batched, iter_samples, labelled_images
+from vlframe.evaluation import EvalResult, batched, describe, iter_samples, labelled_images
 from vlframe.pretrained import Trained
 from vlframe.zeroshot import topk_accuracy
 
@@ -118,6 +118,9 @@ def evaluate_probe(trained: Trained, dataset: Any, *, train_dataset: Any = None,
     torch.manual_seed(cfg.seed)
     samples, labels = labelled_images(dataset, limit=limit)
     if train_dataset is not None:
+        if getattr(train_dataset, "classes", None) != getattr(dataset, "classes", None):
+            raise ValueError(f"the training set's classes ({describe(train_dataset)}) differ from the test set's "
+                             f"({describe(dataset)}): labels would not correspond")
         train_samples, train_labels = labelled_images(train_dataset, limit=limit)
         test_samples, test_labels = samples, labels
     else:
@@ -246,7 +249,8 @@ def evaluate_understanding(trained: Trained, train_file: Path, test_file: Path, 
     with torch.no_grad():
         accuracy = (head(test_x).argmax(-1) == test_y).float().mean().item()
         train_accuracy = (head(train_x).argmax(-1) == train_y).float().mean().item()
-    majority = max((test_y == i).float().mean().item() for i in range(len(labels)))
+    # The best constant answer a head could learn from the training rows alone.
+    majority = (test_y == torch.bincount(train_y, minlength=len(labels)).argmax()).float().mean().item()
     result = EvalResult("understanding", {"accuracy": 100.0 * accuracy, "train_accuracy": 100.0 * train_accuracy,
                                           "majority_baseline": 100.0 * majority},
                         {"labels": labels, "train_rows": len(train_rows), "test_rows": len(test_rows),
@@ -275,11 +279,13 @@ def write_match_pairs(dataset: Any, out_dir: Path, *, limit: int | None = None, 
     for i, sample in enumerate(samples):
         name = f"images/{i:06d}.png"
         sample.image.save(out_dir / name)
-        other = samples[(i + rng.randrange(1, len(samples))) % len(samples)]
-        own_caption, other_caption = rng.choice(sample.captions), rng.choice(other.captions)
-        lines.append({"image": name, "text": own_caption, "label": "yes", "source": sample.key})
-        if other_caption not in sample.captions:
-            lines.append({"image": name, "text": other_caption, "label": "no", "source": sample.key})
+        lines.append({"image": name, "text": rng.choice(sample.captions), "label": "yes", "source": sample.key})
+        for _ in range(20):  # a caption of another image, unless every try says the same as this one's
+            other = samples[(i + rng.randrange(1, len(samples))) % len(samples)]
+            other_caption = rng.choice(other.captions)
+            if other_caption not in sample.captions:
+                lines.append({"image": name, "text": other_caption, "label": "no", "source": sample.key})
+                break
     rng.shuffle(lines)
     path = out_dir / "pairs.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")

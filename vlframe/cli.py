@@ -171,6 +171,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("sweep", help="train and evaluate a sweep's variants, each an MLflow child run")
+    p.add_argument("file", type=Path, metavar="SWEEP.yaml")
+    p.add_argument("--steps", type=int, help="train every variant for this many steps (quick trials)")
+    p.add_argument("--only", nargs="+", default=[], metavar="VARIANT", help="run only these variants")
+    p.add_argument("--list", action="store_true", help="list the variants and their overrides; train nothing")
+    _add_set(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="a sweep's variants side by side, read back from MLflow")
+    p.add_argument("source", metavar="SWEEP_OR_PARENT_RUN", help="the sweep file, or its parent run's id")
+    p.add_argument("--tracking-uri", help="MLflow store (default: the sweep's, or $MLFLOW_TRACKING_URI)")
+    p.add_argument("--out", type=Path, help="folder for comparison.csv/.md/.png (default runs/sweeps/NAME/comparison)")
+    p.set_defaults(func=cmd_compare)
+
     tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = tracking.add_parser("sync", help="deliver a run's journaled metrics that never reached MLflow")
@@ -422,6 +436,33 @@ def cmd_embed(args: argparse.Namespace) -> int:
     sidecar.write_text(json.dumps(listing, indent=1), encoding="utf-8")
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
     print(f"wrote {shapes} to {args.out} (order in {sidecar})")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vlframe import sweep as sweeps
+
+    if args.list:
+        config = sweeps.load_sweep(args.file)
+        variants, _ = sweeps.build_variants(config, args.file, cli_sets=args.overrides, steps=args.steps,
+                                            only=args.only)
+        for v in variants:
+            state = f"error: {v.error}" if v.error else f"config {v.hash}"
+            print(f"{v.name}: {json.dumps(v.overrides)} ({state})")
+        return 0
+    parent, outcomes = sweeps.run_sweep(args.file, cli_sets=args.overrides, steps=args.steps, only=args.only)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
+    print(f"sweep done: {counts['finished']} finished, {counts['skipped']} skipped, {counts['failed']} failed "
+          f"(parent run {parent}); compare with: vlframe compare {args.file}")
+    return 1 if counts["failed"] else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vlframe.comparison import compare
+
+    parent, text, files = compare(args.source, tracking_uri=args.tracking_uri, out_dir=args.out)
+    print(text)
+    print(f"written: {', '.join(map(str, files))} (also artifacts of parent run {parent}, folder comparison/)")
     return 0
 
 

@@ -92,6 +92,7 @@ class TrackingConfig(ConfigModel):
     run_name: str | None = Field(None, description="Default: the run directory's name.")
     flush_every_s: float = Field(5.0, gt=0, description="How often buffered metrics are sent.")
     timeout_s: float = Field(5.0, gt=0, description="Per-request timeout; an unreachable server never stalls training.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the MLflow run (sweeps set their own).")
 
 
 VlframeConfig.model_rebuild()

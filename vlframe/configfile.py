@@ -280,9 +280,14 @@ __all__ = ["apply_overrides", "compose", "config_hash", "dump", "load", "merge",
 
 
 def config_hash(config: BaseModel) -> str:
-    """A short hash of a config's canonical JSON: equal configs, equal hashes."""
+    """A short hash of what a config trains: equal hashes, the same training.
+
+    Where a run is tracked and what it is called (``tracking``, ``description``) are left out:
+    they change no weight.
+    """
     import hashlib
     import json
 
-    canonical = json.dumps(dump(config), sort_keys=True, separators=(",", ":"))
+    data = {k: v for k, v in dump(config).items() if k not in ("tracking", "description")}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -46,6 +46,19 @@ class EvalResult:
 # -- datasets ------------------------------------------------------------------------------
 
 
+def dataset_block(trained: Trained, block: dict[str, Any], where: str) -> Any:
+    """A dataset block (``{type: ..., ...}``) validated against its plugin's config; errors name ``where``."""
+    from pydantic import ValidationError
+
+    if not isinstance(block, dict) or "type" not in block:
+        raise ConfigError([Problem("type", "a dataset block is a mapping with a 'type' key", where)])
+    slot = trained.registry.catalog.get(Kind.DATASET, str(block["type"]))
+    try:
+        return slot.spec.config.model_validate(block)
+    except ValidationError as exc:
+        raise ConfigError([Problem(".".join(map(str, e["loc"])), e["msg"], where) for e in exc.errors()]) from None
+
+
 def dataset_config(spec: str | Path | None, trained: Trained) -> Any:
     """The dataset config ``spec`` names (``--data`` on the command line).
 
@@ -55,17 +68,10 @@ def dataset_config(spec: str | Path | None, trained: Trained) -> Any:
     folder named after it (``captions_val2017.json`` -> ``val2017/`` beside ``annotations/``).
     A folder: ImageFolder classes.
     """
-    catalog = trained.registry.catalog
     data = trained.config.data
 
     def validate(block: dict[str, Any], where: str) -> Any:
-        slot = catalog.get(Kind.DATASET, str(block.get("type")))
-        try:
-            return slot.spec.config.model_validate(block)
-        except Exception as exc:  # pydantic ValidationError: one line per problem, named by source
-            errors = getattr(exc, "errors", None)
-            lines = [Problem(".".join(map(str, e["loc"])), e["msg"], where) for e in errors()] if errors else []
-            raise ConfigError(lines or [Problem("", str(exc), where)]) from None
+        return dataset_block(trained, block, where)
 
     if spec is None:
         if trained.missing_files:
@@ -86,10 +92,7 @@ def dataset_config(spec: str | Path | None, trained: Trained) -> Any:
         return validate({"type": "imagefolder", "root": str(path)}, str(path))
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
-        block = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if not isinstance(block, dict) or "type" not in block:
-            raise ConfigError([Problem("type", "a dataset file is a mapping with a 'type' key", str(path))])
-        return validate(block, str(path))
+        return validate(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
     if suffix in (".jsonl", ".csv"):
         return validate({"type": "manifest", "path": str(path)}, str(path))
     if suffix == ".json":
@@ -187,11 +190,13 @@ def evaluate_captions(
     batch_size: int = 16,
     out_dir: Path | None = None,
     table_rows: int = 32,
+    metrics: Sequence[str] | None = None,
 ) -> EvalResult:
     """Caption every image and score against its references: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D.
 
     Writes ``captions.jsonl`` (every caption) and ``captions.html`` (the first ``table_rows``
-    images with their captions, to look at) into ``out_dir`` when given.
+    images with their captions, to look at) into ``out_dir`` when given. ``metrics`` limits the
+    scores computed (METEOR starts a Java process of its own).
     """
     from vlframe.caption_metrics import UNAVAILABLE, score_captions
 
@@ -214,7 +219,7 @@ def evaluate_captions(
     if not candidates:
         raise ValueError(f"no usable image to caption ({len(skipped)} skipped: {skipped[:3]})")
     seconds = time.perf_counter() - began
-    scores = score_captions(candidates, references)
+    scores = score_captions(candidates, references, metrics=metrics)
     result = EvalResult(
         "caption",
         {name: 100.0 * value for name, value in scores.items()},

@@ -256,7 +256,8 @@ class Trainer:
         tracker = Tracker(cfg.tracking, self.run_dir, default_uri=f"sqlite:///{root / 'mlflow.db'}")
         data = configfile.dump(cfg)
         (self.run_dir / "config.yaml").write_text(configfile.to_yaml(cfg), encoding="utf-8")
-        tags = {"vlframe.config_hash": configfile.config_hash(cfg), "vlframe.run_dir": str(self.run_dir.resolve())}
+        tags = {**cfg.tracking.tags, "vlframe.config_hash": configfile.config_hash(cfg),
+                "vlframe.run_dir": str(self.run_dir.resolve())}
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit

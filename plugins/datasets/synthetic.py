@@ -18,9 +18,10 @@ import operator
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from PIL import Image, ImageDraw
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from registry import ComponentConfig, ComponentSpec, hookimpl
 from vlframe.datasets import Sample
@@ -74,6 +75,15 @@ class SyntheticConfig(ComponentConfig):
     seed: int = Field(0, ge=0, description="Selects the scenes; the same seed gives the same images and captions.")
     max_objects: int = Field(3, ge=1, le=4, description="Most objects in one image (at least one, each in its own 3x3 grid cell).")
     captions_per_image: int = Field(3, ge=1, le=5, description="Paraphrased captions per image (all different).")
+    label: Literal["shape", "color", "size"] | None = Field(
+        None, description="Also a classification set: each image's label is this attribute of its one object "
+        "(needs max_objects: 1); class names in `classes`, for zero-shot and probes.")
+
+    @model_validator(mode="after")
+    def _one_object_to_label(self) -> SyntheticConfig:
+        if self.label is not None and self.max_objects != 1:
+            raise ValueError("label needs max_objects: 1 (an image with several objects has several labels)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -215,6 +225,8 @@ class SyntheticScenes:
         self.cfg = cfg
         self.split = split
         self.length = cfg.size if split == "train" else cfg.val_size
+        vocabulary = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES)}
+        self.classes: list[str] | None = list(vocabulary[cfg.label]) if cfg.label else None
 
     def __len__(self) -> int:
         return self.length
@@ -228,11 +240,14 @@ class SyntheticScenes:
     def __getitem__(self, index: int) -> Sample:
         index = self._check(index)
         scene = _draw_scene(self.cfg, self.split, index)
+        meta: dict = {"objects": [o.words() for o in scene.objects]}
+        if self.classes is not None:
+            meta["label"] = self.classes.index(scene.objects[0].words()[self.cfg.label])
         return Sample(
             image=_render(scene, self.cfg.image_size),
             captions=list(scene.captions),
             key=f"synthetic/{self.split}/{index}",
-            meta={"objects": [o.words() for o in scene.objects]},
+            meta=meta,
         )
 
     def captions(self) -> Iterator[str]:
@@ -242,7 +257,8 @@ class SyntheticScenes:
     def describe(self) -> str:
         lo, hi = 1, self.cfg.max_objects
         objects = "1 object" if hi == lo else f"{lo}-{hi} objects"
-        return f"synthetic scenes: {self.length} {self.split} images, {objects}, seed {self.cfg.seed}"
+        labels = f", labelled by {self.cfg.label}" if self.cfg.label else ""
+        return f"synthetic scenes: {self.length} {self.split} images, {objects}, seed {self.cfg.seed}{labels}"
 
 
 @hookimpl

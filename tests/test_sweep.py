@@ -1,0 +1,109 @@
+"""Sweeps: a 3-variant micro sweep in a real MLflow store, resumed, with one variant failing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import CONFIGS, run_cli
+from training_configs import micro
+from vlframe.sweep import expand, load_sweep
+
+
+def _sweep_file(tmp_path: Path) -> Path:
+    common = micro(tmp_path, **{
+        "tracking.enabled": True, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "data.val": {"type": "synthetic", "val_size": 32, "image_size": 64},
+        "train.steps": 4, "train.checkpoint_every": None,
+    })
+    garbage = tmp_path / "not-a-tokenizer.model"
+    garbage.write_bytes(b"\x00 this is not a sentencepiece model")
+    sweep = {
+        "name": "micro",
+        "base": str(CONFIGS / "coca_tiny.yaml"),
+        "set": common,
+        "output_dir": str(tmp_path / "sweeps"),
+        "evaluation": {
+            "retrieval_limit": 32, "caption_limit": 8, "caption_metrics": ["cider"],
+            "zeroshot": {"colour": {"data": {"type": "synthetic", "label": "color", "max_objects": 1, "val_size": 14,
+                                             "image_size": 64}, "templates": ["a {} shape."]}},
+        },
+        "variants": {
+            "coca": {},
+            "contrastive_only": {"model.multimodal_decoder": None, "model.caption_pooler": None,
+                                 "model.lm_head": None, "model.objectives.caption": None},
+            # The file exists (the config validates), but it is no tokenizer: training fails.
+            "broken": {"tokenizer.path": str(garbage)},
+        },
+    }
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def test_grid_axes_cross_every_variant(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "base": str(CONFIGS / "coca_tiny.yaml"),
+                                    "variants": {"a": {}, "b": {"train.lr": 1e-3}},
+                                    "grid": {"model.objectives.caption.weight": [1.0, 2.0]}}))
+    names = [name for name, _ in expand(load_sweep(path))]
+    assert names == ["a[weight=1.0]", "a[weight=2.0]", "b[weight=1.0]", "b[weight=2.0]"]
+    assert dict(expand(load_sweep(path)))["b[weight=2.0]"] == {"train.lr": 1e-3,
+                                                             "model.objectives.caption.weight": 2.0}
+
+
+def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path) -> None:
+    sweep_file = _sweep_file(tmp_path)
+    first = run_cli("sweep", str(sweep_file))
+    assert first.code == 1, first.err[-3000:]  # one variant failed; the others completed
+    assert "2 finished, 0 skipped, 1 failed" in first.out
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vlframe")
+    parents = client.search_runs([experiment.experiment_id], "tags.`vlframe.sweep_parent` = 'true'")
+    assert len(parents) == 1 and parents[0].data.tags["vlframe.sweep"] == "micro"
+    parent = parents[0].info.run_id
+    kids = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    by_name = {r.data.tags["vlframe.variant"]: r for r in kids}
+    assert set(by_name) == {"coca", "contrastive_only", "broken"}
+    coca, contrastive, broken = by_name["coca"], by_name["contrastive_only"], by_name["broken"]
+    assert coca.info.status == contrastive.info.status == "FINISHED" and broken.info.status == "FAILED"
+    error = broken.data.tags["vlframe.error"]
+    assert error.startswith("training exited with code") and "not-a-tokenizer.model" in error, error
+    assert json.loads(contrastive.data.tags["vlframe.overrides"]) == sorted(
+        ["model.multimodal_decoder", "model.caption_pooler", "model.lm_head", "model.objectives.caption"])
+    assert json.loads(coca.data.tags["vlframe.overrides"]) == []
+    assert coca.data.tags["vlframe.config_hash"] != contrastive.data.tags["vlframe.config_hash"]
+    assert coca.data.params["train.steps"] == "4" and coca.data.params["model.text_decoder.width"] == "64"
+    for run in (coca, contrastive):
+        for key in ("eval/retrieval/i2t_r1", "eval/zeroshot_colour/top1", "cost/params_m", "cost/s_per_step",
+                    "cost/images_per_s", "val/loss_contrastive"):
+            assert key in run.data.metrics, (run.data.tags["vlframe.variant"], key)
+    assert "eval/caption/cider" in coca.data.metrics and "eval/caption/cider" not in contrastive.data.metrics
+
+    second = run_cli("sweep", str(sweep_file))
+    assert "[coca] skipped" in second.out and "[contrastive_only] skipped" in second.out
+    assert "0 finished, 2 skipped, 1 failed" in second.out
+    kids_after = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sum(r.data.tags["vlframe.variant"] == "coca" for r in kids_after) == 1  # nothing retrained
+
+    out = tmp_path / "comparison"
+    compared = run_cli("compare", str(sweep_file), "--out", str(out))
+    assert compared.code == 0, compared.err[-2000:]
+    lines = compared.out.splitlines()
+    assert lines[0].split()[:2] == ["variant", "status"] and "*" in compared.out
+    assert [line.split()[0] for line in lines[2:5]] == ["coca", "contrastive_only", "broken"]
+    with (out / "comparison.csv").open() as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    coca_now = client.get_run(coca.info.run_id).data.metrics
+    for key in ("eval/retrieval/i2t_r1", "eval/zeroshot_colour/top1", "eval/caption/cider", "cost/params_m"):
+        assert float(rows["coca"][key]) == pytest.approx(coca_now[key])
+    assert rows["contrastive_only"]["eval/caption/cider"] == "" and rows["broken"]["status"] == "failed"
+    assert (out / "comparison.png").stat().st_size > 1000 and "**" in (out / "comparison.md").read_text()
+    logged = {Path(a.path).name for a in client.list_artifacts(parent, "comparison")}
+    assert logged == {"comparison.csv", "comparison.md", "comparison.png"}

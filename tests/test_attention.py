@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -33,6 +34,10 @@ def reference(q, k, v, key_mask, causal):
     return out
 
 
+# The Triton backend runs on CPU tensors only under the interpreter (tests/test_triton_attention.py
+# covers it in depth; scripts/test.sh sets TRITON_INTERPRET=1 before Python starts).
+RUNNABLE = [b for b in sorted(BACKENDS) if b != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
+
 CASES = {
     # name: (lq, lk, causal, padded)
     "self": (7, 7, False, False),
@@ -56,7 +61,7 @@ def _inputs(lq, lk, padded, seed=0):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", RUNNABLE)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_backends_match_reference(backend: str, case: str) -> None:
     lq, lk, causal, padded = CASES[case]
@@ -88,11 +93,11 @@ def test_module_self_and_cross_attention_agree_across_backends() -> None:
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     ctx_mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.bool)
     results = {}
-    for backend in sorted(BACKENDS):
+    for backend in RUNNABLE:
         set_attention_backend(self_attn, backend)
         set_attention_backend(cross, backend)
         results[backend] = (self_attn(x, key_mask=mask), cross(x, ctx, key_mask=ctx_mask))
-    for backend in sorted(BACKENDS):
+    for backend in RUNNABLE:
         for a, b in zip(results[backend], results["math"]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -118,7 +123,7 @@ def test_bf16_backends_agree_and_auto_picks_eager_for_short_cpu_keys(case: str, 
 
 
 def test_unknown_backend_is_refused_with_the_available_ones() -> None:
-    with pytest.raises(ValueError, match="unknown attention backend 'flash9'; available: auto, eager, math, sdpa"):
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9'; available: auto, eager, math, sdpa, triton"):
         set_attention_backend(Attention(8, 2), "flash9")
 
 
@@ -179,3 +184,20 @@ def test_fused_paths_follow_autocast_like_plain_modules() -> None:
     out.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in block.parameters())
+
+
+def test_auto_says_once_why_it_did_not_use_triton() -> None:
+    import warnings
+
+    from vlframe.nn import attention
+
+    attention._SAID.discard("a reason for this test")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attention._fall_back_once("a reason for this test")
+        attention._fall_back_once("a reason for this test")
+    assert [str(w.message) for w in caught] == ["attention backend auto: using sdpa, not triton: a reason for this test"]
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.float64)  # float64 on the CPU: two reasons, device first
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    why = attention.triton_unsupported(q, q, q)
+    assert why.startswith("dtype torch.float64" if interpreted else "tensors on cpu, not CUDA"), why

@@ -15,7 +15,8 @@ from vlframe.schema import config_schema
 
 from conftest import CONFIGS
 
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))  # sweep files, not configs
+ALL_CONFIGS = sorted(set(CONFIGS.rglob("*.yaml")) - set(SWEEPS))
 
 
 def write(path: Path, data: dict | str) -> Path:
@@ -41,6 +42,15 @@ def test_every_shipped_config_validates(path: Path, registry: Registry) -> None:
         pytest.skip(f"{path.name} reads ../shared/data, which is not beside this checkout")
     config = load_config(path, registry=registry)
     assert config.model.type == "coca"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_variant_of_every_shipped_sweep_validates(path: Path) -> None:
+    from vlframe.sweep import build_variants, load_sweep
+
+    variants, _ = build_variants(load_sweep(path), path)
+    assert variants and [v.error for v in variants] == [None] * len(variants)
+    assert len({v.hash for v in variants}) == len(variants)  # every variant trains something else
 
 
 def test_merge_replaces_a_block_whose_type_changes_and_null_removes() -> None:

@@ -3,24 +3,34 @@
     import vlframe
     model = vlframe.build_model("configs/coca_tiny.yaml", overrides=["model.embed_dim=128"])
     out = model(images, text)        # out.loss, out.losses["caption"], ...
+
+The names below load on first use, so that ``vlframe.nn`` (attention, kernels, blocks) imports
+with torch alone, as on a GPU machine that has no pydantic or MLflow.
 """
 
-from registry import ConfigError, Registry, VlframeError
-from vlframe.api import build_model, load_config
-from vlframe.config import VlframeConfig
-from vlframe.nn import ModelOutput, set_attention_backend
-from vlframe.summary import parameter_counts
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "ModelOutput",
-    "Registry",
-    "VlframeConfig",
-    "VlframeError",
-    "build_model",
-    "load_config",
-    "parameter_counts",
-    "set_attention_backend",
-]
+_EXPORTS = {
+    "ConfigError": "registry",
+    "Registry": "registry",
+    "VlframeError": "registry",
+    "build_model": "vlframe.api",
+    "load_config": "vlframe.api",
+    "VlframeConfig": "vlframe.config",
+    "ModelOutput": "vlframe.nn",
+    "set_attention_backend": "vlframe.nn",
+    "parameter_counts": "vlframe.summary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vlframe' has no attribute {name!r}")

@@ -191,7 +191,7 @@ def plot(rows: Sequence[Row], columns: Sequence[Column], path: Path, title: str)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

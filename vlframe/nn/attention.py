@@ -5,12 +5,14 @@ Masks are boolean ``(B, S)`` with ``True`` marking a real key. A query row that 
 backend. The backend is a runtime switch (:func:`set_attention_backend`), not part of a weight:
 ``auto`` (the default: the fastest of the others for the case at hand), ``sdpa`` (torch's fused
 kernels), ``eager`` (matmul, softmax, matmul in the input precision), ``math`` (a plain float32
-reference); a Triton backend plugs into :data:`BACKENDS` the same way.
+reference) and ``triton`` (vlframe's fused kernels, the GPU hot path; on the CPU only under
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -79,21 +81,53 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, ca
     return torch.matmul(torch.softmax(scores, dim=-1), v).masked_fill(empty, 0.0)
 
 
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool) -> Tensor:
+    """The fused Triton kernels (:mod:`vlframe.nn.triton_attention`), forward and backward."""
+    from vlframe.nn.triton_attention import triton_attention as fused
+
+    return fused(q, k, v, key_mask, causal)
+
+
+def triton_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the Triton kernels cannot take this case (None when they can)."""
+    try:
+        from vlframe.nn.triton_attention import unsupported
+    except ImportError as exc:  # triton comes with CUDA builds of torch; a CPU-only build lacks it
+        return f"triton cannot be imported ({exc})"
+    return unsupported(q, k, v)
+
+
+_SAID: set[str] = set()
+
+
+def _fall_back_once(reason: str) -> None:
+    if reason not in _SAID:
+        _SAID.add(reason)
+        warnings.warn(f"attention backend auto: using sdpa, not triton: {reason}", stacklevel=3)
+
+
 #: Longest key sequence for which ``auto`` uses :func:`eager_attention` on a CPU in bf16/fp16.
 EAGER_MAX_KEYS = 256
 
 
 def auto_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool) -> Tensor:
-    """The fastest backend for the case at hand: eager for short reduced-precision CPU work, else sdpa."""
+    """The fastest backend for the case at hand: the Triton kernels on CUDA where they support the
+    case (saying once why not, otherwise), eager for short reduced-precision CPU work, else sdpa."""
+    if q.device.type == "cuda":
+        why = triton_unsupported(q, k, v)
+        if why is None:
+            return triton_attention(q, k, v, key_mask, causal)
+        _fall_back_once(why)
+        return sdpa_attention(q, k, v, key_mask, causal)
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= EAGER_MAX_KEYS:
         return eager_attention(q, k, v, key_mask, causal)
     return sdpa_attention(q, k, v, key_mask, causal)
 
 
-#: Attention backends by name, fixed at import (read-only). The Triton kernels join this table
-#: here, in this module, when they land.
+#: Attention backends by name, fixed at import (read-only).
 BACKENDS: Mapping[str, AttentionFn] = MappingProxyType(
-    {"auto": auto_attention, "sdpa": sdpa_attention, "eager": eager_attention, "math": math_attention}
+    {"auto": auto_attention, "sdpa": sdpa_attention, "eager": eager_attention, "math": math_attention,
+     "triton": triton_attention}
 )
 
 

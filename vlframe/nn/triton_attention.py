@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: VLFRAME_TRITON_AUTOTUNE=0 compiles one configuration per kernel instead of searching (tests).
+AUTOTUNE = os.environ.get("VLFRAME_TRITON_AUTOTUNE", "1") != "0"
 
 #: Largest head dimension the kernels take (its tiles must fit in shared memory).
 MAX_HEAD_DIM = 128
@@ -44,6 +46,8 @@ def _configs(kind: str) -> list[triton.Config]:
     """A handful of Hopper configurations (block sizes, warps, pipeline stages); one when interpreting."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     if kind == "fwd":
         shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (16, 64, 4, 3)]
     else:
@@ -77,8 +81,9 @@ def _attn_fwd(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: big batches overflow 32-bit products
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -88,6 +93,7 @@ def _attn_fwd(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634  # log2(e)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -105,7 +111,7 @@ def _attn_fwd(
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, kt, FP32) * scale
+        s = _dot(q, kt, FP32) * qk_scale  # log2 units: exp2 is the hardware's exponential
         allowed = col_ok[None, :] & (rows[:, None] >= 0)
         if HAS_MASK:
             real = tl.load(KMASK + b * smb + cols, mask=col_ok, other=0)
@@ -115,30 +121,32 @@ def _attn_fwd(
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32)
         m_i = m_new
     seen = l_i > 0.0
     denom = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / denom[:, None], 0.0)
-    # A row that saw no key stores +inf: the backward's exp(s - lse) is then 0 everywhere.
-    lse = tl.where(seen, m_i + tl.log(denom), float("inf"))
+    # The log-sum-exp in log2 units; a row that saw no key stores +inf, so that the backward's
+    # exp2(s - lse) is 0 everywhere in it.
+    lse = tl.where(seen, m_i + tl.log2(denom), float("inf"))
     tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh * LQ + rows, lse, mask=row_ok)
+    tl.store(LSE + bh * LQ + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _probabilities(q, kt, lse, rows, cols, row_ok, col_ok, real, LQ, LK, scale,
                    CAUSAL: tl.constexpr, FP32: tl.constexpr):
-    """The forward's softmax probabilities of one (query block, key block) tile, recomputed."""
-    s = _dot(q, kt, FP32) * scale
+    """The forward's softmax probabilities of one (query block, key block) tile, recomputed
+    (``lse`` in log2 units, as the forward stored it)."""
+    s = _dot(q, kt, FP32) * (scale * 1.4426950408889634)
     allowed = row_ok[:, None] & col_ok[None, :] & real[None, :]
     if CAUSAL:
         allowed = allowed & (cols[None, :] <= rows[:, None] + (LK - LQ))
-    return tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+    return tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
 
 
 @triton.autotune(configs=_configs("bwd"), key=_KEY)
@@ -154,8 +162,9 @@ def _attn_bwd_kv(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: big batches overflow 32-bit products
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -186,8 +195,8 @@ def _attn_bwd_kv(
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
+        lse = tl.load(LSE + bh * LQ + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
         p = _probabilities(q, kt, lse, rows, cols, row_ok, col_ok, real, LQ, LK, scale, CAUSAL, FP32)
         dv += _dot(tl.trans(p).to(do.dtype), do, FP32)
         dp = _dot(do, vt, FP32)
@@ -212,8 +221,9 @@ def _attn_bwd_q(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: big batches overflow 32-bit products
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -225,8 +235,8 @@ def _attn_bwd_q(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh * LQ + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = LK
     if CAUSAL:

@@ -195,7 +195,7 @@ def _beam(stepper: _Stepper, seqs: Tensor, cfg: GenerationConfig, batch: int, eo
     return finished
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
 def generate(
     model: Captioner,
     images: Tensor,

@@ -93,14 +93,14 @@ class Trained:
         ids, mask = self.tokenizer.encode(list(texts), self.config.model.context_length)
         return ids.to(self.device), mask.to(self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode, under which autocast re-casts the weights at every call
     def embed_images(self, images: Tensor, batch_size: int = 64) -> Tensor:
         """Normalised contrastive image embeddings (float32)."""
         with self.autocast():
             out = [self.model.encode_image(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]
         return F.normalize(torch.cat(out), dim=-1)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode, under which autocast re-casts the weights at every call
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
         """Normalised contrastive text embeddings (float32)."""
         out = []

@@ -90,7 +90,7 @@ def _images(trained: Trained, samples: Sequence[Sample]) -> Tensor:
     return torch.cat([trained.load_images([s.image for s in b]) for b in batched(iter(samples), 64)])
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode, under which autocast re-casts the weights at every call
 def _frozen_tokens(trained: Trained, images: Tensor, batch: int = 64) -> Tensor:
     with trained.autocast():
         return torch.cat([trained.model.image_tokens(images[i : i + batch]).float() for i in range(0, len(images), batch)])
@@ -198,7 +198,7 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode, under which autocast re-casts the weights at every call
 def multimodal_features(trained: Trained, rows: Sequence[dict[str, Any]], batch_size: int = 32) -> Tensor:
     """Mean of the multimodal decoder's states over each text's real tokens: ``(N, width)``."""
     out = []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from registry import VlframeError
-from vlframe.sweep import PARENT, TAG_ERROR, TAG_OVERRIDES, TAG_VARIANT, children, find_parent, load_sweep, \
+from vlframe.sweep import TAG_ERROR, TAG_OVERRIDES, TAG_VARIANT, children, expand, find_parent, load_sweep, \
     tracking_target
 
 
@@ -70,8 +70,6 @@ def resolve_parent(source: str, tracking_uri: str | None) -> tuple[str, str, lis
         if parent is None:
             raise CompareError(f"{path}: sweep '{sweep.name}' has no runs in experiment '{experiment}' at {uri} "
                                f"(run it with: vlframe sweep {path})")
-        from vlframe.sweep import expand
-
         return uri, parent, [name for name, _ in expand(sweep)]
     if re.fullmatch(r"[0-9a-f]{32}", source):
         return mlflow_uri(tracking_uri), source, []
@@ -220,5 +218,5 @@ def compare(source: str, *, tracking_uri: str | None = None, out_dir: Path | Non
     return parent_id, text, files
 
 
-__all__ = ["COLUMNS", "Column", "CompareError", "PARENT", "Row", "collect", "compare", "render_csv",
+__all__ = ["COLUMNS", "Column", "CompareError", "Row", "collect", "compare", "render_csv",
            "render_markdown", "render_text"]

@@ -69,10 +69,6 @@ def dataset_config(spec: str | Path | None, trained: Trained) -> Any:
     A folder: ImageFolder classes.
     """
     data = trained.config.data
-
-    def validate(block: dict[str, Any], where: str) -> Any:
-        return dataset_block(trained, block, where)
-
     if spec is None:
         if trained.missing_files:
             raise ConfigError([Problem("data", f"the run's data is not where its config says ({trained.missing_files[0]}); "
@@ -84,22 +80,22 @@ def dataset_config(spec: str | Path | None, trained: Trained) -> Any:
     if str(spec) == "synthetic":
         if data is not None and data.val is not None and data.val.type == "synthetic":
             return data.val
-        return validate({"type": "synthetic"}, "synthetic")
+        return dataset_block(trained, {"type": "synthetic"}, "synthetic")
     path = Path(spec)
     if not path.exists():
         raise ConfigError([Problem("", f"no such file or folder: {path}", "--data")])
     if path.is_dir():
-        return validate({"type": "imagefolder", "root": str(path)}, str(path))
+        return dataset_block(trained, {"type": "imagefolder", "root": str(path)}, str(path))
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
-        return validate(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+        return dataset_block(trained, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
     if suffix in (".jsonl", ".csv"):
-        return validate({"type": "manifest", "path": str(path)}, str(path))
+        return dataset_block(trained, {"type": "manifest", "path": str(path)}, str(path))
     if suffix == ".json":
         name = path.stem.removeprefix("captions_")
         for images in (path.parent.parent / name, path.parent / name):
             if images.is_dir():
-                return validate({"type": "coco", "annotations": str(path), "images": str(images)}, str(path))
+                return dataset_block(trained, {"type": "coco", "annotations": str(path), "images": str(images)}, str(path))
         raise ConfigError([Problem("", f"COCO images for {path.name} not found in {path.parent.parent / name}; "
                                    "write a dataset YAML (type: coco, annotations, images)", str(path))])
     raise ConfigError([Problem("", f"cannot tell what dataset {path} is (.yaml, .jsonl, .csv, .json or a folder)",

@@ -147,10 +147,29 @@ def test_a_crash_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, how: str)
     if how == "SIGTERM":  # a polite stop checkpoints the step it reached and says how to resume
         assert f"stopped after step {step}; continue with: vlframe train ... --resume {run}" in output
         assert f"newest checkpoint: step_{step:06d}" in output
-    assert not list((run / "checkpoints").glob(".step_*"))  # no half-written checkpoint left behind
+    partial = list((run / "checkpoints").glob(".step_*"))
+    if how == "SIGTERM":
+        assert not partial  # a polite stop never leaves a half-written checkpoint
+    # a SIGKILL may land mid-save: the partial folder is never resumed from (find() chose a complete
+    # step_* above) and the next save sweeps it away
     finish = dict(overrides, **{"train.steps": step + 2})
     resumed = _vlframe("train", str(TINY), "--resume", str(run), *_sets(finish))
     out = resumed.communicate(timeout=180)[0]
     assert resumed.returncode == 0, out
+    assert not list((run / "checkpoints").glob(".step_*"))
     assert f"resumed from {saved} at step {step}" in out
     assert f"trained {step + 2} steps" in out
+
+
+def test_partial_checkpoints_of_dead_writers_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "checkpoints"
+    gone = folder / f".step_000004.tmp{dead.pid}"
+    live = folder / f".step_000004.tmp{os.getppid()}"  # another writer that is still running
+    for partial in (gone, live):
+        partial.mkdir(parents=True)
+        (partial / checkpoint.WEIGHTS).write_bytes(b"half")
+    assert checkpoint.find(tmp_path) is None  # a partial folder is never a checkpoint
+    assert checkpoint.sweep_partial(folder) == [gone]
+    assert live.is_dir() and not gone.exists()

@@ -55,6 +55,7 @@ def save(
     final = directory / f"step_{step:06d}"
     tmp = directory / f".step_{step:06d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    sweep_partial(directory)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / WEIGHTS))  # handles tied weights (saved once)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -68,6 +69,32 @@ def save(
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def sweep_partial(directory: Path) -> list[Path]:
+    """Remove half-written checkpoints whose writer is gone (a SIGKILL or power loss mid-save).
+
+    They are never read (``find`` only sees complete ``step_*`` folders); this only frees their space.
+    A folder of a writer that is still alive (another run sharing the directory) is left alone.
+    """
+    removed = []
+    for partial in directory.glob(".step_*.tmp*"):
+        pid = partial.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:

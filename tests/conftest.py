@@ -26,6 +26,14 @@ def registry() -> Registry:
     return Registry.discover(autoload=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_stray_artifacts() -> None:
+    """Tests keep their MLflow stores in tmp folders: nothing may land in the checkout's ./mlruns."""
+    before = (ROOT / "mlruns").exists()
+    yield
+    assert before or not (ROOT / "mlruns").exists(), "a test wrote MLflow artifacts to ./mlruns"
+
+
 @pytest.fixture(autouse=True)
 def _clean_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests start from default plugin loading, whatever the caller's environment says."""

@@ -334,6 +334,8 @@ def log_result(trained: Trained, result: EvalResult, *, tracking_uri: str | None
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from vlframe.tracking import experiment_id
+
     uri = tracking_uri or trained.tracking_uri
     name = name or result.task
     step = step if step is not None else trained.step
@@ -341,10 +343,8 @@ def log_result(trained: Trained, result: EvalResult, *, tracking_uri: str | None
         client = MlflowClient(tracking_uri=uri)
         run_id = trained.run_id
         if run_id is None:
-            experiment = client.get_experiment_by_name(trained.config.tracking.experiment)
-            experiment_id = (experiment.experiment_id if experiment else
-                             client.create_experiment(trained.config.tracking.experiment))
-            run = client.create_run(experiment_id, run_name=f"eval-{trained.run_dir.name}",
+            experiment = experiment_id(client, trained.config.tracking.experiment)
+            run = client.create_run(experiment, run_name=f"eval-{trained.run_dir.name}",
                                     tags={"vlframe.checkpoint": str(trained.checkpoint.resolve())})
             run_id = run.info.run_id
             client.set_terminated(run_id)

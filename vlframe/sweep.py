@@ -180,10 +180,11 @@ def children(client: Any, parent_id: str) -> list[Any]:
 
 def open_parent(client: Any, sweep: SweepConfig, sweep_file: Path, experiment: str) -> str:
     """The sweep's parent run: the newest one with this sweep's name, or a new one."""
+    from vlframe.tracking import experiment_id
+
     parent_id = find_parent(client, experiment, sweep.name)
     if parent_id is None:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = experiment_id(client, experiment)
         run = client.create_run(exp_id, run_name=f"sweep-{sweep.name}",
                                 tags={TAG_SWEEP: sweep.name, "vlframe.sweep_parent": "true",
                                       "mlflow.note.content": sweep.description or f"sweep {sweep.name}"})

@@ -211,7 +211,9 @@ def _is_local_store(uri: str) -> bool:
     return _sqlite_path(uri) is not None or uri.startswith("file:") or "://" not in uri
 
 
-def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing (artifacts beside an embedded store)."""
+    uri = client.tracking_uri
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -230,15 +232,15 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 
 
 def _create_run(client: MlflowClient, info: dict) -> str:
-    experiment_id = _experiment_id(client, info["experiment"], info["uri"])
-    info["experiment_id"] = experiment_id
+    exp_id = experiment_id(client, info["experiment"])
+    info["experiment_id"] = exp_id
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{LOCAL_ID_TAG}` = '{info['local_id']}'", max_results=1
+        [exp_id], filter_string=f"tags.`{LOCAL_ID_TAG}` = '{info['local_id']}'", max_results=1
     )
     if found:
         return found[0].info.run_id
     run = client.create_run(
-        experiment_id, start_time=info["start_time"], tags={LOCAL_ID_TAG: info["local_id"]},
+        exp_id, start_time=info["start_time"], tags={LOCAL_ID_TAG: info["local_id"]},
         run_name=info["run_name"],
     )
     return run.info.run_id

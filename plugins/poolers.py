@@ -13,10 +13,10 @@ tokens (parallel) is the model's choice, not the pooler's.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from registry import ComponentConfig, ComponentSpec, hookimpl
+from registry import ComponentConfig, ComponentSpec, hookimpl, raise_problems
 from vlframe.nn import Attention, init_weights
 
 
@@ -24,20 +24,35 @@ class AttentionalPoolerConfig(ComponentConfig):
     n_query: int = Field(256, gt=0, description="Number of learned queries (tokens out).")
     heads: int = Field(8, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
+    query_norm: bool = Field(False, description="LayerNorm on the learned queries before they attend (open_clip).")
+    summary_queries: int = Field(
+        0, ge=0, description="The first n outputs summarise the image: a cascaded 'cls' contrastive pooler reads "
+        "them and the multimodal decoder attends only to the others (open_clip's CoCa: 1 of 256).")
+
+    @model_validator(mode="after")
+    def _summary_fits(self) -> AttentionalPoolerConfig:
+        if self.summary_queries >= self.n_query:
+            raise_problems("AttentionalPoolerConfig", [(("summary_queries",), f"{self.summary_queries} leaves none "
+                                                        f"of the {self.n_query} queries for the decoder")])
+        return self
 
 
 class AttentionalPooler(nn.Module):
     def __init__(self, cfg: AttentionalPoolerConfig, *, in_dim: int, out_dim: int, num_prefix_tokens: int = 0) -> None:
         super().__init__()
         self.out_dim = out_dim
+        # Summary outputs come first, like a class token: a cascaded cls pooler takes them.
+        self.num_prefix_tokens_out = self.summary_tokens = cfg.summary_queries
         self.queries = nn.Parameter(torch.randn(cfg.n_query, out_dim) * out_dim**-0.5)
+        self.norm_queries = nn.LayerNorm(out_dim, eps=cfg.norm_eps) if cfg.query_norm else None
         self.norm_tokens = nn.LayerNorm(in_dim, eps=cfg.norm_eps)
         self.attn = Attention(out_dim, cfg.heads, kv_dim=in_dim)
         self.norm = nn.LayerNorm(out_dim, eps=cfg.norm_eps)
         self.attn.apply(init_weights)
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        queries = self.queries if self.norm_queries is None else self.norm_queries(self.queries)
+        queries = queries.expand(tokens.shape[0], -1, -1)
         return self.norm(self.attn(queries, tokens, key_mask=mask, context_norm=self.norm_tokens))
 
 

@@ -139,3 +139,19 @@ def vlframe_datasets() -> list[ComponentSpec]:
     Both offer ``captions()``, every caption of the split without decoding an image (to train a
     tokenizer), and ``describe()``, one line saying what was loaded.
     """
+
+
+@hookspec
+def vlframe_importers() -> list[ComponentSpec]:
+    """Return the checkpoint importers this plugin provides: other frameworks' weights into vlframe.
+
+    Called once per registry, when its catalog is first built. Each factory is called as
+    ``factory(config)`` and returns an importer with ``architectures`` (the names it knows),
+    ``config(architecture) -> dict`` (a whole vlframe config, as YAML data, whose model and
+    tokenizer reproduce that architecture; ``architecture`` may also be a file the importer reads,
+    such as the source framework's own model config), ``read(path) -> dict[str, Tensor]`` (the
+    source weights, from a local file only) and ``convert(weights, architecture) -> dict[str,
+    Tensor]`` (the same weights under the vlframe model's parameter names). ``convert`` raises
+    ``ValueError`` listing every source key it did not expect and every one it needs but did not
+    find; ``config`` raises ``ValueError`` naming a setting vlframe cannot reproduce.
+    """

@@ -17,6 +17,7 @@ class Kind(str, Enum):
     MODEL = "model"
     TOKENIZER = "tokenizer"
     DATASET = "dataset"
+    IMPORTER = "importer"
 
     @property
     def label(self) -> str:
@@ -44,4 +45,5 @@ _HOOKS = {
     Kind.MODEL: "vlframe_models",
     Kind.TOKENIZER: "vlframe_tokenizers",
     Kind.DATASET: "vlframe_datasets",
+    Kind.IMPORTER: "vlframe_importers",
 }

@@ -36,7 +36,7 @@ def test_bad_configs_give_one_line_per_problem_and_exit_2(tmp_path: Path) -> Non
         f"error: {f['unknown_type']}: model.image_encoder.type: unknown image encoder 'vitt' (did you mean 'vit'?); "
         "registered: timm [encoders.timm], vit [encoders.vit]",
         f"error: {f['misspelled']}: model.text_decoder.layrs: unknown field (did you mean 'layers'?); "
-        "allowed: activation, embedding, heads, layers, mlp_dim, norm_eps, type, width",
+        "allowed: activation, embedding, heads, layers, mlp_dim, norm_eps, padding_mask, type, width",
         f"error: {f['wrong_type']}: model.embed_dim: Input should be a valid integer, "
         "unable to parse string as an integer (got 'wide')",
         f"error: {f['missing_extends']}: extends: file not found: {tmp_path / 'nowhere.yaml'}",

@@ -33,13 +33,22 @@ def tokenizer(registry: Registry):
 
 
 def test_ids_equal_open_clips_on_punctuation_and_unicode(tokenizer) -> None:
-    theirs = open_clip_tokenizer.tokenize(SENTENCES, context_length=77)
-    ours, mask = tokenizer.encode(SENTENCES, 77)
+    theirs = open_clip_tokenizer.tokenize(SENTENCES, context_length=76)  # CoCa's context
+    ours, mask = tokenizer.encode(SENTENCES, 76)
+    assert ours.shape == theirs.shape == (len(SENTENCES), 76)
     for i, sentence in enumerate(SENTENCES):
+        assert ours[i].tolist() == theirs[i].tolist(), sentence
         n = int(mask[i].sum())
-        assert ours[i, :n].tolist() == theirs[i, :n].tolist(), sentence
-        assert (theirs[i, n:] == 0).all() and (ours[i, n:] == 0).all()
+        assert mask[i, :n].all() and ours[i, n - 1] == tokenizer.eos_id
     assert tokenizer.vocab_size == 49408 and ours[:, 0].eq(49406).all()
+
+
+def test_pad_to_longest_when_asked(registry: Registry) -> None:
+    catalog = registry.catalog
+    config = catalog.get(Kind.TOKENIZER, "clip_bpe").spec.config(type="clip_bpe", pad_to_context=False)
+    short = catalog.build(Kind.TOKENIZER, config, path="tokenizer", vocab_size=49408)
+    ids, mask = short.encode(["a dog", "a dog runs fast"], 76)
+    assert ids.shape == (2, 6) and mask.sum(1).tolist() == [4, 6]
 
 
 def test_long_text_keeps_its_start_and_ends_with_eos(tokenizer) -> None:

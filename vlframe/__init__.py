@@ -25,6 +25,9 @@ _EXPORTS = {
     "ModelOutput": "vlframe.nn",
     "set_attention_backend": "vlframe.nn",
     "parameter_counts": "vlframe.summary",
+    "load_trained": "vlframe.pretrained",
+    "convert_checkpoint": "vlframe.convert",
+    "import_checkpoint": "vlframe.convert",
 }
 
 __all__ = sorted(_EXPORTS)

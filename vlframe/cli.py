@@ -185,6 +185,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for comparison.csv/.md/.png (default runs/sweeps/NAME/comparison)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("convert", help="import another framework's checkpoint as a vlframe checkpoint folder")
+    p.add_argument("importer", metavar="IMPORTER", help="an importer plugin, e.g. open-clip (see `vlframe plugins list`)")
+    p.add_argument("--model", required=True, metavar="ARCH",
+                   help="the architecture, e.g. coca_ViT-B-32 or coca_ViT-L-14 (open-clip: or a model config .json)")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="FILE", help="the local weights file")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the vlframe checkpoint folder to write")
+    p.set_defaults(func=cmd_convert)
+
     tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = tracking.add_parser("sync", help="deliver a run's journaled metrics that never reached MLflow")
@@ -403,6 +411,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
         else:
             for text in captions:
                 print(f"{path}: {text}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vlframe.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.importer, args.model, args.checkpoint, args.out)
+    print(f"wrote {out} ({args.importer} {args.model} from {args.checkpoint})")
+    print(f"caption: vlframe caption {out} IMAGE ...   evaluate: vlframe eval {out} --task zeroshot --data FOLDER")
+    print(f"fine-tune: vlframe train CONFIG.yaml --set train.init_from={out}  (start from {out / 'config.yaml'})")
     return 0
 
 

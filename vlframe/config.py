@@ -21,7 +21,8 @@ class PluginSettings(ConfigModel):
 class DataConfig(ConfigModel):
     """Where images and captions come from, and how images are prepared."""
 
-    train: component(Kind.DATASET)
+    train: component(Kind.DATASET) | None = Field(
+        None, description="The training dataset (needed to train; a converted model's config has none).")
     val: component(Kind.DATASET) | None = None
     num_workers: int = Field(2, ge=0, description="Loader processes per rank (0: load in the training process).")
     max_skip_fraction: float = Field(
@@ -31,6 +32,8 @@ class DataConfig(ConfigModel):
     crop_scale: tuple[float, float] | None = Field(
         None, description="Random resized crop area range, e.g. [0.8, 1.0]; none: resize and centre-crop."
     )
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="Resampling when resizing (open_clip's weights were trained with bicubic).")
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     val_batches: int | None = Field(None, gt=0, description="Validate on this many batches; default the whole split.")
@@ -61,6 +64,9 @@ class TrainConfig(ConfigModel):
     checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept (the newest).")
     output_dir: Path = Field(Path("runs"), description="Run directories go here, and the default MLflow store.")
+    init_from: Path | None = Field(
+        None, description="Start from these weights (a checkpoint or run folder, e.g. from `vlframe convert`): "
+        "fine-tuning. Its tokenizer is used unless tokenizer.path is set; optimiser and step start afresh.")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:

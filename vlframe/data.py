@@ -31,11 +31,14 @@ class DataError(VlframeError):
 
 def build_transform(cfg: DataConfig, image_size: int, *, train: bool) -> v2.Compose:
     """torchvision v2 pipeline: PIL image -> normalised float tensor ``(3, size, size)``."""
-    steps: list[Any] = [v2.ToImage()]
+    # Resampled while still a PIL image: PIL's filters are what CLIP-family weights were trained on.
+    mode = v2.InterpolationMode(cfg.interpolation)
+    steps: list[Any] = []
     if train and cfg.crop_scale is not None:
-        steps.append(v2.RandomResizedCrop(image_size, scale=cfg.crop_scale, antialias=True))
+        steps.append(v2.RandomResizedCrop(image_size, scale=cfg.crop_scale, interpolation=mode, antialias=True))
     else:
-        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        steps += [v2.Resize(image_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+    steps.append(v2.ToImage())
     if train and cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]

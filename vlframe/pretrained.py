@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from registry import ConfigError, Registry, VlframeError
 from vlframe import checkpoint, configfile
-from vlframe.config import VlframeConfig
+from vlframe.config import DataConfig, VlframeConfig
 from vlframe.data import build_transform
 from vlframe.datasets import load_image
 from vlframe.generation import GenerationConfig, caption
@@ -81,7 +81,7 @@ class Trained:
         return nullcontext()
 
     def transform(self) -> Any:
-        return build_transform(self.config.data, self.image_size, train=False)
+        return build_transform(self.config.data or DataConfig(), self.image_size, train=False)
 
     def load_images(self, images: Sequence[str | Path | Image.Image]) -> Tensor:
         """Files or PIL images -> the normalised batch ``(B, 3, S, S)`` the model expects."""

@@ -51,8 +51,8 @@ class Interrupted(VlframeError):
 class Trainer:
     def __init__(self, config: VlframeConfig, registry: Registry, *, run_dir: Path, resume: Path | None = None,
                  console: Console | None = None) -> None:
-        if config.data is None:
-            raise ConfigError([Problem("data", "training needs a data section (data.train: a dataset)")])
+        if config.data is None or config.data.train is None:
+            raise ConfigError([Problem("data.train", "training needs a dataset (data.train: {type: ...})")])
         self.config, self.registry, self.run_dir, self.resume = config, registry, Path(run_dir), resume
         self.console = console or Console(stderr=True, soft_wrap=True)
         self._stop_signal: int | None = None
@@ -65,7 +65,7 @@ class Trainer:
 
     def _build_tokenizer(self, train_data: Any, ckpt: Path | None) -> Any:
         cfg = self.config
-        # A resumed run reads the tokenizer its checkpoint was trained with.
+        # A resumed (or fine-tuned) run reads the tokenizer its checkpoint was trained with.
         saved = ckpt / "tokenizer.model" if ckpt is not None else None
         from_ckpt = saved if saved is not None and saved.is_file() and getattr(cfg.tokenizer, "path", None) is None else None
         tokenizer = build_tokenizer(cfg, self.registry, from_ckpt)
@@ -88,11 +88,16 @@ class Trainer:
         if t.batch_size % (world * t.grad_accum):
             raise ConfigError([Problem("train.batch_size", f"{t.batch_size} does not split into {world} rank(s) "
                                                           f"x {t.grad_accum} micro-batch(es)")])
-        ckpt = None
+        ckpt = init = None
         if self.resume is not None:
             ckpt = checkpoint.find(self.resume)
             if ckpt is None:
                 raise VlframeError(f"--resume {self.resume}: no checkpoint found there")
+        elif t.init_from is not None:
+            init = checkpoint.find(t.init_from)
+            if init is None:
+                raise ConfigError([Problem("train.init_from", f"{t.init_from}: no checkpoint there (a step_* folder "
+                                                             f"with {checkpoint.STATE}, or a run folder)")])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
@@ -102,8 +107,15 @@ class Trainer:
         train_data = catalog.build(Kind.DATASET, cfg.data.train, path="data.train", split="train")
         val_data = (catalog.build(Kind.DATASET, cfg.data.val, path="data.val", split="val")
                     if cfg.data.val is not None else None)
-        tokenizer = self._build_tokenizer(train_data, ckpt)
-        model = catalog.build(Kind.MODEL, cfg.model, path="model", catalog=catalog).to(device)
+        tokenizer = self._build_tokenizer(train_data, ckpt or init)
+        model = catalog.build(Kind.MODEL, cfg.model, path="model", catalog=catalog)
+        if init is not None:
+            try:
+                checkpoint.load(init, model)
+            except (ValueError, RuntimeError) as exc:
+                raise ConfigError([Problem("train.init_from", f"its weights do not fit model: {exc}")]) from None
+            self._say(f"initialised from {init}", markup=False)
+        model = model.to(device)
         image_size = model.image_encoder.image_size
         collate = Collate(tokenizer, cfg.model.context_length)
         source = ImageTextSource(train_data, build_transform(cfg.data, image_size, train=True),

@@ -16,12 +16,19 @@ from vlframe.nn.config import TransformerConfig
 
 class MultimodalDecoderConfig(TransformerConfig):
     layers: int = Field(6, gt=0, description="Multimodal layers (the paper's n_multi).")
+    cross_mlp: bool = Field(
+        False, description="A second MLP after each cross-attention: self-attention, MLP, cross-attention, MLP "
+        "(open_clip's CoCa); false: self-attention, cross-attention, MLP.")
+    pad_mask: bool = Field(
+        True, description="Hide padding keys in self-attention. open_clip's decoder does not (only the causal mask): "
+        "real tokens are unaffected either way, padding positions' outputs differ.")
 
 
 class MultimodalDecoder(nn.Module):
     def __init__(self, cfg: MultimodalDecoderConfig, *, in_dim: int, context_dim: int) -> None:
         super().__init__()
         self.width = cfg.width
+        self.pad_mask = cfg.pad_mask
         # A unimodal tower of another width is bridged by a projection.
         self.proj_in = nn.Identity() if in_dim == cfg.width else nn.Linear(in_dim, cfg.width)
         self.blocks = nn.ModuleList(
@@ -33,6 +40,7 @@ class MultimodalDecoder(nn.Module):
                 cross_dim=context_dim,
                 activation=cfg.activation,
                 norm_eps=cfg.norm_eps,
+                cross_mlp=cfg.cross_mlp,
             )
             for _ in range(cfg.layers)
         )
@@ -44,6 +52,7 @@ class MultimodalDecoder(nn.Module):
         """``cache``: incremental decoding (``states`` are the new positions; ``context`` may be
         None once the first call has projected it)."""
         x = self.proj_in(states)
+        mask = mask if self.pad_mask else None
         for block in self.blocks:
             x = block(x, mask, context, context_mask, cache=cache)
         return self.norm(x)

@@ -24,6 +24,10 @@ class TextDecoderConfig(TransformerConfig):
     embedding: Literal["cls", "mean"] = Field(
         "cls", description="Contrastive text embedding: appended CLS token, or mean of the tokens."
     )
+    padding_mask: Literal["standard", "open_clip_legacy"] = Field(
+        "standard", description="standard: padding keys are hidden. open_clip_legacy: the padding mask shifted one "
+        "key right, as open_clip's CoCa weights were trained (the CLS sees the first padding token, not itself; "
+        "the other tokens are unaffected). Needs texts padded to the context length.")
 
 
 class TextDecoder(nn.Module):
@@ -32,6 +36,7 @@ class TextDecoder(nn.Module):
         self.width = cfg.width
         self.context_length = context_length
         self.mode = cfg.embedding if with_embedding else None
+        self.legacy_mask = cfg.padding_mask == "open_clip_legacy"
         self.token_embedding = nn.Embedding(vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(context_length, cfg.width))
         # The CLS token needs no position: it is always last and learns its own vector.
@@ -58,24 +63,25 @@ class TextDecoder(nn.Module):
         if start + length > self.context_length:
             raise ValueError(f"text of {start + length} tokens exceeds context_length {self.context_length}")
         x = self.token_embedding(tokens) + self.pos_embed[start : start + length]
-        if cache is not None or not embed or self.mode is None:
-            for block in self.blocks:
-                x = block(x, mask, cache=cache)
-            return x, None
-        if mask is None:
-            mask = torch.ones(b, length, dtype=torch.bool, device=tokens.device)
-        if self.cls_token is not None:
+        with_cls = cache is None and embed and self.mode == "cls"
+        keys = mask  # None: every key is real
+        if mask is not None:
+            keys = torch.cat([mask, mask.new_ones(b, 1)], dim=1) if with_cls else mask
+            if self.legacy_mask:  # key j is hidden when token j-1 is padding; key 0 is always seen
+                keys = torch.cat([mask.new_ones(b, 1), mask], dim=1)[:, : keys.shape[1]]
+        if with_cls:
             x = torch.cat([x, self.cls_token.expand(b, 1, -1)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, keys, cache=cache)
+        if cache is not None or not embed or self.mode is None:
+            return x, None
         if self.mode == "cls":
             return x[:, :-1], self.norm(x[:, -1])
-        if self.mode == "mean":
-            weights = mask.unsqueeze(-1).to(x.dtype)
-            pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            return x, self.norm(pooled)
-        return x, None
+        if mask is None:
+            return x, self.norm(x.mean(dim=1))
+        weights = mask.unsqueeze(-1).to(x.dtype)  # mean of the real tokens
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return x, self.norm(pooled)
 
 
 @hookimpl

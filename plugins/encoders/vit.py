@@ -1,7 +1,7 @@
 """Native Vision Transformer image encoder (Dosovitskiy et al.), as CoCa's image tower.
 
 Patchify with a strided convolution, add learned positions, run pre-norm blocks, finish with a
-LayerNorm. Returns every token: poolers downstream decide how to summarise them.
+LayerNorm (or leave that to the pooler). Returns every token: poolers downstream decide how to summarise them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ class ViTConfig(TransformerConfig):
     layers: int = Field(12, gt=0)
     heads: int = Field(12, gt=0)
     class_token: bool = Field(False, description="Prepend a learned class token (for the 'cls' pooler).")
+    patch_bias: bool = Field(True, description="Bias in the patch embedding (CLIP/open_clip towers have none).")
+    final_norm: bool = Field(
+        True, description="LayerNorm on the output tokens; false when the pooler normalises its own output "
+        "(open_clip's CoCa: ln_post comes after the attentional pooler).")
 
     def shape_problems(self) -> list[tuple[tuple[str, ...], str]]:
         problems = super().shape_problems()
@@ -37,7 +41,7 @@ class VisionTransformer(nn.Module):
         self.image_size = cfg.image_size
         self.num_prefix_tokens = 1 if cfg.class_token else 0
         grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
@@ -45,7 +49,7 @@ class VisionTransformer(nn.Module):
             Block(cfg.width, cfg.heads, cfg.mlp_hidden, activation=cfg.activation, norm_eps=cfg.norm_eps)
             for _ in range(cfg.layers)
         )
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.class_token is not None:

@@ -140,6 +140,7 @@ class CoCa(nn.Module):
             con_in, con_prefix = image_dim, prefix
         self.contrastive_pooler = build(Kind.POOLER, "contrastive_pooler", in_dim=con_in, out_dim=con_in,
                                         num_prefix_tokens=con_prefix)
+        self._summary = getattr(self.caption_pooler, "summary_tokens", 0)
         self.multimodal_decoder = None
         if cfg.multimodal_decoder is not None:
             self.multimodal_decoder = build(Kind.MULTIMODAL_DECODER, "multimodal_decoder",
@@ -170,11 +171,13 @@ class CoCa(nn.Module):
     def _image_side(self, images: Tensor, *, embeds: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """Image context for the multimodal decoder, and the image embedding (unnormalised)."""
         tokens = self.image_encoder(images)
-        context = self.caption_pooler(tokens) if self.caption_pooler is not None else None
+        pooled = self.caption_pooler(tokens) if self.caption_pooler is not None else None
         embed = None
         if embeds and self.contrastive_pooler is not None:
-            source = context if (self.cascade and context is not None) else tokens
+            source = pooled if (self.cascade and pooled is not None) else tokens
             embed = self.image_projection(self.contrastive_pooler(source).mean(dim=1))
+        # A pooler's summary outputs (open_clip's first query) feed the embedding, not the decoder.
+        context = pooled[:, self._summary :] if pooled is not None and self._summary else pooled
         return context, embed
 
     def _require(self, part: str, what: str) -> None:

@@ -37,6 +37,9 @@ PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p
 class ClipBPEConfig(ComponentConfig):
     path: ExistingFile | None = Field(
         None, description=f"The {VOCAB_FILE} vocabulary; default: the copy inside the installed open-clip-torch.")
+    pad_to_context: bool = Field(
+        True, description="Pad every text to the context length, as open_clip does (its CoCa weights' legacy "
+        "padding mask needs it); false pads a batch to its longest text.")
 
 
 def packaged_vocab() -> Path:
@@ -71,6 +74,7 @@ class ClipBPETokenizer:
     def __init__(self, cfg: ClipBPEConfig, *, vocab_size: int) -> None:
         import regex
 
+        self.cfg = cfg
         self.path = Path(cfg.path) if cfg.path is not None else packaged_vocab()
         self._bytes = byte_alphabet()
         self._unbytes = {c: b for b, c in self._bytes.items()}
@@ -133,10 +137,10 @@ class ClipBPETokenizer:
         return ids
 
     def encode(self, texts: Sequence[str], context_length: int) -> tuple[Tensor, Tensor]:
-        """Ids ``(B, L)`` padded with 0 to the longest text (at most ``context_length``), and the mask
-        of real tokens (by length: id 0 is also the token '!')."""
+        """Ids ``(B, L)`` padded with 0 to ``context_length`` (or to the longest text), and the mask of
+        real tokens (by length: id 0 is also the token '!')."""
         rows = [[self.bos_id, *self.text_ids(t)[: context_length - 2], self.eos_id] for t in texts]
-        length = max(len(r) for r in rows)
+        length = context_length if self.cfg.pad_to_context else max(len(r) for r in rows)
         out = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.bool)
         for i, ids in enumerate(rows):
@@ -168,7 +172,7 @@ class ClipBPETokenizer:
         return target
 
     def load(self, path: Path) -> None:
-        self.__init__(ClipBPEConfig(type="clip_bpe", path=path), vocab_size=len(self.decoder))
+        self.__init__(self.cfg.model_copy(update={"path": path}), vocab_size=len(self.decoder))
 
 
 @hookimpl

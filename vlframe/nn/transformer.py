@@ -39,7 +39,8 @@ class Block(nn.Module):
     """Pre-norm residual block: self-attention, optional cross-attention, MLP.
 
     With ``cross_dim`` set, the block also attends to a context (image tokens); the context gets
-    its own LayerNorm before the key/value projection.
+    its own LayerNorm before the key/value projection. ``cross_mlp`` gives the cross-attention an
+    MLP of its own: self-attention, MLP, cross-attention, MLP (open_clip's multimodal layer).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class Block(nn.Module):
         cross_dim: int | None = None,
         activation: str = "gelu",
         norm_eps: float = 1e-5,
+        cross_mlp: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -63,6 +65,12 @@ class Block(nn.Module):
             self.cross = Attention(dim, heads, kv_dim=cross_dim)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, mlp_dim, activation)
+        self.cross_mlp = None
+        if cross_mlp:
+            if cross_dim is None:
+                raise ValueError("cross_mlp needs cross-attention (cross_dim)")
+            self.norm_cross_mlp = nn.LayerNorm(dim, eps=norm_eps)
+            self.cross_mlp = MLP(dim, mlp_dim, activation)
 
     def forward(
         self,
@@ -74,9 +82,14 @@ class Block(nn.Module):
     ) -> Tensor:
         # Each LayerNorm is handed to the projection after it, which recomputes it in backward.
         x = x + self.attn(x, key_mask=mask, norm=self.norm1, cache=cache)
-        if self.cross is not None:
-            x = x + self.cross(x, context, key_mask=context_mask, norm=self.norm_cross, context_norm=self.norm_context,
-                               cache=cache)
+        if self.cross is None:
+            return x + self.mlp(x, norm=self.norm2)
+        if self.cross_mlp is not None:
+            x = x + self.mlp(x, norm=self.norm2)
+        x = x + self.cross(x, context, key_mask=context_mask, norm=self.norm_cross, context_norm=self.norm_context,
+                           cache=cache)
+        if self.cross_mlp is not None:
+            return x + self.cross_mlp(x, norm=self.norm_cross_mlp)
         return x + self.mlp(x, norm=self.norm2)
 
 

@@ -1,0 +1,1 @@
+"""Checkpoint importers: other frameworks' weights into vlframe models."""

@@ -1,0 +1,108 @@
+"""Import another framework's checkpoint through an importer plugin.
+
+``import_checkpoint`` returns the converted model in memory, ready to caption, embed or evaluate;
+``convert_checkpoint`` writes it as a vlframe checkpoint folder (config.yaml, model.safetensors,
+tokenizer.model, state.pt at step 0) that ``vlframe eval``, ``vlframe caption``,
+:func:`vlframe.pretrained.load_trained` and ``train.init_from`` (fine-tuning) all accept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from registry import Kind, Registry, VlframeError
+from vlframe import checkpoint, configfile
+from vlframe.config import VlframeConfig
+
+
+class ConversionError(VlframeError):
+    """A checkpoint that does not fit the architecture it was converted as."""
+
+
+def _importer(name: str, registry: Registry) -> Any:
+    catalog = registry.catalog
+    spec = catalog.get(Kind.IMPORTER, name).spec
+    return catalog.build(Kind.IMPORTER, spec.config(type=name), path=f"importer {name}")
+
+
+def import_checkpoint(
+    importer: str,
+    architecture: str | Path,
+    checkpoint_file: str | Path,
+    *,
+    registry: Registry | None = None,
+) -> tuple[nn.Module, VlframeConfig, dict[str, Any]]:
+    """The converted model (eval mode, CPU), its validated config, and where it came from.
+
+    Raises :class:`ConversionError` naming the file when its keys or shapes do not fit.
+    """
+    registry = registry or Registry.discover()
+    imp = _importer(importer, registry)
+    try:
+        data = imp.config(architecture)
+    except ValueError as exc:
+        raise ConversionError(f"--model {architecture}: {exc}") from None
+    config, _ = configfile.load(data, registry=registry)
+    model = registry.catalog.build(Kind.MODEL, config.model, path="model", catalog=registry.catalog)
+    try:
+        weights = imp.convert(imp.read(Path(checkpoint_file)), architecture)
+    except ValueError as exc:
+        raise ConversionError(f"{checkpoint_file}: {exc}") from None
+    expected = model.state_dict()
+    problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+                for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra or problems:
+        raise ConversionError(
+            f"{checkpoint_file}: the {importer} importer's output does not fit the {architecture} model: "
+            + "; ".join(filter(None, [f"shapes differ ({', '.join(problems[:6])})" if problems else "",
+                                      f"not produced: {', '.join(missing[:8])}" if missing else "",
+                                      f"not in the model: {', '.join(extra[:8])}" if extra else ""])))
+    model.load_state_dict(weights, strict=True)
+    source = {"importer": importer, "architecture": str(architecture), "checkpoint": str(Path(checkpoint_file).resolve())}
+    return model.eval(), config, source
+
+
+def convert_checkpoint(
+    importer: str,
+    architecture: str | Path,
+    checkpoint_file: str | Path,
+    out: str | Path,
+    *,
+    registry: Registry | None = None,
+) -> Path:
+    """Convert ``checkpoint_file`` and write the vlframe checkpoint folder ``out``; return it.
+
+    The folder is written beside ``out`` first and renamed into place, so a failed conversion
+    leaves nothing that looks like a checkpoint. An existing ``out`` is refused unless it is an
+    earlier conversion (then it is replaced).
+    """
+    from vlframe.api import build_tokenizer
+
+    registry = registry or Registry.discover()
+    out = Path(out)
+    if out.exists() and not (out / checkpoint.STATE).is_file():
+        raise ConversionError(f"--out {out}: exists and is not a vlframe checkpoint; choose a new folder")
+    model, config, source = import_checkpoint(importer, architecture, checkpoint_file, registry=registry)
+    tokenizer = build_tokenizer(config, registry)
+    if not tokenizer.trained:
+        raise ConversionError(f"the {importer} importer's tokenizer ({config.tokenizer.type}) needs training first")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / checkpoint.WEIGHTS))
+    torch.save({"step": 0, "converted_from": source, "config_hash": configfile.config_hash(config)},
+               tmp / checkpoint.STATE)
+    (tmp / "config.yaml").write_text(configfile.to_yaml(config), encoding="utf-8")
+    tokenizer.save(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -279,3 +279,25 @@ def test_coca_vit_l_14_maps_every_weight_to_its_vlframe_shape(registry: Registry
     model = build_model(CONFIGS / "open_clip" / "coca_ViT-L-14.yaml", registry=registry, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+
+def test_an_ablation_starts_from_the_weights_that_fit(tmp_path: Path, registry: Registry) -> None:
+    """Captioning-only from open_clip's weights: strict loading refuses, init_strict: false takes what fits."""
+    from conftest import run_cli
+
+    _convert(tmp_path, SMALL, "small", registry)
+    converted = tmp_path / "small"
+    sets = {"train.init_from": str(converted), "data.train": {"type": "synthetic", "size": 32, "image_size": 48},
+            "data.num_workers": 0, "train.steps": 1, "train.batch_size": 4, "train.precision": "fp32",
+            "train.output_dir": str(tmp_path / "runs"), "tracking.enabled": False,
+            "model.contrastive_pooler": None, "model.image_projection": None, "model.text_projection": None,
+            "model.objectives.contrastive": None}
+    args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    strict = run_cli("train", str(converted / "config.yaml"), *args)
+    assert strict.code == 2 and "train.init_from" in strict.err and "init_strict" in strict.err
+    assert "objectives.contrastive.log_inv_temperature" in strict.err
+    loose = run_cli("train", str(converted / "config.yaml"), *args, "--set", "train.init_strict=false")
+    assert loose.code == 0, loose.err
+    assert (f"initialised from {converted}: 0 tensors of the model start fresh, 6 of the checkpoint unused "
+            "(image_projection.weight, objectives.contrastive.log_inv_temperature, text_decoder.cls_token, "
+            "text_decoder.norm.bias, text_decoder.norm.weight, text_projection.weight)") in loose.err

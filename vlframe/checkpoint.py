@@ -71,6 +71,18 @@ def save(
     return final
 
 
+def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
+    """Load the weights of checkpoint ``path`` whose names and shapes fit ``model``; return the
+    model's parameters left as they were and the checkpoint's weights not used."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / WEIGHTS))
+    own = model.state_dict()
+    fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    return sorted(set(own) - set(fitting)), sorted(set(saved) - set(fitting))
+
+
 def sweep_partial(directory: Path) -> list[Path]:
     """Remove half-written checkpoints whose writer is gone (a SIGKILL or power loss mid-save).
 

@@ -67,6 +67,9 @@ class TrainConfig(ConfigModel):
     init_from: Path | None = Field(
         None, description="Start from these weights (a checkpoint or run folder, e.g. from `vlframe convert`): "
         "fine-tuning. Its tokenizer is used unless tokenizer.path is set; optimiser and step start afresh.")
+    init_strict: bool = Field(
+        True, description="false: take only the init_from weights whose name and shape fit (an ablation that drops "
+        "or resizes parts of a pretrained model); the rest keep their initialisation and the run lists them.")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:

@@ -109,12 +109,19 @@ class Trainer:
                     if cfg.data.val is not None else None)
         tokenizer = self._build_tokenizer(train_data, ckpt or init)
         model = catalog.build(Kind.MODEL, cfg.model, path="model", catalog=catalog)
-        if init is not None:
+        if init is not None and t.init_strict:
             try:
                 checkpoint.load(init, model)
             except (ValueError, RuntimeError) as exc:
-                raise ConfigError([Problem("train.init_from", f"its weights do not fit model: {exc}")]) from None
+                raise ConfigError([Problem("train.init_from", f"its weights do not fit model ({exc}); set "
+                                                             "train.init_strict: false to take those that fit")]) from None
             self._say(f"initialised from {init}", markup=False)
+        elif init is not None:
+            fresh, unused = checkpoint.load_fitting(init, model)
+            self._say(f"initialised from {init}: {len(fresh)} tensors of the model start fresh"
+                      + (f" ({', '.join(fresh[:6])}{', ...' if len(fresh) > 6 else ''})" if fresh else "")
+                      + f", {len(unused)} of the checkpoint unused"
+                      + (f" ({', '.join(unused[:6])}{', ...' if len(unused) > 6 else ''})" if unused else ""), markup=False)
         model = model.to(device)
         image_size = model.image_encoder.image_size
         collate = Collate(tokenizer, cfg.model.context_length)

@@ -257,8 +257,14 @@ def test_convert_then_caption_and_embed_from_the_command_line(tmp_path: Path) ->
     assert len(captions) == 1 and isinstance(captions[0], str)
     result = run_cli("embed", str(out), "--images", str(picture), "--out", str(tmp_path / "e.safetensors"))
     assert result.code == 0, result.err
-    # a second conversion replaces the first; a folder that is not a checkpoint is never overwritten
-    assert run_cli("convert", "open-clip", "--model", str(spec), "--checkpoint", str(weights), "--out", str(out)).code == 0
+    # a second conversion replaces the first (here with the vocabulary from a path, not the package);
+    # a folder that is not a checkpoint is never overwritten
+    vocab = tmp_path / "vocab.gz"
+    vocab.write_bytes((out / "tokenizer.model").read_bytes())
+    result = run_cli("convert", "open-clip", "--model", str(spec), "--checkpoint", str(weights), "--out", str(out),
+                     "--set", f"tokenizer.path={vocab}")
+    assert result.code == 0, result.err
+    assert f"path: {vocab}" in (out / "config.yaml").read_text()
     result = run_cli("convert", "open-clip", "--model", str(spec), "--checkpoint", str(weights), "--out", str(tmp_path))
     assert result.code == 2 and "exists and is not a vlframe checkpoint" in result.err
     result = run_cli("convert", "open-clip", "--model", "coca_ViT-B-32", "--checkpoint", str(tmp_path / "nope.pt"),

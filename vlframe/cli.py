@@ -191,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the architecture, e.g. coca_ViT-B-32 or coca_ViT-L-14 (open-clip: or a model config .json)")
     p.add_argument("--checkpoint", required=True, type=Path, metavar="FILE", help="the local weights file")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the vlframe checkpoint folder to write")
+    _add_set(p)
     p.set_defaults(func=cmd_convert)
 
     tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(
@@ -417,7 +418,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from vlframe.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.importer, args.model, args.checkpoint, args.out)
+    out = convert_checkpoint(args.importer, args.model, args.checkpoint, args.out, overrides=args.overrides)
     print(f"wrote {out} ({args.importer} {args.model} from {args.checkpoint})")
     print(f"caption: vlframe caption {out} IMAGE ...   evaluate: vlframe eval {out} --task zeroshot --data FOLDER")
     print(f"fine-tune: vlframe train CONFIG.yaml --set train.init_from={out}  (start from {out / 'config.yaml'})")

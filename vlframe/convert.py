@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,14 @@ def import_checkpoint(
     architecture: str | Path,
     checkpoint_file: str | Path,
     *,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
     registry: Registry | None = None,
 ) -> tuple[nn.Module, VlframeConfig, dict[str, Any]]:
     """The converted model (eval mode, CPU), its validated config, and where it came from.
 
-    Raises :class:`ConversionError` naming the file when its keys or shapes do not fit.
+    ``overrides`` (``"a.b=value"``) adjust the importer's config, e.g. ``tokenizer.path`` or
+    ``model.attention_backend``; the architecture itself is the checkpoint's. Raises
+    :class:`ConversionError` naming the file when its keys or shapes do not fit.
     """
     registry = registry or Registry.discover()
     imp = _importer(importer, registry)
@@ -49,7 +53,7 @@ def import_checkpoint(
         data = imp.config(architecture)
     except ValueError as exc:
         raise ConversionError(f"--model {architecture}: {exc}") from None
-    config, _ = configfile.load(data, registry=registry)
+    config, _ = configfile.load(data, overrides, registry=registry)
     model = registry.catalog.build(Kind.MODEL, config.model, path="model", catalog=registry.catalog)
     try:
         weights = imp.convert(imp.read(Path(checkpoint_file)), architecture)
@@ -76,6 +80,7 @@ def convert_checkpoint(
     checkpoint_file: str | Path,
     out: str | Path,
     *,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
     registry: Registry | None = None,
 ) -> Path:
     """Convert ``checkpoint_file`` and write the vlframe checkpoint folder ``out``; return it.
@@ -90,7 +95,8 @@ def convert_checkpoint(
     out = Path(out)
     if out.exists() and not (out / checkpoint.STATE).is_file():
         raise ConversionError(f"--out {out}: exists and is not a vlframe checkpoint; choose a new folder")
-    model, config, source = import_checkpoint(importer, architecture, checkpoint_file, registry=registry)
+    model, config, source = import_checkpoint(importer, architecture, checkpoint_file, overrides=overrides,
+                                              registry=registry)
     tokenizer = build_tokenizer(config, registry)
     if not tokenizer.trained:
         raise ConversionError(f"the {importer} importer's tokenizer ({config.tokenizer.type}) needs training first")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry import Registry
+from registry import Kind, Registry
 from conftest import CONFIGS
 
 open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a test dependency")
@@ -157,6 +157,13 @@ def test_the_bundled_architectures_match_open_clips_configs_and_configs_folder(r
         assert config.model == expected.model and config.tokenizer == expected.tokenizer, written
 
 
+def test_the_legacy_mask_refuses_texts_not_padded_to_the_context(tmp_path: Path, registry: Registry) -> None:
+    _, trained = _convert(tmp_path, SMALL, "small", registry)
+    short = open_clip.tokenizer.tokenize(["a dog"], context_length=20)[:, :8]
+    with pytest.raises(ValueError, match="needs texts padded to context_length 20, got 8 tokens"):
+        trained.model.encode_text(short)
+
+
 def test_the_image_transform_matches_open_clips(tmp_path: Path, registry: Registry) -> None:
     from PIL import Image
 
@@ -206,6 +213,11 @@ def test_unsupported_open_clip_settings_are_named(tmp_path: Path, registry: Regi
     spec.write_text(json.dumps(odd))
     with pytest.raises(ConversionError, match=r"vision_cfg.attentional_pool: 'parallel'.*text_cfg.hf_model_name"):
         import_checkpoint("open-clip", spec, tmp_path / "none.pt", registry=registry)
+    # a hub repository's open_clip_config.json wraps the model config
+    wrapped = tmp_path / "open_clip_config.json"
+    wrapped.write_text(json.dumps({"model_cfg": SMALL, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5]}}))
+    assert registry.catalog.build(Kind.IMPORTER, registry.catalog.get(Kind.IMPORTER, "open-clip").spec.config(
+        type="open-clip")).config(wrapped)["model"]["embed_dim"] == 64
     with pytest.raises(ConversionError, match="unknown open_clip CoCa architecture 'coca_ViT-H-14'"):
         import_checkpoint("open-clip", "coca_ViT-H-14", tmp_path / "none.pt", registry=registry)
 
@@ -266,7 +278,16 @@ def test_convert_then_caption_and_embed_from_the_command_line(tmp_path: Path) ->
     assert result.code == 0, result.err
     assert f"path: {vocab}" in (out / "config.yaml").read_text()
     result = run_cli("convert", "open-clip", "--model", str(spec), "--checkpoint", str(weights), "--out", str(tmp_path))
-    assert result.code == 2 and "exists and is not a vlframe checkpoint" in result.err
+    assert result.code == 2 and "exists and is not an earlier conversion" in result.err
+    # nor is a training checkpoint, and resuming from a conversion points to init_from
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"step": 3, "optimizer": {}}, tmp_path / "ckpt" / "state.pt")
+    result = run_cli("convert", "open-clip", "--model", str(spec), "--checkpoint", str(weights),
+                     "--out", str(tmp_path / "ckpt"))
+    assert result.code == 2 and (tmp_path / "ckpt" / "state.pt").is_file()
+    result = run_cli("train", str(out / "config.yaml"), "--resume", str(out), "--set",
+                     'data.train={"type": "synthetic", "size": 8}', "--set", "tracking.enabled=false")
+    assert result.code == 2 and f"use --set train.init_from={out}" in result.err
     result = run_cli("convert", "open-clip", "--model", "coca_ViT-B-32", "--checkpoint", str(tmp_path / "nope.pt"),
                      "--out", str(tmp_path / "x"))
     assert result.code == 2 and f"{tmp_path / 'nope.pt'}: no such checkpoint file" in result.err

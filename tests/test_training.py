@@ -173,3 +173,20 @@ def test_partial_checkpoints_of_dead_writers_are_swept_and_live_ones_kept(tmp_pa
     assert checkpoint.find(tmp_path) is None  # a partial folder is never a checkpoint
     assert checkpoint.sweep_partial(folder) == [gone]
     assert live.is_dir() and not gone.exists()
+
+
+def test_loading_what_fits_counts_tied_weights_as_loaded(tmp_path: Path) -> None:
+    from safetensors.torch import save_model
+    from torch import nn
+
+    def tied(extra: int) -> nn.Module:
+        model = nn.Module()
+        model.embed, model.head, model.extra = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False), nn.Linear(extra, 2)
+        model.head.weight = model.embed.weight
+        return model
+
+    source, target = tied(2), tied(4)
+    save_model(source, str(tmp_path / checkpoint.WEIGHTS))  # the tied pair is stored once
+    fresh, unused = checkpoint.load_fitting(tmp_path, target)
+    assert fresh == ["extra.weight"] and unused == ["extra.weight"]  # resized: kept fresh, the saved one unused
+    assert torch.equal(target.head.weight, source.embed.weight)

@@ -80,7 +80,9 @@ def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
     own = model.state_dict()
     fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fitting, strict=False)
-    return sorted(set(own) - set(fitting)), sorted(set(saved) - set(fitting))
+    loaded = {own[k].data_ptr() for k in fitting}  # a tied weight is loaded through its twin
+    fresh = [k for k in own if k not in fitting and own[k].data_ptr() not in loaded]
+    return sorted(fresh), sorted(set(saved) - set(fitting))
 
 
 def sweep_partial(directory: Path) -> list[Path]:

@@ -27,6 +27,10 @@ class ConversionError(VlframeError):
     """A checkpoint that does not fit the architecture it was converted as."""
 
 
+def _some(items: list[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
 def _importer(name: str, registry: Registry) -> Any:
     catalog = registry.catalog
     spec = catalog.get(Kind.IMPORTER, name).spec
@@ -66,9 +70,9 @@ def import_checkpoint(
     if missing or extra or problems:
         raise ConversionError(
             f"{checkpoint_file}: the {importer} importer's output does not fit the {architecture} model: "
-            + "; ".join(filter(None, [f"shapes differ ({', '.join(problems[:6])})" if problems else "",
-                                      f"not produced: {', '.join(missing[:8])}" if missing else "",
-                                      f"not in the model: {', '.join(extra[:8])}" if extra else ""])))
+            + "; ".join(filter(None, [f"shapes differ ({_some(problems)})" if problems else "",
+                                      f"not produced: {_some(missing)}" if missing else "",
+                                      f"not in the model: {_some(extra)}" if extra else ""])))
     model.load_state_dict(weights, strict=True)
     source = {"importer": importer, "architecture": str(architecture), "checkpoint": str(Path(checkpoint_file).resolve())}
     return model.eval(), config, source
@@ -93,8 +97,8 @@ def convert_checkpoint(
 
     registry = registry or Registry.discover()
     out = Path(out)
-    if out.exists() and not (out / checkpoint.STATE).is_file():
-        raise ConversionError(f"--out {out}: exists and is not a vlframe checkpoint; choose a new folder")
+    if out.exists() and not _is_conversion(out):
+        raise ConversionError(f"--out {out}: exists and is not an earlier conversion; choose a new folder")
     model, config, source = import_checkpoint(importer, architecture, checkpoint_file, overrides=overrides,
                                               registry=registry)
     tokenizer = build_tokenizer(config, registry)
@@ -103,12 +107,24 @@ def convert_checkpoint(
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / checkpoint.WEIGHTS))
-    torch.save({"step": 0, "converted_from": source, "config_hash": configfile.config_hash(config)},
-               tmp / checkpoint.STATE)
-    (tmp / "config.yaml").write_text(configfile.to_yaml(config), encoding="utf-8")
-    tokenizer.save(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        save_model(model, str(tmp / checkpoint.WEIGHTS))
+        torch.save({"step": 0, "converted_from": source, "config_hash": configfile.config_hash(config)},
+                   tmp / checkpoint.STATE)
+        (tmp / "config.yaml").write_text(configfile.to_yaml(config), encoding="utf-8")
+        tokenizer.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _is_conversion(folder: Path) -> bool:
+    """Whether ``folder`` was written by :func:`convert_checkpoint` (so replacing it loses nothing)."""
+    try:
+        state = torch.load(folder / checkpoint.STATE, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable or absent: not ours to replace
+        return False
+    return isinstance(state, dict) and "converted_from" in state

@@ -86,7 +86,7 @@ class Trained:
     def load_images(self, images: Sequence[str | Path | Image.Image]) -> Tensor:
         """Files or PIL images -> the normalised batch ``(B, 3, S, S)`` the model expects."""
         transform = self.transform()
-        pictures = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        pictures = [im.convert("RGB") if isinstance(im, Image.Image) else load_image(im) for im in images]
         return torch.stack([transform(p) for p in pictures]).to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:

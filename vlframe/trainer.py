@@ -113,8 +113,9 @@ class Trainer:
             try:
                 checkpoint.load(init, model)
             except (ValueError, RuntimeError) as exc:
-                raise ConfigError([Problem("train.init_from", f"its weights do not fit model ({exc}); set "
-                                                             "train.init_strict: false to take those that fit")]) from None
+                why = " ".join(str(exc).split())
+                raise ConfigError([Problem("train.init_from", f"its weights do not fit the model ({why[:400]}); "
+                                                             "set train.init_strict: false to take those that fit")]) from None
             self._say(f"initialised from {init}", markup=False)
         elif init is not None:
             fresh, unused = checkpoint.load_fitting(init, model)
@@ -136,7 +137,10 @@ class Trainer:
         if ckpt is not None:
             try:
                 state = checkpoint.load(ckpt, model, optimizer, scheduler)
-            except (ValueError, KeyError, RuntimeError) as exc:
+            except KeyError as exc:
+                raise VlframeError(f"--resume {ckpt}: not a training checkpoint (no {exc} state); to start from "
+                                   f"its weights use --set train.init_from={ckpt}") from None
+            except (ValueError, RuntimeError) as exc:
                 raise VlframeError(f"--resume {ckpt}: cannot continue this config from it: {exc}") from exc
             if state.get("config_hash") not in (None, configfile.config_hash(cfg)):
                 self._say(f"note: the config differs from the one {ckpt.name} was trained with "

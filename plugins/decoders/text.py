@@ -64,6 +64,11 @@ class TextDecoder(nn.Module):
             raise ValueError(f"text of {start + length} tokens exceeds context_length {self.context_length}")
         x = self.token_embedding(tokens) + self.pos_embed[start : start + length]
         with_cls = cache is None and embed and self.mode == "cls"
+        if with_cls and self.legacy_mask and start + length != self.context_length:
+            # The CLS vector carries the position after a full context (folded in at conversion)
+            # and the shifted mask assumes padding after the text: both need the whole context.
+            raise ValueError(f"padding_mask open_clip_legacy needs texts padded to context_length "
+                             f"{self.context_length}, got {length} tokens (tokenizer.pad_to_context: true)")
         keys = mask  # None: every key is real
         if mask is not None:
             keys = torch.cat([mask, mask.new_ones(b, 1)], dim=1) if with_cls else mask

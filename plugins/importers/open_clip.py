@@ -65,7 +65,9 @@ _DEFAULT_ONLY = [
     ("text_cfg", "ls_init_value", None), ("text_cfg", "hf_model_name", None), ("text_cfg", "embed_cls", True),
     ("text_cfg", "no_causal_mask", False), ("text_cfg", "proj_bias", False), ("text_cfg", "pad_id", 0),
     ("text_cfg", "mlp_ratio", 4.0), ("multimodal_cfg", "ls_init_value", None),
-    ("multimodal_cfg", "mlp_ratio", 4.0),
+    ("multimodal_cfg", "mlp_ratio", 4.0), ("vision_cfg", "mlp_ratio", 4.0),
+    ("vision_cfg", "norm_kwargs", None), ("text_cfg", "norm_kwargs", None), ("vision_cfg", "act_kwargs", None),
+    ("text_cfg", "act_kwargs", None), ("multimodal_cfg", "norm_kwargs", None), ("multimodal_cfg", "act_kwargs", None),
 ]
 
 
@@ -82,9 +84,11 @@ def _architecture(architecture: str | Path | Mapping[str, Any]) -> tuple[str, di
     path = Path(architecture)
     if path.suffix == ".json" or path.is_file():
         try:
-            return path.stem, json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: not a readable open_clip model config ({exc})") from None
+        # A hub repository's open_clip_config.json wraps the model config with its preprocessing.
+        return path.stem, data.get("model_cfg", data) if isinstance(data, dict) else data
     raise ValueError(f"unknown open_clip CoCa architecture '{architecture}'; known: {', '.join(ARCHITECTURES)} "
                      "(or the path of an open_clip model config .json)")
 
@@ -101,8 +105,17 @@ def _dims(oc: dict[str, Any]) -> dict[str, Any]:
                         "released CoCa pooler, is supported)")
     for section, key, default in _DEFAULT_ONLY:
         value = sections[section].get(key, default)
-        if value != default and not (isinstance(default, float) and value == int(default)):
+        if value in ({}, None) and default is None:
+            continue
+        if value != default:
             problems.append(f"{section}.{key}: {value!r} is not supported (only {default!r})")
+    for section, key in [("vision_cfg", "layers"), ("vision_cfg", "width"), ("vision_cfg", "image_size"),
+                         ("vision_cfg", "patch_size"), ("text_cfg", "layers"), ("text_cfg", "width"),
+                         ("multimodal_cfg", "layers"), ("multimodal_cfg", "width")]:
+        if key in sections[section] and not isinstance(sections[section][key], int):
+            problems.append(f"{section}.{key}: {sections[section][key]!r} is not supported (one integer)")
+    if problems:
+        raise ValueError("open_clip config: " + "; ".join(problems))
     d = {
         "embed_dim": oc.get("embed_dim"),
         "quick_gelu": bool(oc.get("quick_gelu", False)),
@@ -126,8 +139,6 @@ def _dims(oc: dict[str, Any]) -> dict[str, Any]:
     elif not d["embed_dim"] == d["multi_width"] == d["text_width"]:
         problems.append(f"embed_dim ({d['embed_dim']}), text_cfg.width ({d['text_width']}) and multimodal_cfg.width "
                         f"({d['multi_width']}) differ: open_clip's CoCa feeds one into the other unprojected")
-    if isinstance(d["image_size"], (list, tuple)) or isinstance(d["patch_size"], (list, tuple)):
-        problems.append("vision_cfg: only square images and patches are supported")
     if problems:
         raise ValueError("open_clip config: " + "; ".join(problems))
     return d

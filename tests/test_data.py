@@ -123,8 +123,8 @@ def test_shards_round_trip_and_train(tmp_path: Path, registry: Registry, scenes)
     assert len(ds) == 24
     for i in (0, 13, 23):
         assert ds[i].captions == scenes[i].captions
-        original = torch.from_numpy(np.asarray(scenes[i].image)).float()
-        decoded = torch.from_numpy(np.asarray(ds[i].image)).float()
+        original = torch.from_numpy(np.array(scenes[i].image)).float()
+        decoded = torch.from_numpy(np.array(ds[i].image)).float()
         assert (original - decoded).abs().mean() < 3  # JPEG round trip
     assert list(ds.captions()) == list(scenes.captions())
     with pytest.raises(ConfigError, match="1 shard\\(s\\) not found"):

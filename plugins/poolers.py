@@ -26,8 +26,9 @@ class AttentionalPoolerConfig(ComponentConfig):
     norm_eps: float = Field(1e-5, gt=0)
     query_norm: bool = Field(False, description="LayerNorm on the learned queries before they attend (open_clip).")
     summary_queries: int = Field(
-        0, ge=0, description="The first n outputs summarise the image: a cascaded 'cls' contrastive pooler reads "
-        "them and the multimodal decoder attends only to the others (open_clip's CoCa: 1 of 256).")
+        0, ge=0, description="The first n outputs summarise the image: the multimodal decoder attends only to the "
+        "others, and a cascaded contrastive pooler sees all (open_clip's CoCa: 1 of 256, read by 'cls'). Without a "
+        "cascaded contrastive pooler (an ablation) they are left unread.")
 
     @model_validator(mode="after")
     def _summary_fits(self) -> AttentionalPoolerConfig:

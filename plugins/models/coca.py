@@ -105,10 +105,6 @@ class CoCaConfig(ComponentConfig):
         if contrastive and cascade and self.caption_pooler is None:
             problems.append((("pooler_arrangement",), "cascade needs a caption_pooler to cascade from; "
                              "use parallel for a contrastive pooler on the image tokens"))
-        summary = getattr(self.caption_pooler, "summary_queries", 0)
-        if summary and not (contrastive and cascade):
-            problems.append((("caption_pooler", "summary_queries"), "summary outputs are read only by a cascaded "
-                             "contrastive_pooler (pooler_arrangement: cascade); here nothing would read them"))
         if self.caption_pooler is not None and not captioning and not (contrastive and cascade):
             problems.append((("caption_pooler",), "nothing reads the caption_pooler (no multimodal_decoder)"))
         raise_problems("CoCaConfig", problems)

@@ -79,6 +79,25 @@ class Trainer:
                 tokenizer = build_tokenizer(cfg, self.registry, target)
         return tokenizer
 
+    def _initialise(self, model: nn.Module, init: Path) -> None:
+        """Fine-tuning: start from ``init``'s weights (all of them, or with init_strict off those that fit)."""
+        if self.config.train.init_strict:
+            try:
+                checkpoint.load(init, model)
+            except (ValueError, RuntimeError) as exc:
+                why = " ".join(str(exc).split())[:400]  # torch's message spans lines: keep one problem one line
+                raise ConfigError([Problem("train.init_from", f"its weights do not fit the model ({why}); "
+                                                             "set train.init_strict: false to take those that fit")]) from None
+            self._say(f"initialised from {init}", markup=False)
+            return
+
+        def some(names: list[str]) -> str:
+            return f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
+
+        fresh, unused = checkpoint.load_fitting(init, model)
+        self._say(f"initialised from {init}: {len(fresh)} tensors of the model start fresh{some(fresh)}, "
+                  f"{len(unused)} of the checkpoint unused{some(unused)}", markup=False)
+
     # -- the loop --------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
@@ -109,20 +128,8 @@ class Trainer:
                     if cfg.data.val is not None else None)
         tokenizer = self._build_tokenizer(train_data, ckpt or init)
         model = catalog.build(Kind.MODEL, cfg.model, path="model", catalog=catalog)
-        if init is not None and t.init_strict:
-            try:
-                checkpoint.load(init, model)
-            except (ValueError, RuntimeError) as exc:
-                why = " ".join(str(exc).split())
-                raise ConfigError([Problem("train.init_from", f"its weights do not fit the model ({why[:400]}); "
-                                                             "set train.init_strict: false to take those that fit")]) from None
-            self._say(f"initialised from {init}", markup=False)
-        elif init is not None:
-            fresh, unused = checkpoint.load_fitting(init, model)
-            self._say(f"initialised from {init}: {len(fresh)} tensors of the model start fresh"
-                      + (f" ({', '.join(fresh[:6])}{', ...' if len(fresh) > 6 else ''})" if fresh else "")
-                      + f", {len(unused)} of the checkpoint unused"
-                      + (f" ({', '.join(unused[:6])}{', ...' if len(unused) > 6 else ''})" if unused else ""), markup=False)
+        if init is not None:
+            self._initialise(model, init)
         model = model.to(device)
         image_size = model.image_encoder.image_size
         collate = Collate(tokenizer, cfg.model.context_length)

@@ -39,8 +39,8 @@ def main() -> int:
 
     import torch
 
-    from vlframe import configfile
-    from vlframe.trainer import Trainer, default_run_dir
+    from vlframe.config import files as configfile
+    from vlframe.training.trainer import Trainer, default_run_dir
 
     config_path = ROOT / "configs" / "flickr8k.yaml"
     overrides = [f"train.steps={args.steps}", f"data.train.path={DATA / 'train.jsonl'}",
@@ -68,7 +68,7 @@ def main() -> int:
     # Greedy captions of the first 300 val images against their 5 references (the reference
     # protocol), then zero-shot classification of Imagenette, with the final weights.
     from vlframe import evaluation
-    from vlframe.pretrained import load_trained
+    from vlframe.inference.trained import load_trained
 
     trained = load_trained(result.checkpoint, precision=config.train.precision)
     began = time.time()

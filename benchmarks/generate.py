@@ -51,8 +51,8 @@ def main() -> int:
     torch.manual_seed(0)
 
     import vlframe
-    from vlframe.generation import generate
-    from vlframe.trainer import resolve_precision
+    from vlframe.inference.generation import generate
+    from vlframe.runtime.precision import resolve_precision
 
     images = torch.randn(args.images, 3, 128, 128)
     model = vlframe.build_model(ROOT / "configs" / "coca_tiny.yaml").eval()

@@ -36,7 +36,7 @@ from generate import timed  # noqa: E402
 def build_open_clip(seed: int = 0):
     from open_clip.coca_model import CoCa
 
-    from plugins.importers.open_clip import ARCHITECTURES
+    from vlframe_builtins.importers.open_clip import ARCHITECTURES
 
     oc = ARCHITECTURES["coca_ViT-B-32"]
     torch.manual_seed(seed)
@@ -63,9 +63,9 @@ def main() -> int:
 
     import open_clip
 
-    from vlframe.convert import convert_checkpoint
-    from vlframe.generation import generate
-    from vlframe.pretrained import load_trained
+    from vlframe.interchange.convert import convert_checkpoint
+    from vlframe.inference.generation import generate
+    from vlframe.inference.trained import load_trained
 
     reference = build_open_clip()
     with tempfile.TemporaryDirectory() as tmp:

@@ -185,7 +185,7 @@ def main() -> None:
 
     import torch
 
-    from vlframe.trainer import resolve_precision
+    from vlframe.runtime.precision import resolve_precision
 
     trainer_mode = resolve_precision("auto", torch.device("cpu"))
     print(f"coca_tiny training step, batch {args.batch}, {args.threads} threads, eager; "

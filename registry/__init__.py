@@ -1,16 +1,20 @@
-"""vlframe's plugin contract: hook specifications, plugin manager, catalog, config bases, errors.
+"""vlframe's plugin contract: hook specifications, protocols, plugin manager, catalog, config bases.
 
 This package depends only on pluggy and pydantic: plugins and the engine depend on it, never the
-other way round.
+other way round. What each kind's factory must return is in :mod:`registry.protocols`.
 """
 
-from registry.catalog import Catalog, Entry
+from registry.catalog import DEBUG_HINT, ENV_DEBUG, Catalog, Entry, debugging
 from registry.config import (
+    KIND_CONFIG_BASE,
     ComponentConfig,
     ConfigModel,
+    DatasetConfig,
     ExistingDir,
     ExistingFile,
+    ModelConfig,
     ObjectiveConfig,
+    TaskConfig,
     component,
     raise_problems,
 )
@@ -31,36 +35,47 @@ from registry.manager import (
     ENV_BLOCK,
     ENV_DISABLE_AUTOLOAD,
     ENV_ENABLE,
+    ENV_OVERRIDE,
     PluginInfo,
     Registry,
 )
+from registry.protocols import Capability
 from registry.specs import ComponentSpec
 
 __all__ = [
     "BuildError",
+    "Capability",
     "Catalog",
     "ComponentConfig",
     "ComponentSpec",
     "ConfigError",
     "ConfigModel",
+    "DEBUG_HINT",
+    "DatasetConfig",
     "DuplicateComponentError",
     "ENTRY_POINT_GROUP",
     "ENV_BLOCK",
+    "ENV_DEBUG",
     "ENV_DISABLE_AUTOLOAD",
     "ENV_ENABLE",
+    "ENV_OVERRIDE",
     "Entry",
     "ExistingDir",
     "ExistingFile",
+    "KIND_CONFIG_BASE",
     "Kind",
+    "ModelConfig",
     "ObjectiveConfig",
     "PluginError",
     "PluginInfo",
     "PluginLoadError",
     "Problem",
     "Registry",
+    "TaskConfig",
     "UnknownComponentError",
     "VlframeError",
     "component",
+    "debugging",
     "hookimpl",
     "raise_problems",
 ]

@@ -10,6 +10,7 @@ everywhere (``extra="forbid"``), so a misspelled key is an error rather than a s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -24,10 +25,11 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     WrapValidator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from registry.errors import did_you_mean
+from registry.errors import DuplicateComponentError
 from registry.kinds import Kind
 
 #: Key under which the validation context carries the :class:`~registry.catalog.Catalog`.
@@ -54,11 +56,6 @@ class ObjectiveConfig(ComponentConfig):
     weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="Multiplier of this loss in the total.")
     #: Model outputs this objective reads (e.g. ``image_embeds``); a model builder checks them.
     requires: ClassVar[frozenset[str]] = frozenset()
-
-
-#: The config base class each kind's config must subclass.
-KIND_CONFIG_BASE: dict[Kind, type[ComponentConfig]] = {kind: ComponentConfig for kind in Kind}
-KIND_CONFIG_BASE[Kind.OBJECTIVE] = ObjectiveConfig
 
 
 def _dispatch(kind: Kind):
@@ -91,16 +88,12 @@ def _dispatch(kind: Kind):
             )
         if not isinstance(name, str) or name not in names:
             raise PydanticCustomError(
-                "vlframe_unknown_component",
-                "unknown {kind} '{name}'{hint}; registered: {names}",
-                {
-                    "kind": kind.label,
-                    "name": str(name),
-                    "hint": did_you_mean(str(name), names),
-                    "names": catalog.describe(kind),
-                },
-            )
-        config_cls = catalog.get(kind, name).spec.config
+                "vlframe_unknown_component", "{message}", {"message": catalog.unknown_message(kind, str(name))})
+        try:
+            entry = catalog.get(kind, name)
+        except DuplicateComponentError as exc:
+            raise PydanticCustomError("vlframe_contested_component", "{message}", {"message": str(exc)}) from None
+        config_cls = entry.spec.config
         return config_cls.model_validate(dict(value), context=info.context)
 
     return validate
@@ -149,3 +142,108 @@ def raise_problems(title: str, problems: Sequence[tuple[tuple[str | int, ...], s
         for loc, message in problems
     ]
     raise ValidationError.from_exception_data(title, details)
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ModelConfig(ComponentConfig):
+    """Base of model builders' configs: what the engine needs to know without building the model.
+
+    A builder adds its component slots and overrides :meth:`produces`, :meth:`capabilities` and,
+    where it can, :meth:`trained_parts` and :attr:`image_size`. The objectives are checked here
+    once for every builder: their names, that each one's ``requires`` is among the outputs the
+    model produces, and that every configured part learns from some objective (a part no loss
+    reaches would sit idle in one process and stop DDP at its second step).
+    """
+
+    vocab_size: int = Field(64000, gt=0, description="Token vocabulary of the text side (an upper bound "
+                            "for the tokenizer).")
+    context_length: int = Field(64, gt=1, description="Longest text, in tokens, BOS and EOS included.")
+    pad_id: int = Field(0, ge=0, description="Padding token id, for inputs given without a mask.")
+    objectives: dict[str, component(Kind.OBJECTIVE)] = Field(
+        description="Losses by name; the total is their weighted sum.")
+
+    #: For messages: which settings produce an output objectives may require.
+    producers: ClassVar[Mapping[str, str]] = {}
+
+    @property
+    def image_size(self) -> int | None:
+        """The side of the square images the model takes, when the config alone says it."""
+        return None
+
+    def produces(self) -> set[str]:
+        """The outputs (``registry.protocols.OUTPUTS`` names) this configuration computes."""
+        return {"text", "text_mask"}
+
+    def capabilities(self) -> frozenset[str]:
+        """The capabilities (``registry.protocols.Capability``) the built model declares."""
+        return frozenset()
+
+    def trained_parts(self) -> dict[str, set[str]]:
+        """Each configured part (a field name) and the outputs through which it gets a gradient."""
+        return {}
+
+    def wiring_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """The builder's own cross-field checks, as ``(location, message)`` (reported with the rest)."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> ModelConfig:
+        problems: list[tuple[tuple[str, ...], str]] = []
+        if not self.objectives:
+            problems.append((("objectives",), "at least one objective is needed"))
+        produced = self.produces()
+        required: set[str] = set()
+        for name, objective in self.objectives.items():
+            if not _IDENTIFIER.match(name):
+                problems.append((("objectives", name), "objective names must be identifiers (letters, digits, _)"))
+            needs = set(getattr(type(objective), "requires", frozenset()))
+            required |= needs
+            for need in sorted(needs - produced):
+                hint = f" (set {self.producers[need]})" if need in self.producers else ""
+                problems.append((("objectives", name), f"needs {need}, which this model does not produce{hint}"))
+        problems += self.wiring_problems()
+        if self.objectives and not problems:  # only once the wiring itself is sound
+            for part, outputs in self.trained_parts().items():
+                if outputs and not outputs & required:
+                    problems.append(((part,), f"no objective trains it (none reads {' or '.join(sorted(outputs))}); "
+                                              "add an objective that does, or remove the part"))
+        raise_problems(type(self).__name__, problems)
+        return self
+
+
+class DatasetConfig(ComponentConfig):
+    """Optional base of dataset configs: a dataset may say which paths it reads.
+
+    ``vlframe eval --data PATH`` asks every registered dataset's config class for
+    :meth:`from_path`; the one that accepts the path is used (several: the user is asked to
+    write a dataset block instead).
+    """
+
+    @classmethod
+    def from_path(cls, path: Path) -> dict[str, Any] | None:
+        """The dataset block (``{"type": ..., ...}``) reading ``path``, or None if not this dataset's."""
+        return None
+
+
+class TaskConfig(ComponentConfig):
+    """Base of evaluation tasks' configs.
+
+    ``requires`` names the model capabilities the task needs; ``periodic`` marks a task cheap
+    enough, and needing nothing but the run's validation split, to run during training's
+    validation (and in sweeps whose file lists no tasks).
+    """
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+    periodic: ClassVar[bool] = False
+    data: str | dict[str, Any] | None = Field(
+        None, description="What to evaluate on: a path or dataset name as for --data, or a dataset block; "
+        "none: the run's validation split.")
+
+
+#: The config base class each kind's config must subclass.
+KIND_CONFIG_BASE: dict[Kind, type[ComponentConfig]] = {kind: ComponentConfig for kind in Kind}
+KIND_CONFIG_BASE[Kind.OBJECTIVE] = ObjectiveConfig
+KIND_CONFIG_BASE[Kind.MODEL] = ModelConfig
+KIND_CONFIG_BASE[Kind.TASK] = TaskConfig

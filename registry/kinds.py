@@ -18,6 +18,7 @@ class Kind(str, Enum):
     TOKENIZER = "tokenizer"
     DATASET = "dataset"
     IMPORTER = "importer"
+    TASK = "task"
 
     @property
     def label(self) -> str:
@@ -46,4 +47,5 @@ _HOOKS = {
     Kind.TOKENIZER: "vlframe_tokenizers",
     Kind.DATASET: "vlframe_datasets",
     Kind.IMPORTER: "vlframe_importers",
+    Kind.TASK: "vlframe_tasks",
 }

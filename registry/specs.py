@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -20,14 +20,20 @@ class ComponentSpec(Generic[C]):
 
     ``name`` is what a config's ``type`` key selects; ``config`` validates the rest of that
     block; ``factory(config, **kwargs)`` builds the component (the keyword arguments each kind
-    receives are documented on its hook in :mod:`registry.hookspecs`); ``summary`` is one line
-    for ``vlframe plugins list``.
+    receives are documented on its hook in :mod:`registry.hookspecs`, and what it must return in
+    :mod:`registry.protocols`); ``summary`` is one line for ``vlframe plugins list``.
+
+    ``example`` (optional) is a config block the conformance kit (``vlframe plugins check``,
+    ``vlframe.testing``) builds the component from, for components whose config has required
+    fields or, for a model builder, a small complete model. Without one the kit uses
+    ``{"type": name}``.
     """
 
     name: str
     config: type[C]
     factory: Callable[..., Any]
     summary: str
+    example: Mapping[str, Any] | None = None
 
     def problems(self, base: type[ComponentConfig]) -> list[str]:
         """What is wrong with this spec, as messages (empty when it is sound)."""
@@ -43,4 +49,6 @@ class ComponentSpec(Generic[C]):
             found.append("factory is not callable")
         if not isinstance(self.summary, str) or not self.summary.strip() or "\n" in self.summary:
             found.append("summary must be one non-empty line")
+        if self.example is not None and not isinstance(self.example, Mapping):
+            found.append("example must be a mapping (a config block)")
         return found

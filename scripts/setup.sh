@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
 # Set up vlframe in ./.venv, ready to run: bash scripts/setup.sh
 #
-# The heavy dependencies (torch, timm, ...) go into a shared environment keyed by a hash of
-# pyproject.toml (default ~/.cache/vlframe/deps-HASH, or $VLFRAME_DEPS), installed once; each
+# The heavy dependencies (torch, timm, ...) go into a shared environment keyed by a hash of the
+# dependency lists in pyproject.toml (default ~/.cache/vlframe/deps-HASH, or $VLFRAME_DEPS),
+# installed once (editing entry points or metadata reuses it); each
 # checkout gets a light ./.venv that sees those packages and holds an editable install of this
 # checkout, so several clones never point one another's `vlframe` command at the wrong tree.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
-hash=$(sha256sum "$root/pyproject.toml" | cut -c1-16)
-deps=${VLFRAME_DEPS:-${XDG_CACHE_HOME:-$HOME/.cache}/vlframe/deps-$hash}
 venv="$root/.venv"
+# The dependencies (and test extras), read from pyproject.toml: they alone key the environment.
+requirements=$("$python" - "$root/pyproject.toml" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print("\n".join(project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), [])))
+PY
+)
+hash=$(printf '%s\n%s\n' "$("$python" -c 'import sys; print(sys.version)')" "$requirements" | sha256sum | cut -c1-16)
+deps=${VLFRAME_DEPS:-${XDG_CACHE_HOME:-$HOME/.cache}/vlframe/deps-$hash}
 
 if [ ! -f "$deps/.complete" ]; then
     echo "vlframe setup: installing dependencies into $deps (once; several minutes for torch)" >&2
     rm -rf "$deps"
     "$python" -m venv "$deps"
     "$deps/bin/python" -m pip install --quiet --upgrade pip
-    # The project's dependencies (and test extras), read from pyproject.toml.
-    "$deps/bin/python" - "$root/pyproject.toml" > "$deps/requirements.txt" <<'PY'
-import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-print("\n".join(project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), [])))
-PY
+    printf '%s\n' "$requirements" > "$deps/requirements.txt"
     "$deps/bin/python" -m pip install --quiet -r "$deps/requirements.txt"
     touch "$deps/.complete"
 fi

@@ -48,13 +48,25 @@ class CliResult:
     err: str
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> CliResult:
-    """Run the installed ``vlframe`` command in a fresh process."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VLFRAME_")}
+#: Environment variables the suite passes on to the processes it starts (the rest of VLFRAME_* is
+#: plugin loading, which each test sets itself): VLFRAME_PRECISION=fp32 runs everything in float32.
+PASSED_ON = ("VLFRAME_PRECISION",)
+
+
+def clean_env(*drop: str) -> dict[str, str]:
+    """This process's environment without vlframe's plugin settings (and without ``drop`` prefixes)."""
+    return {k: v for k, v in os.environ.items()
+            if not (k.startswith(("VLFRAME_", *drop)) and k not in PASSED_ON)}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 1800) -> CliResult:
+    """Run the installed ``vlframe`` command in a fresh process. ``timeout`` is a hang guard only,
+    far above any expected time (the suite runs on slow and loaded machines too)."""
+    full_env = clean_env()
     full_env.update(env or {})
     exe = Path(sys.executable).with_name("vlframe")
     proc = subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300
+        [str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

@@ -15,9 +15,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from registry import Kind  # noqa: E402
-from vlframe import configfile, distributed  # noqa: E402
+from vlframe.config import files as configfile  # noqa: E402
+from vlframe.runtime import distributed  # noqa: E402
 from vlframe.api import build_tokenizer  # noqa: E402
-from vlframe.data import Collate, ImageTextSource, build_transform, train_loader  # noqa: E402
+from vlframe.data.loading import Collate, ImageTextSource, build_transform, train_loader  # noqa: E402
 
 from training_configs import TINY, micro  # noqa: E402
 

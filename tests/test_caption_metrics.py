@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from vlframe.caption_metrics import METRICS, UNAVAILABLE, format_scores, score_captions
+from vlframe.evaluation.caption_metrics import METRICS, UNAVAILABLE, format_scores, score_captions
 
 pytest.importorskip("pycocoevalcap")
 

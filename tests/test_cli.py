@@ -73,7 +73,7 @@ def test_config_show_prints_the_resolved_config() -> None:
     assert model["image_encoder"]["width"] == 1024 and model["image_encoder"]["patch_size"] == 18  # inherited
     assert model["text_decoder"]["layers"] == 3  # overridden
     assert model["text_decoder"]["norm_eps"] == 1e-05  # a default, made explicit
-    assert shown["plugins"] == {"autoload": True, "block": [], "enable": []}
+    assert shown["plugins"] == {"autoload": True, "block": [], "enable": [], "override": {}}
     again = run_cli("config", "show", str(CONFIGS / "coca_large.yaml"), "--format", "json")
     assert json.loads(again.out)["model"]["text_decoder"]["layers"] == 12
 

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from registry import ConfigError, Kind, Registry
-from vlframe import configfile, load_config
-from vlframe.config import VlframeConfig
-from vlframe.schema import config_schema
+from vlframe import load_config
+from vlframe.config import files as configfile
+from vlframe.config.root import VlframeConfig
+from vlframe.config.schema import config_schema
 
 from conftest import CONFIGS
 
@@ -46,7 +47,7 @@ def test_every_shipped_config_validates(path: Path, registry: Registry) -> None:
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_variant_of_every_shipped_sweep_validates(path: Path) -> None:
-    from vlframe.sweep import build_variants, load_sweep
+    from vlframe.sweeps.sweep import build_variants, load_sweep
 
     variants, _ = build_variants(load_sweep(path), path)
     assert variants and [v.error for v in variants] == [None] * len(variants)
@@ -185,8 +186,10 @@ def test_config_key_blocks_plugins(tmp_path: Path) -> None:
     })
     with pytest.raises(ConfigError) as err:
         load_config(path)
+    # The error says the component exists but is blocked, and by which setting.
     assert problems(err) == [
-        "model.image_encoder.type: unknown image encoder 'timm'; registered: vit [encoders.vit]"
+        "model.image_encoder.type: unknown image encoder 'timm'; it is provided by plugin 'encoders.timm', "
+        f"which is blocked by plugins.block in {path}; registered: vit [encoders.vit]"
     ]
     # The same file validates once the plugin is no longer blocked.
     assert load_config(path, ["plugins.block=[]"]).model.image_encoder.type == "timm"
@@ -237,7 +240,7 @@ def test_top_level_and_plugin_section_typos_get_suggestions(tmp_path: Path, regi
     assert "extend: unknown field (did you mean 'extends'?); allowed: data, description, extends, model, plugins, tokenizer, tracking, train" in problems(err)
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "coca_tiny.yaml", ["plugins.blok=[]"])
-    assert problems(err) == ["plugins.blok: unknown field (did you mean 'block'?); allowed: autoload, block, enable"]
+    assert problems(err) == ["plugins.blok: unknown field (did you mean 'block'?); allowed: autoload, block, enable, override"]
 
 
 def test_field_errors_point_at_the_field(registry: Registry) -> None:

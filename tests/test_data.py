@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from registry import ConfigError, Kind, Registry
-from vlframe import configfile, load_config
-from vlframe.data import StepSampler
-from vlframe.datasets import SampleError
-from vlframe.shards import write_shards
+from vlframe import load_config
+from vlframe.config import files as configfile
+from vlframe.data.loading import StepSampler
+from vlframe.data.samples import SampleError
+from vlframe.interchange.shard_writer import write_shards
 
 from conftest import ROOT
 from training_configs import TINY, micro
@@ -130,7 +131,7 @@ def test_shards_round_trip_and_train(tmp_path: Path, registry: Registry, scenes)
     with pytest.raises(ConfigError, match="1 shard\\(s\\) not found"):
         load_config(TINY, ["data.train={type: shards, urls: " + str(tmp_path / "nope.tar") + "}"])
     # And a few real training steps read from the shards.
-    from vlframe.trainer import Trainer
+    from vlframe.training.trainer import Trainer
 
     overrides = micro(tmp_path, **{"data.train": {"type": "shards", "urls": str(tmp_path / "shards/train-{000000..000002}.tar")},
                                    "train.batch_size": 8, "train.steps": 4, "train.checkpoint_every": None})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, clean_env
 
 PROBE = ROOT / "tests" / "ddp_probe.py"
 
@@ -22,7 +22,7 @@ def _free_port() -> int:
 
 
 def torchrun(nproc: int, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLFRAME_")}
+    env = clean_env()
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]

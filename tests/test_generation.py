@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from registry import Registry
 from vlframe import build_model
-from vlframe.generation import GenerationConfig, generate
+from vlframe.inference.generation import GenerationConfig, generate
 from vlframe.nn import KVCache
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

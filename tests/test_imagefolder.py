@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from plugins.datasets import imagefolder
-from plugins.datasets.imagefolder import ImageFolderConfig, ImageFolderDataset
+from vlframe_builtins.datasets import imagefolder
+from vlframe_builtins.datasets.imagefolder import ImageFolderConfig, ImageFolderDataset
 from registry import BuildError, Kind, Registry
-from vlframe.datasets import SampleError
+from vlframe.data.samples import SampleError
 
 from conftest import ROOT
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from registry import BuildError, Registry
-from vlframe import build_model, configfile, load_config, set_attention_backend
+from vlframe import build_model, load_config, set_attention_backend
+from vlframe.config import files as configfile
 
 from conftest import CONFIGS
 
@@ -166,7 +167,7 @@ def test_each_table8_ablation_trains_a_step(path: Path, registry: Registry) -> N
     expected = load_config(path, registry=registry).model
     assert set(out.losses) == set(expected.objectives)
     for name, objective in expected.objectives.items():
-        assert model.weights[name] == objective.weight
+        assert model.loss_weights[name] == objective.weight
     assert len(model.text_decoder.blocks) == expected.text_decoder.layers
     # What each row changes reaches the built model.
     for part in ("caption_pooler", "contrastive_pooler", "multimodal_decoder", "lm_head",

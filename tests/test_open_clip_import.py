@@ -23,10 +23,10 @@ open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a test d
 from open_clip.coca_model import CoCa as OpenClipCoCa  # noqa: E402
 from open_clip.loss import CoCaLoss  # noqa: E402
 
-from plugins.importers.open_clip import ARCHITECTURES, vlframe_config  # noqa: E402
-from vlframe.convert import ConversionError, convert_checkpoint, import_checkpoint  # noqa: E402
-from vlframe.generation import generate  # noqa: E402
-from vlframe.pretrained import load_trained  # noqa: E402
+from vlframe_builtins.importers.open_clip import ARCHITECTURES, vlframe_config  # noqa: E402
+from vlframe.interchange.convert import ConversionError, convert_checkpoint, import_checkpoint  # noqa: E402
+from vlframe.inference.generation import generate  # noqa: E402
+from vlframe.inference.trained import load_trained  # noqa: E402
 
 SOT, EOT = 49406, 49407
 
@@ -150,7 +150,7 @@ def test_the_bundled_architectures_match_open_clips_configs_and_configs_folder(r
     for name, oc in ARCHITECTURES.items():
         assert oc == open_clip.get_model_config(name), name
         written = CONFIGS / "open_clip" / f"{name}.yaml"
-        from vlframe import configfile
+        from vlframe.config import files as configfile
 
         config, _ = configfile.load(written, registry=registry)
         expected, _ = configfile.load(vlframe_config(oc, description=config.description), registry=registry)
@@ -300,7 +300,7 @@ def test_coca_vit_l_14_maps_every_weight_to_its_vlframe_shape(registry: Registry
     oc = ARCHITECTURES["coca_ViT-L-14"]
     with torch.device("meta"):
         reference = OpenClipCoCa(oc["embed_dim"], oc["multimodal_cfg"], oc["text_cfg"], oc["vision_cfg"])
-    from plugins.importers.open_clip import convert_weights
+    from vlframe_builtins.importers.open_clip import convert_weights
 
     converted = convert_weights(reference.state_dict(), oc)
     model = build_model(CONFIGS / "open_clip" / "coca_ViT-L-14.yaml", registry=registry, device="meta")

@@ -29,7 +29,7 @@ BUILTIN_PLUGINS = {
 def test_builtins_are_registered_through_the_entry_point_group(registry: Registry) -> None:
     eps = {ep.name: ep.value for ep in metadata.entry_points(group="vlframe")}
     assert BUILTIN_PLUGINS <= set(eps)
-    assert all(eps[name].startswith("plugins.") for name in BUILTIN_PLUGINS)
+    assert all(eps[name].startswith("vlframe_builtins.") for name in BUILTIN_PLUGINS)
     infos = {info.name: info for info in registry.plugins()}
     for name in BUILTIN_PLUGINS:
         assert infos[name].distribution == f"vlframe {metadata.version('vlframe')}"
@@ -63,19 +63,33 @@ class _DuplicatePooler:
         return [ComponentSpec("attentional", _Cfg, lambda cfg, **kw: None, "A clash with the built-in.")]
 
 
-def test_two_plugins_with_one_name_is_an_error_naming_both(registry: Registry) -> None:
+def test_two_plugins_with_one_name_contest_only_that_name(registry: Registry) -> None:
     reg = Registry.discover()
     reg.register(_DuplicatePooler(), name="clashing-plugin")
+    # Everything else keeps working: only asking for the contested name is an error.
+    assert reg.catalog.get(Kind.POOLER, "mean").plugin == "poolers"
     with pytest.raises(DuplicateComponentError) as err:
-        reg.catalog
+        reg.catalog.get(Kind.POOLER, "attentional")
     message = str(err.value)
     assert message.startswith(
         "pooler 'attentional' is registered twice: "
         f"by plugin 'poolers' (vlframe {metadata.version('vlframe')}) and by plugin 'clashing-plugin'; "
+        "choose one with plugins.override: {pooler.attentional: PLUGIN}"
     )
     # Blocking either side resolves the clash.
     reg.block("clashing-plugin")
     assert reg.catalog.get(Kind.POOLER, "attentional").plugin == "poolers"
+
+
+def test_an_override_chooses_the_replacement_explicitly() -> None:
+    reg = Registry.discover(plugins=[_DuplicatePooler()], override={"pooler.attentional": "_DuplicatePooler"})
+    entry = reg.catalog.get(Kind.POOLER, "attentional")
+    assert (entry.plugin, entry.replaces, entry.spec.summary) == ("_DuplicatePooler", "poolers",
+                                                                  "A clash with the built-in.")
+    with pytest.raises(PluginError, match="plugins.override pooler.attentional: plugin 'heads' provides no pooler"):
+        Registry.discover(override={"pooler.attentional": "heads"}).catalog
+    with pytest.raises(PluginError, match="'poolr.attentional' is not KIND.NAME"):
+        Registry.discover(override={"poolr.attentional": "heads"})
 
 
 class _Misspelled:
@@ -151,6 +165,7 @@ def test_environment_blocks_named_plugins(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(UnknownComponentError) as err:
         catalog.get(Kind.IMAGE_ENCODER, "timm")
     assert "unknown image encoder 'timm'" in str(err.value)
+    assert "it is provided by plugin 'encoders.timm', which is blocked by VLFRAME_BLOCK_PLUGINS" in str(err.value)
     assert "registered: vit [encoders.vit]" in str(err.value)
 
 

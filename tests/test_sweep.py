@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from conftest import CONFIGS, run_cli
 from training_configs import micro
-from vlframe.sweep import expand, load_sweep
+from vlframe.sweeps.sweep import expand, load_sweep
 
 
 def _sweep_file(tmp_path: Path) -> Path:
@@ -28,11 +28,13 @@ def _sweep_file(tmp_path: Path) -> Path:
         "base": str(CONFIGS / "coca_tiny.yaml"),
         "set": common,
         "output_dir": str(tmp_path / "sweeps"),
-        "evaluation": {
-            "retrieval_limit": 32, "caption_limit": 8, "caption_metrics": ["cider"],
-            "zeroshot": {"colour": {"data": {"type": "synthetic", "label": "color", "max_objects": 1, "val_size": 14,
-                                             "image_size": 64}, "templates": ["a {} shape."]}},
-        },
+        "evaluation": {"tasks": {
+            "retrieval": {"type": "retrieval", "limit": 32},
+            "caption": {"type": "caption", "limit": 8, "metrics": ["cider"]},
+            "zeroshot_colour": {"type": "zeroshot", "templates": ["a {} shape."],
+                                "data": {"type": "synthetic", "label": "color", "max_objects": 1, "val_size": 14,
+                                         "image_size": 64}},
+        }},
         "variants": {
             "coca": {},
             "contrastive_only": {"model.multimodal_decoder": None, "model.caption_pooler": None,
@@ -85,6 +87,8 @@ def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path
                     "cost/images_per_s", "val/loss_contrastive"):
             assert key in run.data.metrics, (run.data.tags["vlframe.variant"], key)
     assert "eval/caption/cider" in coca.data.metrics and "eval/caption/cider" not in contrastive.data.metrics
+    # The variant that cannot caption says why instead of leaving a hole.
+    assert contrastive.data.tags["vlframe.eval_skipped.caption"] == "no captioning capability"
 
     second = run_cli("sweep", str(sweep_file))
     assert "[coca] skipped" in second.out and "[contrastive_only] skipped" in second.out
@@ -98,12 +102,14 @@ def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path
     lines = compared.out.splitlines()
     assert lines[0].split()[:2] == ["variant", "status"] and "*" in compared.out
     assert [line.split()[0] for line in lines[2:5]] == ["coca", "contrastive_only", "broken"]
+    assert "n/a" in lines[3] and "contrastive_only: caption not run (no captioning capability)" in compared.out
     with (out / "comparison.csv").open() as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
     coca_now = client.get_run(coca.info.run_id).data.metrics
     for key in ("eval/retrieval/i2t_r1", "eval/zeroshot_colour/top1", "eval/caption/cider", "cost/params_m"):
         assert float(rows["coca"][key]) == pytest.approx(coca_now[key])
-    assert rows["contrastive_only"]["eval/caption/cider"] == "" and rows["broken"]["status"] == "failed"
+    assert rows["contrastive_only"]["eval/caption/cider"] == "n/a" and rows["broken"]["status"] == "failed"
+    assert rows["broken"]["eval/caption/cider"] == ""  # failed: no value, and no reason to say n/a
     assert (out / "comparison.png").stat().st_size > 1000 and "**" in (out / "comparison.md").read_text()
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "comparison")}
     assert logged == {"comparison.csv", "comparison.md", "comparison.png"}

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from registry import Kind, Registry
-from vlframe.datasets import Sample
+from vlframe.data.samples import Sample
 
 GRID = {  # position word -> (row, column) of its 3x3 cell
     "top left": (0, 0), "top": (0, 1), "top right": (0, 2),

@@ -10,15 +10,15 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_server import _free_port
-from vlframe import tracking
-from vlframe.config import TrackingConfig
-from vlframe.tracking import Tracker, TrackingError, flatten, sync, system_metrics
+from vlframe.runs import tracking
+from vlframe.config.root import TrackingConfig
+from vlframe.runs.tracking import Tracker, TrackingError, flatten, sync, system_metrics
 
 @pytest.fixture(autouse=True)
 def _mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    # The tracker sets these with setdefault; start each test without them (setenv first so that
-    # monkeypatch restores the caller's state, whatever the tracker set meanwhile).
+    # Each test starts without these (setenv first so that monkeypatch restores the caller's state);
+    # the tracker sets them only around its own requests (test_no_process_wide_environment_change).
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
@@ -26,6 +26,11 @@ def _mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _config(**kwargs) -> TrackingConfig:
     return TrackingConfig(experiment="vlframe-test", **{"timeout_s": 3.0, **kwargs})
+
+
+def _tracker(run_dir: Path, default_uri: str, **kwargs) -> Tracker:
+    cfg = _config(**kwargs)
+    return Tracker.for_config(cfg, run_dir, uri=cfg.uri or default_uri)
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -48,7 +53,7 @@ def test_local_store_round_trip(tmp_path: Path) -> None:
     (run_dir / "ckpt" / "weights.bin").write_bytes(b"\x00\x01weights")
     (run_dir / "ckpt" / "extra" / "notes.txt").write_text("nested")
 
-    tracker = Tracker(_config(flush_every_s=60), run_dir, default_uri=uri)
+    tracker = _tracker(run_dir, uri, flush_every_s=60)
     params = flatten({"model": {"width": 256, "layers": [1, 2]}, "lr": 0.001})
     run_id = tracker.start(run_name="local", params=params, tags={"team": "vision"})
     assert run_id is not None and tracker.run_id == run_id
@@ -87,7 +92,7 @@ def test_local_store_round_trip(tmp_path: Path) -> None:
     # started with, and journals after the broken line instead of into it.
     with tracker.journal_path.open("a") as journal_file:
         journal_file.write('{"kind": "met')
-    resumed = Tracker(_config(), run_dir, default_uri=uri)
+    resumed = _tracker(run_dir, uri)
     assert resumed.start(run_name="local", params={"lr": "0.5", "new": "1"}, tags={}, run_id=run_id) == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
     resumed.log_metrics({"train/loss": 0.1}, step=5)
@@ -103,7 +108,7 @@ def test_local_store_round_trip(tmp_path: Path) -> None:
 
 
 def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
-    tracker = Tracker(_config(enabled=False), tmp_path, default_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    tracker = _tracker(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", enabled=False)
     assert tracker.start(run_name="off", params={"a": "1"}, tags={}) is None
     tracker.log_metrics({"loss": 1.0}, step=0)
     tracker.log_artifact(tmp_path)
@@ -118,7 +123,7 @@ def test_server_round_trip(tmp_path: Path, servers) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("a: 1\n")
-    tracker = Tracker(_config(uri=server.uri, flush_every_s=0.01), run_dir, default_uri="sqlite:///unused.db")
+    tracker = _tracker(run_dir, "sqlite:///unused.db", uri=server.uri, flush_every_s=0.01)
     run_id = tracker.start(run_name="remote", params={"a": "1", "b": "x"}, tags={"t": "v"})
     assert run_id is not None
     for step in range(3):
@@ -139,7 +144,7 @@ def test_server_round_trip(tmp_path: Path, servers) -> None:
     assert list((tmp_path / "artifacts").rglob("config.yaml"))  # uploaded through the server
 
     # A run with nothing to log yet is still created at start.
-    bare = Tracker(_config(uri=server.uri), tmp_path / "bare", default_uri="sqlite:///unused.db")
+    bare = _tracker(tmp_path / "bare", "sqlite:///unused.db", uri=server.uri)
     bare_id = bare.start(run_name="bare", params={}, tags={})
     assert bare_id is not None and client.get_run(bare_id).info.status == "RUNNING"
     bare.finish("FAILED")
@@ -150,7 +155,7 @@ def test_server_dies_mid_run_then_sync(tmp_path: Path, servers) -> None:
     server = servers()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    tracker = Tracker(_config(uri=server.uri, flush_every_s=0.01), run_dir, default_uri="sqlite:///unused.db")
+    tracker = _tracker(run_dir, "sqlite:///unused.db", uri=server.uri, flush_every_s=0.01)
     run_id = tracker.start(run_name="crash", params={"a": "1"}, tags={})
     assert run_id is not None
     for step in range(10):
@@ -188,7 +193,7 @@ def test_unreachable_from_start(tmp_path: Path, servers, monkeypatch: pytest.Mon
     offline, recovering = tmp_path / "offline", tmp_path / "recovering"
 
     began = time.monotonic()
-    tracker = Tracker(_config(uri=uri, flush_every_s=0.01), offline, default_uri="sqlite:///unused.db")
+    tracker = _tracker(offline, "sqlite:///unused.db", uri=uri, flush_every_s=0.01)
     assert tracker.start(run_name="never-online", params={"a": "1", "b": "2"}, tags={"t": "v"}) is None
     for step in range(10):
         tracker.log_metrics({"loss": float(step), "acc": step / 10}, step=step)
@@ -205,7 +210,7 @@ def test_unreachable_from_start(tmp_path: Path, servers, monkeypatch: pytest.Mon
 
     # A second run stays open and should reach MLflow by itself once the server is up.
     monkeypatch.setattr(tracking, "RETRY_AFTER_S", 0.2)
-    live = Tracker(_config(uri=uri, flush_every_s=0.01), recovering, default_uri="sqlite:///unused.db")
+    live = _tracker(recovering, "sqlite:///unused.db", uri=uri, flush_every_s=0.01)
     assert live.start(run_name="recovers", params={"c": "3"}, tags={}) is None
     live.log_metrics({"loss": 1.0}, step=0)
 

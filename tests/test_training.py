@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from registry import Kind, Registry
-from vlframe import checkpoint, configfile
-from vlframe.data import DataError
-from vlframe.trainer import Trainer
+from vlframe.config import files as configfile
+from vlframe.runs import checkpoint
+from vlframe.runs.folder import RunDir
+from vlframe.data.loading import DataError
+from vlframe.training.trainer import Trainer
 
-from conftest import ROOT
+from conftest import ROOT, clean_env
 from training_configs import TINY, micro
 
 
@@ -56,7 +58,7 @@ def test_same_config_same_losses_and_resume_continues_exactly(precision: str, tm
     assert losses(full.history) == losses(again.history)  # bit-for-bit deterministic
     middle = tmp_path / "full" / "checkpoints" / "step_000003"
     assert checkpoint.find(middle) == middle
-    assert checkpoint.run_dir_of(middle) == checkpoint.run_dir_of(tmp_path / "full") == tmp_path / "full"
+    assert RunDir.of(middle) == RunDir.of(tmp_path / "full") == RunDir(tmp_path / "full")
     resumed = train(tmp_path, "resumed", overrides, resume=middle, registry=registry)
     assert [h["step"] for h in resumed.history] == [4, 5, 6]
     assert losses(resumed.history) == {s: v for s, v in losses(full.history).items() if s > 3}
@@ -120,7 +122,7 @@ def test_missing_corrupt_and_empty_samples_are_skipped_and_counted(tmp_path: Pat
 
 def _vlframe(*args: str, **kwargs) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("vlframe")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLFRAME_")}
+    env = clean_env()
     return subprocess.Popen([str(exe), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
 

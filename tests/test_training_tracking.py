@@ -12,10 +12,10 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from registry import Registry
-from vlframe import configfile
-from vlframe.trainer import Trainer
+from vlframe.config import files as configfile
+from vlframe.training.trainer import Trainer
 
-from conftest import ROOT
+from conftest import ROOT, clean_env
 from training_configs import TINY, micro
 
 
@@ -24,7 +24,7 @@ def _sets(overrides: dict) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLFRAME_", "MLFLOW_HTTP"))}
+    env = clean_env("MLFLOW_HTTP")
     return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
 
 
@@ -45,13 +45,19 @@ def test_a_run_lands_in_the_embedded_store(tmp_path: Path, registry: Registry) -
     params = run.data.params
     assert params["model.image_encoder.width"] == "64" and params["train.steps"] == "6"
     assert params["data.train.type"] == "synthetic"
-    assert run.data.tags["vlframe.config_hash"] == configfile.config_hash(config)
+    fingerprint = reg.fingerprint(configfile.used_plugins(config, reg.catalog))
+    assert run.data.tags["vlframe.config_hash"] == configfile.config_hash(config, fingerprint)
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    # The plugins the config's components come from, with their distribution, version and source digest.
+    plugins = json.loads(run.data.tags["vlframe.plugins"])
+    assert set(plugins) == {"encoders.vit", "decoders.text", "decoders.multimodal", "poolers", "objectives", "heads",
+                            "models.coca", "tokenizers.sentencepiece", "datasets.synthetic"}
+    assert all(value.startswith("vlframe 0.1.0, source sha256:") for value in plugins.values())
     losses = _history(client, result.run_id, "train/loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses == {h["step"]: h["train/loss"] for h in result.history}
-    for key in ("train/loss_caption", "train/loss_contrastive", "train/temperature", "train/lr",
-                "train/images_per_s", "system/cpu_percent", "val/loss", "val/i2t_r1"):
+    for key in ("train/loss_caption", "train/loss_contrastive", "train/contrastive/temperature", "train/lr",
+                "train/images_per_s", "system/cpu_percent", "val/loss", "val/retrieval/i2t_r1"):
         assert _history(client, result.run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "tokenizer.model", "checkpoint"} <= artifacts

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlframe.zeroshot import PROMPT_TEMPLATES, classify, topk_accuracy, zero_shot_classifier
+from vlframe.evaluation.metrics import topk_accuracy
+from vlframe.evaluation.zeroshot import PROMPT_TEMPLATES, classify, zero_shot_classifier
 
 
 def hashed_encoder(dim: int = 16):

@@ -21,13 +21,14 @@ _EXPORTS = {
     "VlframeError": "registry",
     "build_model": "vlframe.api",
     "load_config": "vlframe.api",
-    "VlframeConfig": "vlframe.config",
+    "build_tokenizer": "vlframe.api",
+    "VlframeConfig": "vlframe.config.root",
     "ModelOutput": "vlframe.nn",
     "set_attention_backend": "vlframe.nn",
-    "parameter_counts": "vlframe.summary",
-    "load_trained": "vlframe.pretrained",
-    "convert_checkpoint": "vlframe.convert",
-    "import_checkpoint": "vlframe.convert",
+    "parameter_counts": "vlframe.api",
+    "load_trained": "vlframe.inference.trained",
+    "convert_checkpoint": "vlframe.interchange.convert",
+    "import_checkpoint": "vlframe.interchange.convert",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The Python entry points: load a config, build a model from it."""
+"""The Python entry points: load a config, build a model and its tokenizer, count parameters."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry import Kind, Registry
-from vlframe import configfile
-from vlframe.config import VlframeConfig
+from registry import ConfigError, Kind, Problem, Registry
+from vlframe.config import files as configfile
+from vlframe.config.root import VlframeConfig
 
 ConfigSource = str | Path | Mapping[str, Any] | VlframeConfig
 
@@ -32,16 +32,18 @@ def load_config(
 
 
 def build_tokenizer(config: VlframeConfig, registry: Registry, path: Path | None = None) -> Any:
-    """The config's tokenizer (default: SentencePiece trained on the training captions).
+    """The config's tokenizer (an untrained one has ``trained`` false).
 
     ``path`` names a trained tokenizer file to load instead of the one the config names, e.g.
-    the one saved in a checkpoint. An untrained tokenizer has ``trained`` false.
+    the one saved in a checkpoint.
     """
-    catalog = registry.catalog
-    tok_cfg = config.tokenizer or catalog.get(Kind.TOKENIZER, "sentencepiece").spec.config(type="sentencepiece")
+    if config.tokenizer is None:
+        raise ConfigError([Problem("tokenizer", "required: choose a tokenizer "
+                                   f"({registry.catalog.describe(Kind.TOKENIZER)})")])
+    tok_cfg = config.tokenizer
     if path is not None:
         tok_cfg = tok_cfg.model_copy(update={"path": path})
-    return catalog.build(Kind.TOKENIZER, tok_cfg, path="tokenizer", vocab_size=config.model.vocab_size)
+    return registry.catalog.build(Kind.TOKENIZER, tok_cfg, path="tokenizer", vocab_size=config.model.vocab_size)
 
 
 def build_model(
@@ -51,12 +53,13 @@ def build_model(
     registry: Registry | None = None,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """Build the model a config describes.
+    """Build the model a config describes: the one path every command builds models through.
 
     ``config_or_path`` is a YAML path, a mapping, or a validated :class:`VlframeConfig`.
     ``device="meta"`` builds without allocating memory (for parameter counts of large models).
-    The returned module has ``encode_image``, ``encode_text`` and a ``forward`` that returns a
-    :class:`vlframe.nn.ModelOutput` with the losses by objective name and their weighted total.
+    The model follows :class:`registry.protocols.Model`: its ``forward`` returns a
+    :class:`vlframe.nn.ModelOutput` with the losses by objective name and their weighted total,
+    and it has the members of each capability it declares (``encode_image``, ...).
     """
     if isinstance(config_or_path, VlframeConfig):
         config = config_or_path
@@ -68,3 +71,19 @@ def build_model(
         config, registry = configfile.load(config_or_path, overrides, registry)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return registry.catalog.build(Kind.MODEL, config.model, path="model", catalog=registry.catalog)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per top-level component, plus the model's ``summary_groups()`` and ``total``.
+
+    A tied weight is counted once, under the component that registered it first.
+    """
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():  # shared parameters appear once
+        part = name.split(".", 1)[0]
+        counts[part] = counts.get(part, 0) + param.numel()
+    groups = getattr(model, "summary_groups", None)
+    for group, parts in (groups() if callable(groups) else {}).items():
+        counts[group] = sum(counts.get(part, 0) for part in parts)
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts

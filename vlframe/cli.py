@@ -1,27 +1,30 @@
 """The ``vlframe`` command.
 
-User errors (bad config, bad plugin) print one line per problem on stderr and exit with code 2,
-without a traceback; a traceback means a bug in vlframe or in a plugin's code.
+User errors (bad config, bad plugin, a model without what a task needs) print one line per
+problem on stderr and exit with code 2, without a traceback; ``--debug`` (or ``VLFRAME_DEBUG=1``)
+adds the traceback. A traceback without ``--debug`` means a bug in vlframe or in a plugin.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from registry import ConfigError, Kind, Registry, VlframeError
+from registry import ENV_DEBUG, ConfigError, Kind, Problem, Registry, VlframeError, debugging
 
 EXIT_USAGE = 2
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
+def _add_set(parser: argparse.ArgumentParser, what: str = "config") -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.text_decoder.layers=3 (repeatable)",
+        help=f"override a {what} value, e.g. --set model.text_decoder.layers=3 (repeatable)",
     )
 
 
@@ -31,6 +34,11 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 where the hardware computes it natively")
     parser.add_argument("--tracking-uri", help="MLflow store of a run id (default: $MLFLOW_TRACKING_URI or "
                                                "./runs/mlflow.db); eval logs there too")
+
+
+#: Generation settings: command-line flags of `eval` (caption task) and `caption`.
+GENERATION_FLAGS = ("strategy", "num_beams", "length_penalty", "max_length", "min_length", "top_k", "top_p",
+                    "temperature", "repetition_penalty", "num_return_sequences", "seed")
 
 
 def _add_generation(parser: argparse.ArgumentParser) -> None:
@@ -45,28 +53,30 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float)
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("-n", "--num-return-sequences", type=int, help="captions per image")
-    group.add_argument("--seed", type=int, help="sampling seed")
+    group.add_argument("--seed", type=int, help="sampling seed (probe/understanding: their seed)")
 
 
 def _generation_config(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from vlframe.generation import GenerationConfig
+    from vlframe.inference.generation import GenerationConfig
 
-    names = ("strategy", "num_beams", "length_penalty", "max_length", "min_length", "top_k", "top_p", "temperature",
-             "repetition_penalty", "num_return_sequences", "seed")
-    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    given = {n: getattr(args, n) for n in GENERATION_FLAGS if getattr(args, n, None) is not None}
     try:
         return GenerationConfig(**given)
     except ValidationError as exc:
-        from registry import Problem
-
         raise ConfigError([Problem("--" + ".".join(map(str, e["loc"])).replace("_", "-") if e["loc"] else "generation",
                                    e["msg"]) for e in exc.errors()]) from None
 
 
+#: `vlframe eval` flags that set the task's field of the same name (when the task has one).
+TASK_FLAGS = ("data", "train_data", "limit", "batch_size", "templates", "head", "finetune", "steps", "lr",
+              *GENERATION_FLAGS)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlframe", description="Plugin-based vision-language models (CoCa).")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors (also VLFRAME_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="validate, show and describe config files").add_subparsers(
@@ -84,11 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_schema)
 
-    plugins = sub.add_parser("plugins", help="inspect plugins").add_subparsers(
+    plugins = sub.add_parser("plugins", help="inspect and check plugins").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = plugins.add_parser("list", help="every registered component with its kind and source")
     p.add_argument("--kind", choices=[k.value for k in Kind], help="only this kind")
+    p.add_argument("--plugins", action="store_true",
+                   help="list the loaded plugins instead: distribution, module, what each provides")
     p.set_defaults(func=cmd_plugins_list)
+    p = plugins.add_parser("check", help="run the conformance checks on components (vlframe.testing)")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="component names, KIND.NAME, or plugin names (default: every component)")
+    p.add_argument("--config", type=Path, help="a YAML block to build the (one) named component from")
+    p.set_defaults(func=cmd_plugins_check)
 
     model = sub.add_parser("model", help="inspect models").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -130,21 +147,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_data_match_pairs)
 
-    p = sub.add_parser("eval", help="evaluate a trained model; metrics go to its MLflow run")
+    p = sub.add_parser("eval", help="evaluate a trained model with a task; metrics go to its MLflow run")
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint folder or MLflow run id")
-    p.add_argument("--task", required=True, choices=("caption", "retrieval", "zeroshot", "probe", "understanding"))
+    p.add_argument("--task", required=True, metavar="TASK",
+                   help="a registered task: caption, retrieval, zeroshot, probe, understanding, or a plugin's")
     p.add_argument("--data", help="dataset: a folder (ImageFolder), .jsonl/.csv, COCO .json, a dataset .yaml, or "
-                                  "'synthetic' (default: the run's validation split); understanding: the test JSONL")
+                                  "a dataset's name such as synthetic (default: the run's validation split); "
+                                  "understanding: the test JSONL")
     p.add_argument("--train-data", help="probe: a separate training set (default: split --data per class); "
                                         "understanding: the training JSONL (required)")
     p.add_argument("--limit", type=int, help="use only N images: the first N, or for labelled (ImageFolder) data N "
                                             "evenly spaced ones, so that every class is in")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--templates", type=Path, help="zeroshot: a file of prompt templates, one per line, with {}")
-    p.add_argument("--head", choices=("linear", "attentional"), default="linear", help="probe head")
-    p.add_argument("--finetune", action="store_true", help="probe: train the image encoder too")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--templates", help="zeroshot: a file of prompt templates, one per line, with {}")
+    p.add_argument("--head", choices=("linear", "attentional"), help="probe head")
+    p.add_argument("--finetune", action="store_true", default=None, help="probe: train the image encoder too")
     p.add_argument("--steps", type=int, help="probe/understanding: training steps (default 300)")
     p.add_argument("--lr", type=float, help="probe/understanding: learning rate of the head")
+    _add_set(p, "task setting (any field of the task's config)")
     p.add_argument("--out", type=Path, help="folder for the results (default: RUN/eval/TASK-CHECKPOINT-TIME)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     _add_runtime(p)
@@ -182,7 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="a sweep's variants side by side, read back from MLflow")
     p.add_argument("source", metavar="SWEEP_OR_PARENT_RUN", help="the sweep file, or its parent run's id")
     p.add_argument("--tracking-uri", help="MLflow store (default: the sweep's, or $MLFLOW_TRACKING_URI)")
-    p.add_argument("--out", type=Path, help="folder for comparison.csv/.md/.png (default runs/sweeps/NAME/comparison)")
+    p.add_argument("--metrics", nargs="+", default=[], metavar="PATTERN",
+                   help="only the columns matching these glob patterns, e.g. 'eval/*' 'val/loss*'")
+    p.add_argument("--out", type=Path, help="folder for comparison.csv/.md/.png (default <sweep folder>/comparison)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("convert", help="import another framework's checkpoint as a vlframe checkpoint folder")
@@ -196,8 +218,8 @@ def _parser() -> argparse.ArgumentParser:
 
     tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(
         dest="action", required=True, metavar="ACTION")
-    p = tracking.add_parser("sync", help="deliver a run's journaled metrics that never reached MLflow")
-    p.add_argument("run_dir", type=Path)
+    p = tracking.add_parser("sync", help="deliver a folder's journaled events that never reached MLflow")
+    p.add_argument("run_dir", type=Path, metavar="FOLDER", help="a run folder, an evaluation's or a sweep's folder")
     p.add_argument("--uri", help="tracking URI (default: the one the run used)")
     p.set_defaults(func=cmd_tracking_sync)
     return parser
@@ -210,8 +232,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     """Validate each file, then build its model on the meta device (no memory), so that
     settings which only conflict once parts meet (say, heads that do not divide a width) are
     caught here rather than at training time."""
-    from vlframe import configfile
     from vlframe.api import build_model
+    from vlframe.config import files as configfile
 
     failed = False
     for path in args.files:
@@ -232,7 +254,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from vlframe import configfile
+    from vlframe.config import files as configfile
 
     config, _ = configfile.load(args.file, args.overrides)
     if args.format == "json":
@@ -243,7 +265,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
-    from vlframe.schema import config_schema
+    from vlframe.config.schema import config_schema
 
     text = json.dumps(config_schema(Registry.discover().catalog), indent=2)
     if args.output:
@@ -254,21 +276,74 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1])
+
+
 def cmd_plugins_list(args: argparse.Namespace) -> int:
     registry = Registry.discover()
+    if args.plugins:
+        rows = [("PLUGIN", "DISTRIBUTION", "MODULE", "PROVIDES")]
+        for info in registry.plugins():
+            if info.provides:
+                provides = ", ".join(info.provides)
+            elif info.hooks:
+                provides = f"nothing: its hooks ({', '.join(info.hooks)}) return no component"
+            else:
+                provides = "nothing: it implements no vlframe hook (is @hookimpl missing?)"
+            rows.append((info.name, info.distribution or "-", info.module, provides))
+        for name, reason in sorted(registry.blocked().items()):
+            rows.append((name, "-", "-", f"blocked by {reason}"))
+        _table(rows)
+        return 0
     kind = Kind(args.kind) if args.kind else None
     rows = [("KIND", "NAME", "PLUGIN", "DISTRIBUTION", "SUMMARY")]
     for entry in registry.catalog.entries(kind):
-        rows.append((entry.kind.value, entry.spec.name, entry.plugin, entry.distribution or "-", entry.spec.summary))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4])
+        summary = entry.spec.summary + (f" (replaces {entry.replaces}'s)" if entry.replaces else "")
+        rows.append((entry.kind.value, entry.spec.name, entry.plugin, entry.distribution or "-", summary))
+    for (k, name), entries in sorted(registry.catalog.contested().items()):
+        if kind is None or k is kind:
+            rows.append((k.value, name, " & ".join(e.plugin for e in entries), "-",
+                         f"contested: choose with plugins.override: {{{k.value}.{name}: PLUGIN}}"))
+    _table(rows)
     return 0
 
 
+def cmd_plugins_check(args: argparse.Namespace) -> int:
+    from vlframe import testing
+
+    registry = Registry.discover()
+    cases = testing.select(registry, args.names)
+    override = None
+    if args.config is not None:
+        if len(cases) != 1:
+            raise ConfigError([Problem("--config", f"names {len(cases)} components; name exactly one to use it")])
+        from vlframe.config.files import read_yaml
+
+        override = read_yaml(args.config)
+    failed = skipped = 0
+    for case in cases:
+        problems = testing.check(registry, case, config=override)
+        label = f"{case.kind.value} {case.name} [{case.plugin}]"
+        real = [p for p in problems if not p.startswith("skipped:")]
+        if real:
+            failed += 1
+            for problem in real:
+                print(f"FAIL {label}: {problem}")
+        elif problems:
+            skipped += 1
+            print(f"skip {label}: {problems[0].removeprefix('skipped: ')}")
+        else:
+            print(f"ok   {label}")
+    print(f"{len(cases) - failed - skipped} of {len(cases)} component(s) conform, {failed} do not, "
+          f"{skipped} skipped")
+    return EXIT_USAGE if failed else 0
+
+
 def cmd_model_summary(args: argparse.Namespace) -> int:
-    from vlframe.api import build_model
-    from vlframe.summary import parameter_counts
+    from vlframe.api import build_model, parameter_counts
 
     model = build_model(args.file, args.overrides, device="meta")
     counts = parameter_counts(model)
@@ -279,13 +354,14 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlframe import checkpoint, configfile
-    from vlframe.trainer import Trainer, default_run_dir
+    from vlframe.config import files as configfile
+    from vlframe.runs.folder import RunDir
+    from vlframe.training.trainer import Trainer, default_run_dir
 
     config, registry = configfile.load(args.file, args.overrides)
     run_dir = args.run_dir
     if run_dir is None and args.resume is not None:
-        run_dir = checkpoint.run_dir_of(args.resume)  # continue in the folder it came from
+        run_dir = RunDir.of(args.resume).path  # continue in the folder it came from
     run_dir = run_dir or default_run_dir(args.file, config.train.output_dir)
     result = Trainer(config, registry, run_dir=run_dir, resume=args.resume).fit()
     if result.checkpoint is not None:
@@ -294,8 +370,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _datasets(config, registry, split: str):
-    from registry import ConfigError, Problem
-
     if config.data is None:
         raise ConfigError([Problem("data", "this config has no data section")])
     block = config.data.train if split == "train" else config.data.val
@@ -305,8 +379,8 @@ def _datasets(config, registry, split: str):
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from vlframe import configfile
     from vlframe.api import build_tokenizer
+    from vlframe.config import files as configfile
 
     config, registry = configfile.load(args.file, args.overrides)
     dataset = _datasets(config, registry, "train")
@@ -318,8 +392,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_write_shards(args: argparse.Namespace) -> int:
-    from vlframe import configfile
-    from vlframe.shards import write_shards
+    from vlframe.config import files as configfile
+    from vlframe.interchange.shard_writer import write_shards
 
     config, registry = configfile.load(args.file, args.overrides)
     dataset = _datasets(config, registry, args.split)
@@ -330,8 +404,8 @@ def cmd_data_write_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_data_match_pairs(args: argparse.Namespace) -> int:
-    from vlframe import configfile
-    from vlframe.probes import write_match_pairs
+    from vlframe.config import files as configfile
+    from vlframe.interchange.match_pairs import write_match_pairs
 
     config, registry = configfile.load(args.file, args.overrides)
     dataset = _datasets(config, registry, args.split)
@@ -342,70 +416,41 @@ def cmd_data_match_pairs(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from vlframe.pretrained import load_trained
+    from vlframe.inference.trained import load_trained
 
     return load_trained(args.source, device=args.device, precision=args.precision, tracking_uri=args.tracking_uri)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vlframe import evaluation, probes
+    from vlframe.evaluation.report import save_result
+    from vlframe.evaluation.tasks import default_out_dir, log_results, run_task, settings_block
 
     trained = _load(args)
-    out = args.out or evaluation.default_out_dir(trained, args.task)
-    task = args.task
-    if task == "caption":
-        dataset = evaluation.build_dataset(trained, args.data)
-        result = evaluation.evaluate_captions(trained, dataset, generation=_generation_config(args), limit=args.limit,
-                                              batch_size=args.batch_size, out_dir=out)
-    elif task == "retrieval":
-        dataset = evaluation.build_dataset(trained, args.data)
-        result = evaluation.evaluate_retrieval(trained, dataset, limit=args.limit, batch_size=args.batch_size)
-    elif task == "zeroshot":
-        dataset = evaluation.build_dataset(trained, args.data)
-        templates = None
-        if args.templates is not None:
-            templates = [t.strip() for t in args.templates.read_text(encoding="utf-8").splitlines() if t.strip()]
-        result = evaluation.evaluate_zeroshot(trained, dataset, templates=templates, limit=args.limit,
-                                              batch_size=args.batch_size)
-    elif task == "probe":
-        dataset = evaluation.build_dataset(trained, args.data)
-        train = evaluation.build_dataset(trained, args.train_data, split="train") if args.train_data else None
-        settings = {"head": args.head, "finetune": args.finetune}
-        settings.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
-        result = probes.evaluate_probe(trained, dataset, train_dataset=train, cfg=probes.ProbeConfig(**settings),
-                                       limit=args.limit, out_dir=out)
-    else:
-        if not args.data or not args.train_data:
-            raise ConfigError([_problem("--data/--train-data", "understanding needs --train-data TRAIN.jsonl "
-                                        "and --data TEST.jsonl (see vlframe data match-pairs)")])
-        settings = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
-        result = probes.evaluate_understanding(trained, Path(args.train_data), Path(args.data),
-                                               cfg=probes.UnderstandingConfig(**settings), out_dir=out)
-    evaluation.save_result(result, out)
+    settings = {flag: getattr(args, flag) for flag in TASK_FLAGS if getattr(args, flag, None) is not None}
+    task = settings_block(trained.registry.catalog, args.task, settings, args.overrides)
+    out = args.out or default_out_dir(trained, args.task)
+    result = run_task(trained, task, out_dir=out)
+    save_result(result, out)
     print(result.summary())
     print(f"results: {out}")
     if not args.no_track:
-        _, message = evaluation.log_result(trained, result, tracking_uri=args.tracking_uri)
-        print(message)
+        for line in log_results(trained, [result], out, uri=args.tracking_uri or None):
+            print(line)
     return 0
 
 
-def _problem(path: str, message: str):
-    from registry import Problem
-
-    return Problem(path, message)
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
-    from vlframe.datasets import SampleError
+    from registry import Capability
+    from vlframe.data.samples import SampleError
 
     trained = _load(args)
+    trained.require(Capability.CAPTIONING, "vlframe caption")
     config = _generation_config(args)
     for path in args.images:
         try:
             images = trained.load_images([path])
         except SampleError as err:
-            raise ConfigError([_problem("", str(err))]) from None
+            raise ConfigError([Problem("", str(err))]) from None
         captions = trained.caption(images, config)[0]
         if args.json:
             print(json.dumps({"image": str(path), "captions": captions}))
@@ -416,7 +461,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from vlframe.convert import convert_checkpoint
+    from vlframe.interchange.convert import convert_checkpoint
 
     out = convert_checkpoint(args.importer, args.model, args.checkpoint, args.out, overrides=args.overrides)
     print(f"wrote {out} ({args.importer} {args.model} from {args.checkpoint})")
@@ -429,9 +474,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from vlframe import evaluation
+    from registry import Capability
+    from vlframe.evaluation.datasets import build_dataset, embed_dataset
 
     trained = _load(args)
+    trained.require(Capability.CONTRASTIVE, "vlframe embed")
     tensors, listing = {}, {}
     if args.images:
         names = [str(p) for p in args.images]
@@ -443,9 +490,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         tensors["text_embeds"] = trained.embed_texts(texts, batch_size=args.batch_size)
         listing["texts"] = texts
     else:
-        dataset = evaluation.build_dataset(trained, args.data)
-        images, texts, owners, keys, captions = evaluation.embed_dataset(trained, dataset, limit=args.limit,
-                                                                         batch_size=args.batch_size)
+        dataset = build_dataset(trained, args.data)
+        images, texts, owners, keys, captions = embed_dataset(trained, dataset, limit=args.limit,
+                                                              batch_size=args.batch_size)
         tensors.update(image_embeds=images, text_embeds=texts, text_image=owners)
         listing.update(images=keys, texts=captions)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -459,7 +506,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from vlframe import sweep as sweeps
+    from vlframe.sweeps import sweep as sweeps
 
     if args.list:
         config = sweeps.load_sweep(args.file)
@@ -477,35 +524,48 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from vlframe.comparison import compare
+    from vlframe.sweeps.comparison import compare
 
-    parent, text, files = compare(args.source, tracking_uri=args.tracking_uri, out_dir=args.out)
+    parent, text, files, lines = compare(args.source, tracking_uri=args.tracking_uri, out_dir=args.out,
+                                         metrics=args.metrics)
     print(text)
     print(f"written: {', '.join(map(str, files))} (also artifacts of parent run {parent}, folder comparison/)")
+    for line in lines:
+        if "not delivered" in line or "deliver them" in line:
+            print(line)
     return 0
 
 
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
-    from vlframe.tracking import sync
+    from vlframe.runs.tracking import sync
 
     delivered, run_id = sync(args.run_dir, args.uri)
     print(f"delivered {delivered} event(s) to MLflow run {run_id}")
     return 0
 
 
+def _report(exc: BaseException) -> None:
+    lines = exc.lines() if isinstance(exc, VlframeError) else [str(exc)]
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    if debugging():
+        traceback.print_exception(exc, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.debug:
+        os.environ[ENV_DEBUG] = "1"  # also for the processes this one starts (sweep variants)
     try:
         return args.func(args)
     except VlframeError as exc:
-        for line in exc.lines():
-            print(f"error: {line}", file=sys.stderr)
+        _report(exc)
         return EXIT_USAGE
     except ValueError as exc:
         if args.command not in ("eval", "caption", "embed", "data"):
             raise
         # Downstream commands: a dataset or file that does not suit the task (the message names it).
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return EXIT_USAGE
 
 

@@ -1,0 +1,487 @@
+"""What each kind's factory must return: the typed contract between vlframe and its plugins.
+
+Every kind of component has a runtime-checkable :class:`typing.Protocol` here. The catalog checks
+each built object against its kind's protocol (:func:`missing_members`), and the hook docstrings
+in :mod:`registry.hookspecs` point here instead of restating it. The engine uses nothing of a
+component beyond these members; a plugin may offer more for its own use.
+
+Members marked *optional* in a docstring are read with a default when absent, so components
+written before this contract keep working; everything a protocol declares is required.
+
+Models declare **capabilities** (:class:`Capability`): what they can do beyond training. A model
+without a capability simply lacks its members, and a task that needs one says so. Each
+capability has its own protocol (:data:`CAPABILITY_PROTOCOLS`), checked on the models that
+declare it.
+
+Tensors and modules are written as strings (``"Tensor"``, ``"nn.Module"``): this package imports
+neither torch nor vlframe, so the contract can be read, and checked, without them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from registry.kinds import Kind
+
+# -- model outputs ---------------------------------------------------------------------------
+
+#: The names under which a model hands its outputs to objectives (``ObjectiveConfig.requires``).
+#: A builder may produce more; these are the ones the built-in objectives and the conformance
+#: kit know. Shapes: B batch, L text length, E embedding size, D decoder width, V vocabulary.
+OUTPUTS: Mapping[str, str] = {
+    "text": "token ids (B, L), long",
+    "text_mask": "(B, L) bool, True at real tokens",
+    "image_embeds": "L2-normalised contrastive image embeddings (B, E)",
+    "text_embeds": "L2-normalised contrastive text embeddings (B, E)",
+    "caption_states": "the captioning decoder's output states (B, L, D)",
+    "lm_head": "the module mapping caption_states to next-token logits (B, L, V)",
+    "logits": "next-token logits (B, L, V), produced only when an objective asks for them",
+}
+
+
+class Capability:
+    """Well-known model capabilities (strings: a plugin may declare and require others)."""
+
+    #: ``encode_image`` / ``encode_text`` into one embedding space: retrieval, zero-shot.
+    CONTRASTIVE = "contrastive"
+    #: ``caption_context`` / ``caption_logits``: generation of captions.
+    CAPTIONING = "captioning"
+    #: ``image_tokens`` / ``image_tower``: the image encoder's token features, for probes.
+    IMAGE_TOKENS = "image_tokens"
+    #: ``multimodal_states``: image-conditioned text states, for understanding heads.
+    MULTIMODAL_STATES = "multimodal_states"
+
+
+# -- leaf components -----------------------------------------------------------------------
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """Images ``(B, 3, image_size, image_size)`` -> tokens ``(B, N, width)``.
+
+    ``num_prefix_tokens``: class/register tokens at the front of the sequence (0 if none).
+    Optional: ``blocks`` (its repeated layers, an ``nn.ModuleList``; models report them for
+    per-block checkpointing and sharding) and ``no_weight_decay() -> set[str]`` (names of its
+    own parameters that weight decay must not shrink, such as position embeddings).
+    """
+
+    width: int
+    num_prefix_tokens: int
+    image_size: int
+
+    def __call__(self, images: Any) -> Any: ...
+
+
+@runtime_checkable
+class TextDecoder(Protocol):
+    """A unimodal (text-only) decoder: ``(tokens (B, L), mask (B, L) | None) -> (states (B, L, width),
+    embedding (B, width) | None)``.
+
+    ``embedding`` is the contrastive text feature, produced only when the factory was given
+    ``with_embedding=True``. Keywords: ``embed=False`` skips it; ``cache`` (a
+    ``vlframe.sdk.KVCache``) decodes incrementally: ``tokens`` are then the positions after
+    ``cache.offset`` and ``mask`` may be None. ``token_embedding`` (an ``nn.Embedding``) is
+    offered to heads that tie to it. Optional: ``blocks``, ``no_weight_decay()``.
+    """
+
+    width: int
+    token_embedding: Any
+
+    def __call__(self, tokens: Any, mask: Any, *, embed: bool = True, cache: Any = None) -> tuple[Any, Any]: ...
+
+
+@runtime_checkable
+class Pooler(Protocol):
+    """Tokens ``(B, N, in_dim)`` (and an optional key mask ``(B, N)``) -> ``(B, M, out_dim)``.
+
+    Optional: ``num_prefix_tokens_out`` (the output still starts with that many class tokens;
+    default 0), ``summary_tokens`` (the first outputs summarise the image and are not decoder
+    context; default 0), ``no_weight_decay()``.
+    """
+
+    out_dim: int
+
+    def __call__(self, tokens: Any, mask: Any = None) -> Any: ...
+
+
+@runtime_checkable
+class MultimodalDecoder(Protocol):
+    """``(states (B, L, in_dim), mask (B, L) | None, context (B, M, context_dim)) -> (B, L, width)``.
+
+    Keyword ``cache`` as for text decoders; after the first cached call ``context`` may be None.
+    Optional: ``blocks``, ``no_weight_decay()``.
+    """
+
+    width: int
+
+    def __call__(self, states: Any, mask: Any, context: Any, *, cache: Any = None) -> Any: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """``(outputs: dict) -> scalar loss``, unweighted, reading the outputs its config ``requires``.
+
+    Optional: ``metrics() -> dict[str, float]``, values to log during training (a temperature,
+    a bias): the trainer logs them as ``train/<objective name>/<metric>``.
+    """
+
+    def __call__(self, outputs: Mapping[str, Any]) -> Any: ...
+
+
+@runtime_checkable
+class Head(Protocol):
+    """``(..., in_dim) -> (..., out_dim)``: a projection or a language-model head."""
+
+    def __call__(self, x: Any) -> Any: ...
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ModelOutputLike(Protocol):
+    """What a model's forward returns (``vlframe.sdk.ModelOutput`` is one): the weighted total
+    ``loss`` and the unweighted ``losses`` by objective name."""
+
+    loss: Any
+    losses: Mapping[str, Any]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A trainable vision-language model, as built by a model builder.
+
+    The engine uses exactly these members, and a capability's members on models that declare it:
+
+    - ``image_size`` (pixels, square), ``context_length`` (longest text, BOS and EOS included),
+      ``pad_id`` (the padding id of texts given without a mask);
+    - ``capabilities``: a frozenset of :class:`Capability` strings;
+    - ``__call__(images, text, text_mask=None)`` -> a :class:`ModelOutputLike`;
+    - ``objectives``: the objective modules by name (an ``nn.ModuleDict``); each one's optional
+      ``metrics()`` is logged while training;
+    - ``no_weight_decay() -> set[str]``: parameter names weight decay must not shrink;
+    - ``blocks() -> list[nn.Module]``: the repeated blocks, each a unit for activation
+      checkpointing and sharding.
+
+    Optional: ``summary_groups() -> dict[str, list[str]]``, sums of top-level parts that
+    ``vlframe model summary`` reports (e.g. ``{"decoder": ["text_decoder", "lm_head"]}``).
+    ``vlframe.sdk.ModelBase`` implements all of this from a builder's config.
+    """
+
+    image_size: int
+    context_length: int
+    pad_id: int
+    capabilities: frozenset[str]
+    objectives: Any
+
+    def __call__(self, images: Any, text: Any, text_mask: Any = None) -> Any: ...
+
+    def no_weight_decay(self) -> set[str]: ...
+
+    def blocks(self) -> list[Any]: ...
+
+
+@runtime_checkable
+class ContrastiveModel(Protocol):
+    """Capability ``contrastive``: images and texts into one space of ``embed_dim``.
+
+    ``encode_image(images (B, 3, S, S), normalize=True) -> (B, embed_dim)`` and
+    ``encode_text(text (B, L), text_mask=None, normalize=True) -> (B, embed_dim)``.
+    """
+
+    embed_dim: int
+
+    def encode_image(self, images: Any, normalize: bool = True) -> Any: ...
+
+    def encode_text(self, text: Any, text_mask: Any = None, normalize: bool = True) -> Any: ...
+
+
+@runtime_checkable
+class CaptioningModel(Protocol):
+    """Capability ``captioning``: what generation needs.
+
+    ``caption_context(images)`` is the image side, computed once per image (any tensor whose
+    first dimension is the batch: generation repeats it per beam); ``caption_logits(tokens (B, L),
+    context, cache=None) -> (B, L, vocabulary)`` gives next-token logits after each token. With
+    a ``vlframe.sdk.KVCache`` the tokens are the positions after those already decoded, and the
+    model advances ``cache.offset`` past them.
+    """
+
+    def caption_context(self, images: Any) -> Any: ...
+
+    def caption_logits(self, tokens: Any, context: Any, cache: Any = None) -> Any: ...
+
+
+@runtime_checkable
+class ImageTokensModel(Protocol):
+    """Capability ``image_tokens``: ``image_tokens(images) -> (B, N, image_token_dim)``, the frozen
+    features of probes, and ``image_tower()``, the module computing them (a fine-tuning probe
+    trains a copy of it)."""
+
+    image_token_dim: int
+
+    def image_tokens(self, images: Any) -> Any: ...
+
+    def image_tower(self) -> Any: ...
+
+
+@runtime_checkable
+class MultimodalStatesModel(Protocol):
+    """Capability ``multimodal_states``: ``multimodal_states(images, text, text_mask=None) ->
+    (states (B, L, D), mask (B, L))``, image-conditioned text states for understanding heads."""
+
+    def multimodal_states(self, images: Any, text: Any, text_mask: Any = None) -> tuple[Any, Any]: ...
+
+
+#: The protocol a model declaring each well-known capability must also follow.
+CAPABILITY_PROTOCOLS: Mapping[str, type] = {
+    Capability.CONTRASTIVE: ContrastiveModel,
+    Capability.CAPTIONING: CaptioningModel,
+    Capability.IMAGE_TOKENS: ImageTokensModel,
+    Capability.MULTIMODAL_STATES: MultimodalStatesModel,
+}
+
+
+# -- tokenizers, data, importers, tasks -----------------------------------------------------
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Texts <-> token ids.
+
+    ``encode(texts, context_length) -> (ids (B, L) long, mask (B, L) bool)`` starts each text
+    with ``bos_id``, ends it with ``eos_id`` and pads with ``pad_id`` (all below ``vocab_size``);
+    ``decode(ids) -> str`` stops at EOS and drops special tokens. ``trained`` is false until
+    ``train(texts, directory) -> Path`` has fitted it (and saved it there); ``save(directory)
+    -> Path`` writes ``directory/tokenizer.model``, which the factory reads back when its config
+    names the file. Optional: ``cls_id``, ``unk_id`` (special ids generation never emits).
+    """
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+    trained: bool
+
+    def encode(self, texts: Sequence[str], context_length: int) -> tuple[Any, Any]: ...
+
+    def decode(self, ids: Any) -> str: ...
+
+    def train(self, texts: Iterable[str], directory: Path) -> Path: ...
+
+    def save(self, directory: Path) -> Path: ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """Image-text samples. Either map-style (:class:`MapDataset`) or iterable
+    (:class:`IterableDataset`); both offer these two members.
+
+    ``captions()`` yields every caption of the split without decoding an image (to train a
+    tokenizer); ``describe()`` is one line saying what was loaded.
+    """
+
+    def captions(self) -> Iterable[str]: ...
+
+    def describe(self) -> str: ...
+
+
+@runtime_checkable
+class MapDataset(Dataset, Protocol):
+    """``__getitem__(i) -> vlframe.sdk.Sample``, raising ``vlframe.sdk.SampleError`` for a missing
+    or corrupt image or empty captions (the loader skips and counts it). Optional: ``skipped``,
+    the ``SampleError`` list of entries set aside while building, and ``classes``, class names
+    of a labelled set (``Sample.meta["label"]`` indexes them)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+@runtime_checkable
+class IterableDataset(Dataset, Protocol):
+    """``__iter__`` yields ``Sample`` or ``SampleError`` values; ``length`` is the nominal number of
+    samples per epoch; ``set_epoch(epoch)`` reshuffles and ``shard(rank, world_size)`` keeps one
+    rank's part."""
+
+    length: int
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def shard(self, rank: int, world_size: int) -> None: ...
+
+
+@runtime_checkable
+class Importer(Protocol):
+    """Another framework's weights into vlframe.
+
+    ``architectures``: the names it knows. ``config(architecture) -> dict``: a whole vlframe
+    config as YAML data whose model and tokenizer reproduce the architecture (``architecture``
+    may also be a file the importer reads). ``read(path) -> dict[str, Tensor]``: the source
+    weights, from a local file only. ``convert(weights, architecture) -> dict[str, Tensor]``:
+    the same weights under the vlframe model's names; it raises ``ValueError`` listing the
+    unexpected and the missing keys, and ``config`` raises ``ValueError`` naming a setting
+    vlframe cannot reproduce.
+    """
+
+    architectures: Sequence[str]
+
+    def config(self, architecture: Any) -> dict[str, Any]: ...
+
+    def read(self, path: Path) -> dict[str, Any]: ...
+
+    def convert(self, weights: dict[str, Any], architecture: Any) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """An evaluation of a trained model: ``run(context) -> EvalResult``.
+
+    ``context`` is a ``vlframe.sdk.TaskContext``: the loaded model (``context.trained``), a
+    folder for files (``context.out_dir``, or None) and ``context.dataset(spec, split)``, which
+    builds the dataset a ``--data`` spec names (None: the run's validation split). The result is
+    a ``vlframe.sdk.EvalResult`` (metrics in percent where they are rates). The capabilities a
+    task needs are its config's ``requires``; the engine checks them before ``run``.
+    """
+
+    def run(self, context: Any) -> Any: ...
+
+
+#: The protocol each kind's built object must follow.
+KIND_PROTOCOLS: Mapping[Kind, type] = {
+    Kind.IMAGE_ENCODER: ImageEncoder,
+    Kind.TEXT_DECODER: TextDecoder,
+    Kind.POOLER: Pooler,
+    Kind.MULTIMODAL_DECODER: MultimodalDecoder,
+    Kind.OBJECTIVE: Objective,
+    Kind.HEAD: Head,
+    Kind.MODEL: Model,
+    Kind.TOKENIZER: Tokenizer,
+    Kind.DATASET: Dataset,
+    Kind.IMPORTER: Importer,
+    Kind.TASK: Task,
+}
+
+
+# -- checking --------------------------------------------------------------------------------
+
+_DUNDERS_KEPT = frozenset({"__call__", "__len__", "__getitem__", "__iter__"})
+_SKIP = frozenset({"_is_protocol", "_is_runtime_protocol"})
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The members a protocol declares (methods, properties, annotated attributes), sorted."""
+    names: set[str] = set()
+    for klass in protocol.__mro__:
+        if klass in (object, Protocol) or klass.__module__ in ("typing", "typing_extensions"):
+            continue
+        if not getattr(klass, "_is_protocol", False):
+            continue
+        candidates = set(vars(klass)) | set(getattr(klass, "__annotations__", {}))
+        for name in candidates:
+            if name in _SKIP:
+                continue
+            if name.startswith("__") and name not in _DUNDERS_KEPT:
+                continue
+            if name.startswith("_") and not name.startswith("__"):
+                continue
+            names.add(name)
+    return sorted(names)
+
+
+def _has(obj: Any, name: str) -> bool:
+    # Looked up statically first, so that a property is not run (it may raise, or be costly);
+    # then through __getattr__, where nn.Module keeps its parameters and submodules.
+    try:
+        inspect.getattr_static(obj, name)
+        return True
+    except AttributeError:
+        pass
+    try:
+        return hasattr(obj, name)
+    except Exception:  # noqa: BLE001 - it exists, it just failed to compute
+        return True
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks (empty when it conforms)."""
+    missing = []
+    for name in protocol_members(protocol):
+        if name == "__call__":
+            if not callable(obj):
+                missing.append(name)
+        elif not _has(obj, name):
+            missing.append(name)
+    return missing
+
+
+def dataset_missing_members(obj: Any) -> list[str]:
+    """What a dataset lacks: the shared members, then those of the style closest to it."""
+    shared = missing_members(obj, Dataset)
+    map_style, iterable = missing_members(obj, MapDataset), missing_members(obj, IterableDataset)
+    if not map_style or not iterable:
+        return []
+    style = map_style if len(map_style) <= len(iterable) else iterable
+    return sorted(set(style) | set(shared))
+
+
+def conformance_problems(kind: Kind, obj: Any) -> list[str]:
+    """Lines saying what ``obj`` lacks to be a ``kind`` (and, for models, to have each capability
+    it declares): ``"lacks out_dim (registry.protocols.Pooler)"``."""
+    if kind is Kind.DATASET:
+        missing = dataset_missing_members(obj)
+        where = "registry.protocols.MapDataset or IterableDataset"
+        return [f"lacks {', '.join(missing)} ({where})"] if missing else []
+    protocol = KIND_PROTOCOLS[kind]
+    problems = []
+    missing = missing_members(obj, protocol)
+    if missing:
+        problems.append(f"lacks {', '.join(missing)} (registry.protocols.{protocol.__name__})")
+    if kind is Kind.MODEL and "capabilities" not in missing:
+        declared = getattr(obj, "capabilities", None)
+        if not isinstance(declared, (set, frozenset)) or not all(isinstance(c, str) for c in declared):
+            problems.append(f"capabilities must be a frozenset of strings, got {declared!r}")
+        else:
+            for capability in sorted(declared):
+                proto = CAPABILITY_PROTOCOLS.get(capability)
+                if proto is None:
+                    continue
+                lacking = missing_members(obj, proto)
+                if lacking:
+                    problems.append(f"declares capability '{capability}' but lacks {', '.join(lacking)} "
+                                    f"(registry.protocols.{proto.__name__})")
+    return problems
+
+
+__all__ = [
+    "CAPABILITY_PROTOCOLS",
+    "Capability",
+    "CaptioningModel",
+    "ContrastiveModel",
+    "Dataset",
+    "Head",
+    "ImageEncoder",
+    "ImageTokensModel",
+    "Importer",
+    "IterableDataset",
+    "KIND_PROTOCOLS",
+    "MapDataset",
+    "Model",
+    "ModelOutputLike",
+    "MultimodalDecoder",
+    "MultimodalStatesModel",
+    "OUTPUTS",
+    "Objective",
+    "Pooler",
+    "Task",
+    "TextDecoder",
+    "Tokenizer",
+    "conformance_problems",
+    "missing_members",
+    "protocol_members",
+]

@@ -1,0 +1,1 @@
+"""Configuration: the root config model, config files (YAML, extends, --set), JSON Schema."""

@@ -1,0 +1,120 @@
+"""The root of a vlframe config file: model, tokenizer, data, training, tracking, plugins.
+
+``model`` is any registered model builder's config (a :class:`registry.ModelConfig`), so the
+engine reads ``config.model.vocab_size``, ``context_length`` and ``pad_id`` of every model alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from registry import ConfigModel, Kind, component, raise_problems
+
+
+class PluginSettings(ConfigModel):
+    """Which plugins to load. Read from the raw file before the registry exists."""
+
+    autoload: bool = Field(True, description="Load every plugin of the 'vlframe' entry-point group.")
+    block: list[str] = Field(default_factory=list, description="Plugin (entry point) names never to load.")
+    enable: list[str] = Field(default_factory=list, description="Entry points to load when autoload is off.")
+    override: dict[str, str] = Field(
+        default_factory=dict, description="KIND.NAME -> plugin: where two plugins register one name, this "
+        "plugin's component is used (e.g. {pooler.attentional: my_plugin}).")
+
+
+class DataConfig(ConfigModel):
+    """Where images and captions come from, and how images are prepared."""
+
+    train: component(Kind.DATASET) | None = Field(
+        None, description="The training dataset (needed to train; a converted model's config has none).")
+    val: component(Kind.DATASET) | None = None
+    num_workers: int = Field(2, ge=0, description="Loader processes per rank (0: load in the training process).")
+    max_skip_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="Stop with an error once more than this fraction of samples is unusable."
+    )
+    hflip: bool = Field(False, description="Random horizontal flips (leave off when captions say left/right).")
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="Random resized crop area range, e.g. [0.8, 1.0]; none: resize and centre-crop."
+    )
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="Resampling when resizing (open_clip's weights were trained with bicubic).")
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    val_batches: int | None = Field(None, gt=0, description="Validate on this many batches; default the whole split.")
+
+
+class TrainConfig(ConfigModel):
+    """The optimisation: steps, batch, optimiser, schedule, precision, checkpoints."""
+
+    steps: int = Field(1000, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(32, gt=0, description="Global batch per optimiser step (all ranks, all micro-batches).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0, description="Applied to every parameter except those the model names "
+                                "in no_weight_decay() (biases, norms, position embeddings, class and query tokens).")
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; none: no clipping.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware computes bf16 natively (CUDA GPUs "
+        "that support it, CPUs with AVX-512 BF16 or AMX), float32 elsewhere (VLFRAME_PRECISION=fp32 or bf16 "
+        "decides instead).",
+    )
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    val_every: int | None = Field(None, gt=0, description="Validate every N steps (and at the end).")
+    val_tasks: dict[str, component(Kind.TASK)] | None = Field(
+        None, description="Evaluation tasks run at each validation, by name (metrics val/NAME/*); none: every "
+        "registered periodic task the model can run (retrieval for a contrastive model); {}: losses only.")
+    checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept (the newest).")
+    output_dir: Path = Field(Path("runs"), description="Run directories go here, and the default MLflow store.")
+    init_from: Path | None = Field(
+        None, description="Start from these weights (a checkpoint or run folder, e.g. from `vlframe convert`): "
+        "fine-tuning. Its tokenizer is used unless tokenizer.path is set; optimiser and step start afresh.")
+    init_strict: bool = Field(
+        True, description="false: take only the init_from weights whose name and shape fit (an ablation that drops "
+        "or resizes parts of a pretrained model); the rest keep their initialisation and the run lists them.")
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise_problems("TrainConfig", [(("grad_accum",), f"{self.grad_accum} does not divide batch_size {self.batch_size}")])
+        return self
+
+
+class VlframeConfig(ConfigModel):
+    """A whole run: the model, its tokenizer and data, how to train it, and where to track it."""
+
+    description: str = Field("", description="Free text shown by `vlframe config show`.")
+    plugins: PluginSettings = Field(default_factory=PluginSettings)
+    model: component(Kind.MODEL)
+    tokenizer: component(Kind.TOKENIZER) | None = Field(
+        None, description="How texts become token ids; needed to train and to use the model.")
+    data: DataConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: "TrackingConfig" = Field(default_factory=lambda: TrackingConfig())
+
+
+class TrackingConfig(ConfigModel):
+    """Where and how a run is tracked in MLflow."""
+
+    enabled: bool = Field(True, description="Track the run in MLflow.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: the embedded store sqlite:///<runs dir>/mlflow.db."
+    )
+    experiment: str = Field("vlframe", min_length=1)
+    run_name: str | None = Field(None, description="Default: the run directory's name.")
+    flush_every_s: float = Field(5.0, gt=0, description="How often buffered metrics are sent.")
+    timeout_s: float = Field(5.0, gt=0, description="Per-request timeout; an unreachable server never stalls training.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the MLflow run (sweeps set their own).")
+
+
+VlframeConfig.model_rebuild()

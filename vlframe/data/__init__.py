@@ -1,0 +1,1 @@
+"""Data plumbing shared by training and evaluation: samples, image transforms, loaders."""

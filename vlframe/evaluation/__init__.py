@@ -1,0 +1,1 @@
+"""Evaluation: the task dispatcher, dataset resolution and metrics (tasks themselves are plugins)."""

@@ -1,0 +1,182 @@
+"""The evaluation dispatcher: one path from a task config to logged metrics.
+
+Tasks are plugins (``vlframe_tasks``; the built-in caption, retrieval, zeroshot, probe and
+understanding tasks are ``vlframe_builtins.tasks``). ``vlframe eval``, sweeps and the trainer's
+periodic validation all come here: :func:`run_task` checks that the model has the capabilities
+the task's config ``requires``, builds the task through the catalog and runs it with a
+:class:`TaskContext`; :func:`log_results` files the results under the training run in MLflow,
+through a journal, so that nothing is lost while the store is unreachable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from registry import Catalog, ConfigError, Kind, Problem, TaskConfig, VlframeError
+
+if TYPE_CHECKING:
+    from vlframe.inference.trained import Trained
+
+
+@dataclass
+class EvalResult:
+    """One evaluation: ``metrics`` (rates in percent, as papers report them), ``info`` (counts,
+    settings), and the ``files`` it wrote."""
+
+    task: str
+    metrics: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        values = "  ".join(f"{k} {v:.2f}" for k, v in self.metrics.items())
+        return f"{self.task}: {values}"
+
+
+class CapabilityError(VlframeError):
+    """The model lacks a capability what was asked needs."""
+
+
+@dataclass
+class TaskContext:
+    """What a task gets to run with: the loaded model and a folder for its files (or None)."""
+
+    trained: Trained
+    out_dir: Path | None = None
+
+    def dataset(self, spec: str | Path | Mapping[str, Any] | None = None, split: str = "val") -> Any:
+        """The dataset a ``--data`` spec names (:mod:`vlframe.evaluation.datasets`); None: the run's
+        validation split."""
+        from vlframe.evaluation.datasets import build_dataset
+
+        return build_dataset(self.trained, spec, split)
+
+
+def require(model: Any, needed: Iterable[str], what: str) -> None:
+    """Raise :class:`CapabilityError` naming what ``model`` lacks of ``needed`` for ``what``."""
+    have = frozenset(getattr(model, "capabilities", ()))
+    missing = sorted(set(needed) - have)
+    if missing:
+        kind = getattr(getattr(model, "config", None), "type", type(model).__name__)
+        plural = "capabilities" if len(missing) > 1 else "capability"
+        raise CapabilityError(f"{what} needs the {', '.join(missing)} {plural}, and the model ({kind}) has "
+                              f"{'only ' + ', '.join(sorted(have)) if have else 'none'}")
+
+
+def why_not(config: TaskConfig, capabilities: Iterable[str]) -> str | None:
+    """Why a model with ``capabilities`` cannot run the task (None when it can)."""
+    missing = sorted(set(type(config).requires) - set(capabilities))
+    return f"no {', '.join(missing)} capability" if missing else None
+
+
+def task_config(catalog: Catalog, block: Mapping[str, Any], where: str) -> TaskConfig:
+    """A task block (``{type: caption, limit: 64}``) validated against its plugin's config."""
+    from vlframe.config.files import problems_from
+
+    if not isinstance(block, Mapping) or "type" not in block:
+        raise ConfigError([Problem("type", "a task block is a mapping with a 'type' key naming a task", where)])
+    try:
+        entry = catalog.get(Kind.TASK, str(block["type"]))
+    except VlframeError as exc:
+        raise ConfigError([Problem("type", str(exc), where)]) from None
+    try:
+        return catalog.validate(entry.spec.config, dict(block))
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc, entry.spec.config, dict(block), catalog, where)) from None
+
+
+def settings_block(catalog: Catalog, name: str, settings: Mapping[str, Any], overrides: Sequence[str] = ()) -> TaskConfig:
+    """A task config from command-line settings: each ``--flag`` goes to the task's field of that
+    name (or of a nested settings block, e.g. the caption task's generation); ``--set K=V`` to any."""
+    from vlframe.config.files import apply_overrides
+
+    try:
+        config_class = catalog.get(Kind.TASK, name).spec.config
+    except VlframeError as exc:
+        raise ConfigError([Problem("--task", str(exc))]) from None
+    block: dict[str, Any] = {"type": name}
+    fields = config_class.model_fields
+    for key, value in settings.items():
+        if key in fields:
+            block[key] = value
+            continue
+        nested = [f for f, info in fields.items() if isinstance(info.annotation, type)
+                  and issubclass(info.annotation, BaseModel) and key in info.annotation.model_fields]
+        if not nested:
+            allowed = ", ".join(sorted(f for f in fields if f != "type"))
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError([Problem(flag, f"task '{name}' has no setting '{key}'; its settings: {allowed}")])
+        block.setdefault(nested[0], {})[key] = value
+    block = apply_overrides(block, overrides)
+    return task_config(catalog, block, f"--task {name}")
+
+
+def periodic_tasks(catalog: Catalog, capabilities: Iterable[str]) -> dict[str, TaskConfig]:
+    """Every registered task marked ``periodic`` that a model with ``capabilities`` can run, with its
+    default settings, by name."""
+    out = {}
+    for entry in catalog.entries(Kind.TASK):
+        config_class = entry.spec.config
+        if config_class.periodic and set(config_class.requires) <= set(capabilities):
+            out[entry.spec.name] = task_config(catalog, {"type": entry.spec.name}, f"task {entry.spec.name}")
+    return out
+
+
+def run_task(trained: Trained, config: TaskConfig, *, name: str | None = None, out_dir: Path | None = None) -> EvalResult:
+    """Run one task on ``trained``; the result is named ``name`` (default: the task's type)."""
+    require(trained.model, type(config).requires, f"task '{config.type}'")
+    task = trained.registry.catalog.build(Kind.TASK, config, path=f"task {name or config.type}")
+    result = task.run(TaskContext(trained, out_dir))
+    if not isinstance(result, EvalResult):
+        raise VlframeError(f"task '{config.type}' returned {type(result).__name__}, not an EvalResult")
+    result.task = name or config.type
+    return result
+
+
+def default_out_dir(trained: Trained, task: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return trained.run.eval_dir(f"{task}-{trained.checkpoint.name}-{stamp}")
+
+
+def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *, uri: str | None = None,
+                step: int | None = None, extra_metrics: Mapping[str, float] | None = None,
+                extra_tags: Mapping[str, str] | None = None) -> list[str]:
+    """File ``results`` under the training run in MLflow; return lines saying where they went.
+
+    Metrics go to the run as ``eval/<task>/<metric>`` at the checkpoint's step, each result's
+    info as the tag ``vlframe.eval.<task>`` and its files as artifacts under ``eval/<task>``. A
+    run trained without tracking gets a new run in its experiment, tagged with the checkpoint.
+    Everything is journaled in ``folder/tracking`` first: with the store unreachable the lines
+    say how to deliver it later (``vlframe tracking sync FOLDER``).
+    """
+    import json
+
+    from vlframe.runs import tags
+    from vlframe.runs.tracking import Tracker
+
+    uri = uri or trained.tracking_uri
+    step = trained.step if step is None else step
+    tracker = Tracker(folder, uri=uri, experiment=trained.config.tracking.experiment)
+    if trained.run_id is not None:
+        tracker.start(run_name=trained.run.path.name, run_id=trained.run_id, attach=True)
+    else:
+        tracker.start(run_name=f"eval-{trained.run.path.name}",
+                      tags={tags.CHECKPOINT: str(trained.checkpoint.resolve())})
+    metrics = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items()}
+    tracker.log_metrics({**metrics, **dict(extra_metrics or {})}, step=step)
+    tracker.set_tags({**{f"{tags.EVAL_PREFIX}{r.task}": json.dumps(r.info, default=str)[:4000] for r in results},
+                      **dict(extra_tags or {})})
+    for result in results:
+        for path in result.files:
+            tracker.log_artifact(path, f"eval/{result.task}")
+    return tracker.finish(None if trained.run_id is not None else "FINISHED")
+
+
+__all__ = ["CapabilityError", "EvalResult", "TaskContext", "default_out_dir", "log_results", "periodic_tasks",
+           "require", "run_task", "settings_block", "task_config", "why_not"]

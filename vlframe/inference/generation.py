@@ -1,0 +1,262 @@
+"""Caption generation: greedy decoding, beam search and sampling, over a key/value cache.
+
+Works with any model with the captioning capability (:class:`registry.protocols.CaptioningModel`):
+``caption_context(images)`` (the image side, run once per image) and ``caption_logits(tokens,
+context, cache)`` (next-token logits; with a :class:`~vlframe.nn.KVCache` only the new tokens are
+fed), and ``context_length``. With the cache a step costs one
+token's worth of decoder work instead of the whole prefix, and the cross-attention keys and
+values of the image context are projected once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from registry import ConfigModel
+from registry.protocols import CaptioningModel as Captioner
+from vlframe.nn.cache import KVCache
+
+
+class GenerationConfig(ConfigModel):
+    """How captions are decoded. Lengths count generated tokens, not the prompt."""
+
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"
+    max_length: int | None = Field(
+        None, gt=0, description="Most tokens generated after the prompt, EOS included; default: as many as the "
+        "model was trained to predict (its context length less the prompt).")
+    min_length: int = Field(0, ge=0, description="Tokens a caption has at least before its EOS.")
+    num_beams: int = Field(4, gt=0, description="beam: hypotheses kept at every step.")
+    length_penalty: float = Field(
+        1.0, description="beam: a finished hypothesis scores sum(log p) / length**length_penalty.")
+    num_return_sequences: int = Field(1, gt=0, description="Captions per image (beam: the n best).")
+    temperature: float = Field(1.0, gt=0, description="sample: logits are divided by it.")
+    top_k: int | None = Field(None, gt=0, description="sample: draw only from the k likeliest tokens.")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample: from the smallest set with this much mass.")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="> 1 discourages tokens already generated (positive logits divided, negative multiplied).")
+    use_cache: bool = Field(True, description="Keep keys/values between steps (false recomputes the prefix).")
+    seed: int | None = Field(None, description="sample: seed of the random draws.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationConfig:
+        if self.max_length is not None and self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} exceeds max_length {self.max_length}")
+        if self.strategy == "greedy" and self.num_return_sequences != 1:
+            raise ValueError("greedy decoding returns one caption per image (use beam or sample for more)")
+        if self.strategy == "beam" and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences {self.num_return_sequences} exceeds num_beams {self.num_beams}")
+        return self
+
+
+@dataclass
+class Generated:
+    """``tokens`` ``(B, n, L)``: generated ids after the prompt, EOS included, then padding.
+    ``scores`` ``(B, n)``: each caption's summed log-probability (beam: divided by its length
+    to the power ``length_penalty``), best first."""
+
+    tokens: Tensor
+    scores: Tensor
+
+
+class _Stepper:
+    """Feeds the growing sequences to the model, with or without the cache."""
+
+    def __init__(self, model: Captioner, context: Tensor, use_cache: bool) -> None:
+        self.model, self.context = model, context
+        self.cache = KVCache() if use_cache else None
+        self.fed = 0
+
+    def next_logits(self, seqs: Tensor) -> Tensor:
+        if self.cache is None:
+            logits = self.model.caption_logits(seqs, self.context)
+        else:
+            logits = self.model.caption_logits(seqs[:, self.fed :], self.context, self.cache)
+            self.fed = seqs.shape[1]
+        return logits[:, -1].float()
+
+    def reorder(self, index: Tensor) -> None:
+        # Beams of one image share its context, so the context itself stays; the cache moves.
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _adjust(logits: Tensor, generated: Tensor, step: int, cfg: GenerationConfig, eos_id: int,
+            banned: tuple[int, ...]) -> Tensor:
+    """Repetition penalty, banned tokens, and no EOS before ``min_length``."""
+    if cfg.repetition_penalty != 1.0 and generated.shape[1]:
+        seen = logits.gather(1, generated)
+        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        logits = logits.scatter(1, generated, seen)
+    forbid = list(banned) + ([eos_id] if step < cfg.min_length else [])
+    if forbid:
+        logits = logits.index_fill(1, torch.tensor(forbid, device=logits.device), float("-inf"))
+    return logits
+
+
+def _filter(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Keep the ``top_k`` likeliest tokens, then the smallest set holding ``top_p`` of the mass."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # Drop a token when the tokens before it already hold top_p (the likeliest always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _greedy_or_sample(stepper: _Stepper, seqs: Tensor, cfg: GenerationConfig, eos_id: int, pad_id: int,
+                      banned: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    prompt = seqs.shape[1]
+    finished = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
+    scores = torch.zeros(seqs.shape[0], device=seqs.device)
+    generator = None
+    if cfg.strategy == "sample" and cfg.seed is not None:
+        generator = torch.Generator(seqs.device).manual_seed(cfg.seed)
+    for step in range(cfg.max_length):
+        logits = _adjust(stepper.next_logits(seqs), seqs[:, prompt:], step, cfg, eos_id, banned)
+        if cfg.strategy == "sample":
+            probs = _filter(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            token = logits.argmax(dim=-1)
+        logp = logits.log_softmax(dim=-1).gather(1, token[:, None]).squeeze(1)
+        scores += logp.masked_fill(finished, 0.0)
+        token = token.masked_fill(finished, pad_id)
+        seqs = torch.cat([seqs, token[:, None]], dim=1)
+        finished |= token == eos_id
+        if bool(finished.all()):
+            break
+    return seqs[:, prompt:], scores
+
+
+def _beam(stepper: _Stepper, seqs: Tensor, cfg: GenerationConfig, batch: int, eos_id: int, pad_id: int,
+          banned: tuple[int, ...]) -> list[list[tuple[float, list[int]]]]:
+    """Beam search with early stopping: an image is done once ``num_beams`` hypotheses ended."""
+    k, prompt, device = cfg.num_beams, seqs.shape[1], seqs.device
+    beam_scores = torch.full((batch, k), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0  # all beams start identical: only one may expand at first
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    for step in range(cfg.max_length):
+        logp = _adjust(stepper.next_logits(seqs), seqs[:, prompt:], step, cfg, eos_id, banned).log_softmax(dim=-1)
+        vocab = logp.shape[-1]
+        candidates = (beam_scores.view(-1, 1) + logp).view(batch, k * vocab)
+        top_scores, top_index = candidates.topk(2 * k, dim=1)
+        rows = (top_index // vocab).tolist()
+        tokens, values = (top_index % vocab).tolist(), top_scores.tolist()
+        new_scores = torch.full((batch, k), float("-inf"), device=device)
+        source = torch.arange(batch, device=device)[:, None].mul(k).expand(batch, k).clone()
+        new_tokens = torch.full((batch, k), pad_id, dtype=torch.long, device=device)
+        history = seqs[:, prompt:].tolist()
+        for b in range(batch):
+            if done[b]:
+                continue
+            kept = 0
+            for rank in range(2 * k):
+                score, token, row = values[b][rank], tokens[b][rank], b * k + rows[b][rank]
+                if score == float("-inf"):
+                    break
+                if token == eos_id:
+                    if rank < k:  # an EOS outside the top k would not have survived as a beam
+                        finished[b].append((score / (step + 1) ** cfg.length_penalty, history[row] + [eos_id]))
+                    continue
+                new_scores[b, kept], source[b, kept], new_tokens[b, kept] = score, row, token
+                kept += 1
+                if kept == k:
+                    break
+            done[b] = len(finished[b]) >= k
+        if all(done):
+            break
+        index = source.view(-1)
+        seqs = torch.cat([seqs.index_select(0, index), new_tokens.view(-1, 1)], dim=1)
+        stepper.reorder(index)
+        beam_scores = new_scores
+    else:
+        # Out of length: the live beams compete as they are.
+        history = seqs[:, prompt:].tolist()
+        for b in range(batch):
+            if not done[b]:
+                for j in range(k):
+                    score = float(beam_scores[b, j])
+                    if score > float("-inf"):
+                        finished[b].append((score / cfg.max_length ** cfg.length_penalty, history[b * k + j]))
+    return finished
+
+
+@torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
+def generate(
+    model: Captioner,
+    images: Tensor,
+    config: GenerationConfig | None = None,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    prompt: Tensor | None = None,
+    banned_ids: tuple[int, ...] | None = None,
+    **overrides: Any,
+) -> Generated:
+    """Caption ``images`` ``(B, 3, H, W)``; ``config`` fields may also be given as keywords.
+
+    ``prompt`` ``(B, P)`` starts every caption (default: BOS alone). ``banned_ids`` are never
+    generated (default: padding and BOS).
+    """
+    cfg = GenerationConfig.model_validate({**(config.model_dump() if config else {}), **overrides})
+    batch, device = images.shape[0], images.device
+    if prompt is None:
+        prompt = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
+    if prompt.shape[0] != batch:
+        raise ValueError(f"prompt has {prompt.shape[0]} rows for {batch} images")
+    context_length = getattr(model, "context_length", None)
+    # Training predicts tokens 1 .. context_length - 1 of a sequence: a prompt of P tokens leaves
+    # context_length - P tokens the model has learnt to predict, the EOS among them.
+    if cfg.max_length is None:
+        cfg = cfg.model_copy(update={"max_length": max(1, context_length - prompt.shape[1]) if context_length else 32})
+        if cfg.min_length > cfg.max_length:
+            raise ValueError(f"min_length {cfg.min_length} exceeds the {cfg.max_length} tokens the context allows")
+    if context_length is not None and prompt.shape[1] + cfg.max_length > context_length:
+        raise ValueError(f"a {prompt.shape[1]}-token prompt plus max_length {cfg.max_length} exceeds the "
+                         f"model's context_length {context_length}")
+    banned = tuple(banned_ids) if banned_ids is not None else tuple({pad_id, bos_id} - {eos_id})
+    context = model.caption_context(images)
+    copies = cfg.num_beams if cfg.strategy == "beam" else cfg.num_return_sequences
+    stepper = _Stepper(model, context.repeat_interleave(copies, dim=0), cfg.use_cache)
+    seqs = prompt.repeat_interleave(copies, dim=0)
+    n = cfg.num_return_sequences
+    if cfg.strategy != "beam":
+        tokens, scores = _greedy_or_sample(stepper, seqs, cfg, eos_id, pad_id, banned)
+        tokens, scores = tokens.view(batch, n, -1), scores.view(batch, n)
+        order = scores.argsort(dim=1, descending=True)  # several samples per image: best first
+        return Generated(tokens.gather(1, order[..., None].expand_as(tokens)), scores.gather(1, order))
+    hypotheses = _beam(stepper, seqs, cfg, batch, eos_id, pad_id, banned)
+    best = [sorted(h, key=lambda item: -item[0])[:n] for h in hypotheses]
+    length = max(len(ids) for h in best for _, ids in h)
+    tokens = torch.full((batch, n, length), pad_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, n), float("-inf"), device=device)
+    for b, hyps in enumerate(best):
+        for j, (score, ids) in enumerate(hyps):
+            tokens[b, j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            scores[b, j] = score
+    return Generated(tokens, scores)
+
+
+def caption(model: Captioner, tokenizer: Any, images: Tensor, config: GenerationConfig | None = None,
+            **overrides: Any) -> list[list[str]]:
+    """Captions as text: ``num_return_sequences`` strings per image, best first.
+
+    The tokenizer's special tokens other than EOS (padding, BOS, unknown, CLS) are never
+    generated: decoding would drop them, so they would only use up length."""
+    specials = {getattr(tokenizer, name, None) for name in ("pad_id", "bos_id", "unk_id", "cls_id")}
+    banned = tuple(sorted(i for i in specials if i is not None and i != tokenizer.eos_id))
+    overrides.setdefault("banned_ids", banned)
+    out = generate(model, images, config, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                   **overrides)
+    return [[tokenizer.decode(row) for row in per_image] for per_image in out.tokens.tolist()]

@@ -1,0 +1,1 @@
+"""Formats in and out: other frameworks' checkpoints, WebDataset shards, derived task files."""

@@ -1,0 +1,123 @@
+"""Import another framework's checkpoint through an importer plugin.
+
+``import_checkpoint`` returns the converted model in memory, ready to caption, embed or evaluate;
+``convert_checkpoint`` writes it as a vlframe checkpoint folder (config.yaml, model.safetensors,
+tokenizer.model, state.pt at step 0) that ``vlframe eval``, ``vlframe caption``,
+:func:`vlframe.inference.trained.load_trained` and ``train.init_from`` (fine-tuning) all accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry import Kind, Registry, VlframeError
+from vlframe.config import files as configfile
+from vlframe.config.root import VlframeConfig
+from vlframe.runs import checkpoint
+
+
+class ConversionError(VlframeError):
+    """A checkpoint that does not fit the architecture it was converted as."""
+
+
+def _some(items: list[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _importer(name: str, registry: Registry) -> Any:
+    catalog = registry.catalog
+    spec = catalog.get(Kind.IMPORTER, name).spec
+    return catalog.build(Kind.IMPORTER, spec.config(type=name), path=f"importer {name}")
+
+
+def import_checkpoint(
+    importer: str,
+    architecture: str | Path,
+    checkpoint_file: str | Path,
+    *,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    registry: Registry | None = None,
+) -> tuple[nn.Module, VlframeConfig, dict[str, Any]]:
+    """The converted model (eval mode, CPU), its validated config, and where it came from.
+
+    ``overrides`` (``"a.b=value"``) adjust the importer's config, e.g. ``tokenizer.path`` or
+    ``model.attention_backend``; the architecture itself is the checkpoint's. Raises
+    :class:`ConversionError` naming the file when its keys or shapes do not fit.
+    """
+    from vlframe.api import build_model
+
+    imp = _importer(importer, registry or Registry.discover())
+    try:
+        data = imp.config(architecture)
+    except ValueError as exc:
+        raise ConversionError(f"--model {architecture}: {exc}") from None
+    # The converted config's own plugins section (and --set) decide which plugins build it.
+    data = configfile.apply_overrides(data, overrides)
+    config, registry = configfile.load(data, registry=registry)
+    model = build_model(config, registry=registry)
+    try:
+        weights = imp.convert(imp.read(Path(checkpoint_file)), architecture)
+    except ValueError as exc:
+        raise ConversionError(f"{checkpoint_file}: {exc}") from None
+    expected = model.state_dict()
+    problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+                for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra or problems:
+        raise ConversionError(
+            f"{checkpoint_file}: the {importer} importer's output does not fit the {architecture} model: "
+            + "; ".join(filter(None, [f"shapes differ ({_some(problems)})" if problems else "",
+                                      f"not produced: {_some(missing)}" if missing else "",
+                                      f"not in the model: {_some(extra)}" if extra else ""])))
+    model.load_state_dict(weights, strict=True)
+    source = {"importer": importer, "architecture": str(architecture), "checkpoint": str(Path(checkpoint_file).resolve())}
+    return model.eval(), config, source
+
+
+def convert_checkpoint(
+    importer: str,
+    architecture: str | Path,
+    checkpoint_file: str | Path,
+    out: str | Path,
+    *,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    registry: Registry | None = None,
+) -> Path:
+    """Convert ``checkpoint_file`` and write the vlframe checkpoint folder ``out``; return it.
+
+    The folder is written beside ``out`` first and renamed into place, so a failed conversion
+    leaves nothing that looks like a checkpoint. An existing ``out`` is refused unless it is an
+    earlier conversion (then it is replaced).
+    """
+    import tempfile
+
+    from vlframe.api import build_tokenizer
+
+    out = Path(out)
+    if out.exists() and not _is_conversion(out):
+        raise ConversionError(f"--out {out}: exists and is not an earlier conversion; choose a new folder")
+    model, config, source = import_checkpoint(importer, architecture, checkpoint_file, overrides=overrides,
+                                              registry=registry)
+    registry = registry or configfile.registry_for(configfile.dump(config))
+    tokenizer = build_tokenizer(config, registry)
+    if not tokenizer.trained:
+        raise ConversionError(f"the {importer} importer's tokenizer ({config.tokenizer.type}) needs training first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        state = {"step": 0, "converted_from": source, "config_hash": configfile.config_hash(config)}
+        files = {checkpoint.CONFIG: configfile.to_yaml(config), checkpoint.TOKENIZER: tokenizer.save(Path(tmp))}
+        return checkpoint.write(out, model, state, files)
+
+
+def _is_conversion(folder: Path) -> bool:
+    """Whether ``folder`` was written by :func:`convert_checkpoint` (so replacing it loses nothing)."""
+    try:
+        state = torch.load(folder / checkpoint.STATE, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable or absent: not ours to replace
+        return False
+    return isinstance(state, dict) and "converted_from" in state

@@ -1,0 +1,1 @@
+"""The process a model runs in: torchrun process groups and numeric precision."""

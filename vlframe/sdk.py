@@ -1,0 +1,117 @@
+"""The plugin SDK: everything a plugin may import from vlframe, in one module.
+
+A plugin depends on the contract (:mod:`registry`: hooks, protocols, config bases) and on this
+module; nothing else of vlframe is public to plugins, so the engine can change behind it. The
+built-in plugins (``vlframe_builtins``) import only from these two, as a third-party package
+would. Names load on first use, so importing a plugin stays cheap.
+
+Building blocks
+    ``Attention`` (the one attention module: self, causal, cross, pooling; key-padding masks;
+    backends), ``Block`` (pre-norm transformer block, optional cross-attention), ``MLP``,
+    ``QuickGELU``, ``ACTIVATIONS``, ``TransformerConfig`` (width/layers/heads/MLP fields),
+    ``init_weights``, ``KVCache`` (incremental decoding), ``set_attention_backend``,
+    ``check_backend``.
+Model builders
+    ``ModelBase`` and ``ModelBuilderConfig`` (see :mod:`vlframe.nn.model`), ``ModelOutput``.
+Objectives
+    ``gather_with_grad`` (all-gather keeping gradients), ``all_reduce_sum``, ``rank``,
+    ``world_size``.
+Datasets
+    ``Sample``, ``SampleError``, ``FileDataset``, ``load_image``, ``clean_captions``.
+Evaluation tasks
+    ``EvalResult``, ``TaskContext``, ``Trained`` (a loaded model with ``embed_images``,
+    ``embed_texts``, ``caption``, ``load_images``, ``tokenize``, ``autocast``), ``frozen``,
+    ``iter_samples``, ``batched``, ``labelled_images``, ``embed_dataset``, ``describe``,
+    ``retrieval_recall``, ``topk_accuracy``, ``score_captions``, ``CAPTION_METRICS``,
+    ``zero_shot_classifier``, ``classify``, ``PROMPT_TEMPLATES``, ``GenerationConfig``,
+    ``generate``, ``write_caption_table``, ``thumbnail``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    # building blocks
+    "Attention": "vlframe.nn.attention",
+    "set_attention_backend": "vlframe.nn.attention",
+    "check_backend": "vlframe.nn.attention",
+    "Block": "vlframe.nn.transformer",
+    "MLP": "vlframe.nn.transformer",
+    "QuickGELU": "vlframe.nn.transformer",
+    "ACTIVATIONS": "vlframe.nn.transformer",
+    "init_weights": "vlframe.nn.transformer",
+    "TransformerConfig": "vlframe.nn.config",
+    "KVCache": "vlframe.nn.cache",
+    # model builders
+    "ModelBase": "vlframe.nn.model",
+    "ModelBuilderConfig": "vlframe.nn.model",
+    "ModelOutput": "vlframe.nn.outputs",
+    # objectives
+    "gather_with_grad": "vlframe.runtime.distributed",
+    "all_reduce_sum": "vlframe.runtime.distributed",
+    "rank": "vlframe.runtime.distributed",
+    "world_size": "vlframe.runtime.distributed",
+    # datasets
+    "Sample": "vlframe.data.samples",
+    "SampleError": "vlframe.data.samples",
+    "FileDataset": "vlframe.data.samples",
+    "load_image": "vlframe.data.samples",
+    "clean_captions": "vlframe.data.samples",
+    # evaluation tasks
+    "EvalResult": "vlframe.evaluation.tasks",
+    "TaskContext": "vlframe.evaluation.tasks",
+    "iter_samples": "vlframe.evaluation.datasets",
+    "batched": "vlframe.evaluation.datasets",
+    "labelled_images": "vlframe.evaluation.datasets",
+    "embed_dataset": "vlframe.evaluation.datasets",
+    "describe": "vlframe.evaluation.datasets",
+    "retrieval_recall": "vlframe.evaluation.metrics",
+    "topk_accuracy": "vlframe.evaluation.metrics",
+    "score_captions": "vlframe.evaluation.caption_metrics",
+    "CAPTION_METRICS": "vlframe.evaluation.caption_metrics",
+    "UNAVAILABLE": "vlframe.evaluation.caption_metrics",
+    "zero_shot_classifier": "vlframe.evaluation.zeroshot",
+    "classify": "vlframe.evaluation.zeroshot",
+    "PROMPT_TEMPLATES": "vlframe.evaluation.zeroshot",
+    "write_caption_table": "vlframe.evaluation.report",
+    "thumbnail": "vlframe.evaluation.report",
+    "Trained": "vlframe.inference.trained",
+    "frozen": "vlframe.inference.trained",
+    "GenerationConfig": "vlframe.inference.generation",
+    "generate": "vlframe.inference.generation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'vlframe.sdk' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for editors and type checkers; at run time the names load lazily
+    from vlframe.data.samples import FileDataset, Sample, SampleError, clean_captions, load_image
+    from vlframe.evaluation.caption_metrics import CAPTION_METRICS, UNAVAILABLE, score_captions
+    from vlframe.evaluation.datasets import batched, describe, embed_dataset, iter_samples, labelled_images
+    from vlframe.evaluation.metrics import retrieval_recall, topk_accuracy
+    from vlframe.evaluation.report import thumbnail, write_caption_table
+    from vlframe.evaluation.tasks import EvalResult, TaskContext
+    from vlframe.evaluation.zeroshot import PROMPT_TEMPLATES, classify, zero_shot_classifier
+    from vlframe.inference.generation import GenerationConfig, generate
+    from vlframe.inference.trained import Trained, frozen
+    from vlframe.nn.attention import Attention, check_backend, set_attention_backend
+    from vlframe.nn.cache import KVCache
+    from vlframe.nn.config import TransformerConfig
+    from vlframe.nn.model import ModelBase, ModelBuilderConfig
+    from vlframe.nn.outputs import ModelOutput
+    from vlframe.nn.transformer import ACTIVATIONS, MLP, Block, QuickGELU, init_weights
+    from vlframe.runtime.distributed import all_reduce_sum, gather_with_grad, rank, world_size

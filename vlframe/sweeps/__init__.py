@@ -1,0 +1,1 @@
+"""Ablation sweeps and their side-by-side comparison."""

@@ -1,0 +1,255 @@
+"""Comparing a sweep's variants side by side, read back from MLflow.
+
+One row per variant (the child runs of the sweep's parent run), one column per metric the
+variants logged (validation losses and periodic tasks ``val/*``, evaluations ``eval/*``, cost
+``cost/*``; a plugin's metric shows up like the built-ins'), with the best value of each
+column marked. A variant that could not run a task (it lacks the capability) says so in its
+cells and under the table. The same table is written as CSV and Markdown, with a bar chart per
+metric, and filed as artifacts of the parent run (through a journal).
+
+A metric is read as lower-is-better when its name says loss, error, perplexity, parameters,
+seconds or seconds per step; higher-is-better otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry import VlframeError
+from vlframe.runs import store, tags
+from vlframe.sweeps.sweep import children, expand, find_parent, load_sweep, sweep_folder, tracking_target
+
+#: Prefixes of the metrics compared; train/* and system/* describe the run, not the model.
+PREFIXES = ("val/", "eval/", "cost/")
+#: Logged for the record but not compared (its inverse, s/step, is).
+LEFT_OUT = ("cost/images_per_s",)
+_LOWER = re.compile(r"loss|error|perplexity|params|s_per_step|seconds")
+#: Cell text of a metric a variant cannot have.
+NOT_APPLICABLE = "n/a"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # the MLflow metric
+    label: str
+    higher_is_better: bool
+
+
+@dataclass
+class Row:
+    variant: str
+    status: str
+    run_id: str
+    overrides: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    #: Tasks this variant could not run, with the reason (from its vlframe.eval_skipped.* tags).
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class CompareError(VlframeError):
+    """The sweep or parent run named cannot be found."""
+
+
+def resolve_parent(source: str, tracking_uri: str | None) -> tuple[str, str, list[str], Path | None]:
+    """(tracking URI, parent run id, variant order, sweep folder) for a sweep file or a parent run id."""
+    path = Path(source)
+    if path.is_file():
+        sweep = load_sweep(path)
+        uri, experiment = tracking_target(sweep)
+        uri = tracking_uri or uri
+        with store.bounded(30):
+            parent = find_parent(store.client(uri), experiment, sweep.name)
+        if parent is None:
+            raise CompareError(f"{path}: sweep '{sweep.name}' has no runs in experiment '{experiment}' at {uri} "
+                               f"(run it with: vlframe sweep {path})")
+        return uri, parent, [name for name, _ in expand(sweep)], sweep_folder(sweep)
+    if re.fullmatch(r"[0-9a-f]{32}", source):
+        return store.store_uri(given=tracking_uri), source, [], None
+    raise CompareError(f"{source}: neither a sweep file nor an MLflow run id")
+
+
+def collect(mlflow: Any, parent_id: str, order: Sequence[str] = ()) -> list[Row]:
+    """Each variant's newest run under the parent, with its latest metric values."""
+    newest: dict[str, Any] = {}
+    for run in sorted(children(mlflow, parent_id), key=lambda r: r.info.start_time or 0):
+        newest[run.data.tags.get(tags.VARIANT, run.info.run_name or run.info.run_id)] = run
+    rank = {name: i for i, name in enumerate(order)}
+    rows = []
+    for name, run in sorted(newest.items(), key=lambda item: (rank.get(item[0], len(rank)), item[1].info.start_time)):
+        run_tags = run.data.tags
+        skipped = {k.removeprefix(tags.EVAL_SKIPPED_PREFIX): v for k, v in run_tags.items()
+                   if k.startswith(tags.EVAL_SKIPPED_PREFIX)}
+        rows.append(Row(name, run.info.status.lower(), run.info.run_id,
+                        list(_json_list(run_tags.get(tags.OVERRIDES, "[]"))), dict(run.data.metrics),
+                        run_tags.get(tags.ERROR, ""), skipped))
+    return rows
+
+
+def _json_list(text: str) -> list[str]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _label(key: str) -> str:
+    return key.removeprefix("eval/").replace("/", " ")
+
+
+def columns_for(rows: Sequence[Row], patterns: Sequence[str] = ()) -> list[Column]:
+    """A column for every compared metric any row logged (or those matching ``patterns``), in a
+    stable order: validation, evaluations by task, cost."""
+    keys = {k for row in rows for k in row.metrics if k.startswith(PREFIXES) and k not in LEFT_OUT}
+    if patterns:
+        keys = {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    order = {prefix: i for i, prefix in enumerate(PREFIXES)}
+    ranked = sorted(keys, key=lambda k: (order[next(p for p in PREFIXES if k.startswith(p))], k))
+    return [Column(k, _label(k), not _LOWER.search(k)) for k in ranked]
+
+
+def _task_of(key: str) -> str | None:
+    parts = key.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] in ("eval", "val") else None
+
+
+def best(rows: Sequence[Row], column: Column) -> float | None:
+    values = [r.metrics[column.key] for r in rows if column.key in r.metrics and math.isfinite(r.metrics[column.key])]
+    if not values:
+        return None
+    return max(values) if column.higher_is_better else min(values)
+
+
+def cells(rows: Sequence[Row], columns: Sequence[Column], *, mark: str = "*") -> list[list[str]]:
+    """The table as text cells: values to 2 decimals, n/a where the variant cannot have the
+    metric (it lacks the capability), '-' where it has none (failed), the best marked."""
+    bests = {c.key: best(rows, c) for c in columns}
+    table = []
+    for row in rows:
+        line = [row.variant, row.status]
+        for c in columns:
+            value = row.metrics.get(c.key)
+            if value is None:
+                line.append(NOT_APPLICABLE if _task_of(c.key) in row.skipped else "-")
+            else:
+                line.append(f"{value:.2f}{mark if bests[c.key] is not None and value == bests[c.key] else ''}")
+        table.append(line)
+    return table
+
+
+def _notes(rows: Sequence[Row]) -> list[str]:
+    lines = []
+    for row in rows:
+        for task, why in sorted(row.skipped.items()):
+            lines.append(f"{row.variant}: {task} not run ({why})")
+        if row.error:
+            lines.append(f"{row.variant}: {row.error.splitlines()[0][:300]}")
+    return lines
+
+
+def render_text(rows: Sequence[Row], columns: Sequence[Column]) -> str:
+    header = ["variant", "status"] + [c.label + (" ^" if c.higher_is_better else " v") for c in columns]
+    body = cells(rows, columns)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for line in body:
+        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
+    lines.append(f"* best in its column (^ higher is better, v lower is better); {NOT_APPLICABLE}: the variant "
+                 "cannot run that task; - no value (failed)")
+    return "\n".join(lines + _notes(rows))
+
+
+def render_markdown(rows: Sequence[Row], columns: Sequence[Column]) -> str:
+    header = ["variant", "status"] + [c.label for c in columns]
+    body = cells(rows, columns, mark="**")
+    body = [[v if not v.endswith("**") else f"**{v[:-2]}**" for v in line] for line in body]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    notes = "".join(f"- {note}\n" for note in _notes(rows))
+    return "\n".join(lines) + f"\n\nBold: best in its column. {NOT_APPLICABLE}: the variant cannot run that task.\n" \
+        + (f"\n{notes}" if notes else "")
+
+
+def render_csv(rows: Sequence[Row], columns: Sequence[Column]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["variant", "status", "run_id", "overrides"] + [c.key for c in columns])
+    for row in rows:
+        writer.writerow([row.variant, row.status, row.run_id, ";".join(row.overrides)]
+                        + [repr(row.metrics[c.key]) if c.key in row.metrics
+                           else (NOT_APPLICABLE if _task_of(c.key) in row.skipped else "") for c in columns])
+    return buffer.getvalue()
+
+
+def plot(rows: Sequence[Row], columns: Sequence[Column], path: Path, title: str) -> Path:
+    """A bar chart per metric, variants along each; the best bar dark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(columns))
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 0.35 * len(rows) * nrows + 1.5 * nrows), squeeze=False)
+    names = [r.variant for r in rows]
+    for ax, column in zip(axes.flat, columns):
+        values = [r.metrics.get(column.key, float("nan")) for r in rows]
+        top = best(rows, column)
+        colours = ["#1f4e79" if v == top else "#9dc3e6" for v in values]
+        ax.barh(range(len(rows)), [0 if math.isnan(v) else v for v in values], color=colours)
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(column.label + (" (higher better)" if column.higher_is_better else " (lower better)"), fontsize=9)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(source: str, *, tracking_uri: str | None = None, out_dir: Path | None = None,
+            metrics: Sequence[str] = ()) -> tuple[str, str, list[Path], list[str]]:
+    """Read a sweep back; return (parent run id, the table as text, the files written, and lines
+    saying where they were filed). ``metrics``: glob patterns of the columns to show."""
+    from vlframe.runs.tracking import Tracker
+
+    uri, parent_id, order, folder = resolve_parent(source, tracking_uri)
+    mlflow = store.client(uri)
+    with store.bounded(30):
+        rows = collect(mlflow, parent_id, order)
+        name = mlflow.get_run(parent_id).data.tags.get(tags.SWEEP, parent_id)
+    if not rows:
+        raise CompareError(f"parent run {parent_id} at {uri} has no variant runs yet")
+    columns = columns_for(rows, metrics)
+    text = render_text(rows, columns)
+    out_dir = out_dir or (folder / "comparison" if folder is not None else store.DEFAULT_OUTPUT / "sweeps" / name /
+                          "comparison")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png"]
+    files[0].write_text(render_csv(rows, columns), encoding="utf-8")
+    files[1].write_text(f"# Sweep {name}\n\n" + render_markdown(rows, columns), encoding="utf-8")
+    plot(rows, columns, files[2], f"sweep {name}")
+    tracker = Tracker(out_dir, uri=uri)
+    tracker.start(run_name=f"sweep-{name}", run_id=parent_id, attach=True)
+    for path in files:
+        tracker.log_artifact(path, "comparison")
+    return parent_id, text, files, tracker.finish(None)
+
+
+__all__ = ["Column", "CompareError", "Row", "collect", "columns_for", "compare", "render_csv", "render_markdown",
+           "render_text"]

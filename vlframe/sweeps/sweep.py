@@ -1,0 +1,346 @@
+"""Ablation sweeps: variants of one base config, trained and evaluated alike, tracked in MLflow.
+
+A sweep file names a base config, overrides shared by every variant (``set``), named variants
+(each a set of overrides) and/or grid axes (every combination), and the evaluation tasks every
+variant gets. ``vlframe sweep FILE`` opens (or reopens) one MLflow parent run for the sweep and
+trains each variant in its own process as a child run, tagged with the keys it overrides and
+its config hash (which covers the plugins its components come from, so a fixed plugin trains
+again). A variant whose hash already finished under this parent is skipped, so an interrupted
+sweep resumes where it stopped; a variant that fails is recorded as failed, with its error, and
+the sweep goes on.
+
+Each variant is then evaluated by every task of the sweep that applies to it, through the same
+dispatcher as ``vlframe eval``; a task the variant cannot run (it lacks the capability) is
+recorded with the reason. Every MLflow write goes through a journal (the parent's in the sweep
+folder, each variant's in its run folder), so a tracking server that goes away mid-sweep loses
+nothing: ``vlframe tracking sync`` delivers it later.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from registry import ConfigError, ConfigModel, Problem, Registry, TaskConfig, VlframeError
+from vlframe.config import files as configfile
+from vlframe.config.root import VlframeConfig
+from vlframe.runs import store, tags
+from vlframe.runs.folder import RunDir
+
+
+class SweepEvaluation(ConfigModel):
+    """What every variant is scored on, beyond the validation losses training logs."""
+
+    tasks: dict[str, dict[str, Any]] | None = Field(
+        None, description="Task blocks by name (metrics eval/NAME/*), e.g. {caption: {type: caption, limit: 64}}; "
+        "none: every registered periodic task (retrieval).")
+
+
+class SweepConfig(ConfigModel):
+    """A sweep file: ``vlframe sweep FILE``."""
+
+    name: str = Field(min_length=1, description="Names the sweep's parent run and its folder.")
+    description: str = ""
+    base: Path = Field(description="The config every variant starts from (relative to this file).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Overrides for every variant (dotted keys).")
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"base": {}}, description="Named variants, each a set of overrides ({} is the base).")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Axes crossed with every variant.")
+    evaluation: SweepEvaluation = Field(default_factory=SweepEvaluation)
+    output_dir: Path = Field(Path("runs/sweeps"), description="Variant run folders go in OUTPUT_DIR/NAME/.")
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, Any]
+    config: VlframeConfig | None = None
+    error: str | None = None
+    hash: str | None = None
+
+
+@dataclass
+class Outcome:
+    variant: str
+    status: str  # finished | skipped | failed
+    run_id: str | None = None
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def load_sweep(path: Path) -> SweepConfig:
+    data = configfile.read_yaml(path)
+    try:
+        sweep = SweepConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(configfile.problems_from(exc, SweepConfig, data, None, str(path))) from None
+    if not sweep.base.is_absolute():
+        sweep = sweep.model_copy(update={"base": (path.parent / sweep.base).resolve()})
+    if not sweep.base.is_file():
+        raise ConfigError([Problem("base", f"no such config: {sweep.base}", str(path))])
+    return sweep
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def expand(sweep: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(variant name, its overrides): every named variant crossed with every grid point."""
+    points: list[dict[str, Any]] = [{}]
+    if sweep.grid:
+        keys = list(sweep.grid)
+        points = [dict(zip(keys, values)) for values in itertools.product(*(sweep.grid[k] for k in keys))]
+    out = []
+    for name, overrides in sweep.variants.items():
+        for point in points:
+            label = name if not point else f"{name}[{','.join(f'{_short(k)}={v}' for k, v in point.items())}]"
+            out.append((label, {**overrides, **point}))
+    return out
+
+
+def variant_hash(config: VlframeConfig, registry: Registry) -> str:
+    """The config hash of a variant, with the fingerprint of the plugins it uses."""
+    return configfile.config_hash(config, registry.fingerprint(configfile.used_plugins(config, registry.catalog)))
+
+
+def build_variants(sweep: SweepConfig, sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None,
+                   only: Sequence[str] = ()) -> tuple[list[Variant], Registry | None]:
+    """Validate every variant's config; a variant that does not validate carries its error instead."""
+    base = configfile.compose(sweep.base)
+    registry = None
+    variants = []
+    for name, overrides in expand(sweep):
+        if only and name not in only:
+            continue
+        variant = Variant(name, overrides)
+        try:
+            data = configfile.apply_overrides(base, {**sweep.set, **overrides})
+            data = configfile.apply_overrides(data, list(cli_sets) + ([f"train.steps={steps}"] if steps else []))
+            registry = registry or configfile.registry_for(data, str(sweep.base))
+            variant.config = configfile.validate(data, registry, f"{sweep_file} (variant {name})")
+            variant.hash = variant_hash(variant.config, registry)
+        except ConfigError as exc:
+            variant.error = "; ".join(exc.lines())
+        variants.append(variant)
+    if only:
+        unknown = sorted(set(only) - {v.name for v in variants})
+        if unknown:
+            raise ConfigError([Problem("--only", f"no variant {', '.join(unknown)}; variants: "
+                                       f"{', '.join(n for n, _ in expand(sweep))}", str(sweep_file))])
+    return variants, registry
+
+
+def sweep_tasks(sweep: SweepConfig, sweep_file: Path, registry: Registry) -> dict[str, TaskConfig] | None:
+    """The sweep's task configs, validated (None: every periodic task, chosen per variant)."""
+    from vlframe.evaluation.tasks import task_config
+
+    if sweep.evaluation.tasks is None:
+        return None
+    return {name: task_config(registry.catalog, block, f"{sweep_file}: evaluation.tasks.{name}")
+            for name, block in sweep.evaluation.tasks.items()}
+
+
+# -- MLflow ----------------------------------------------------------------------------------------
+
+
+def tracking_target(sweep: SweepConfig) -> tuple[str, str]:
+    """(tracking URI, experiment) of the sweep: those of its base config (with the sweep's ``set``),
+    by the store rule of :mod:`vlframe.runs.store`."""
+    data = configfile.apply_overrides(configfile.compose(sweep.base), sweep.set)
+    tracking = data.get("tracking") or {}
+    output = Path((data.get("train") or {}).get("output_dir", store.DEFAULT_OUTPUT))
+    return store.store_uri(configured=tracking.get("uri"), output_dir=output), tracking.get("experiment", "vlframe")
+
+
+def find_parent(mlflow: Any, experiment: str, sweep_name: str) -> str | None:
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{tags.SWEEP}` = '{sweep_name}' "
+                              f"and tags.`{tags.SWEEP_PARENT}` = 'true'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def children(mlflow: Any, parent_id: str) -> list[Any]:
+    parent = mlflow.get_run(parent_id)
+    return mlflow.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tags.PARENT}` = '{parent_id}'",
+                              max_results=5000)
+
+
+def sweep_folder(sweep: SweepConfig) -> Path:
+    return sweep.output_dir / sweep.name
+
+
+def open_parent(sweep: SweepConfig, sweep_file: Path, uri: str, experiment: str) -> Any:
+    """The sweep's parent run, through a tracker in the sweep's folder: the run that folder (or,
+    when the folder is new, a run tagged with this sweep's name) already is, or a new one."""
+    from vlframe.runs.tracking import Tracker
+
+    tracker = Tracker(sweep_folder(sweep) / "parent", uri=uri, experiment=experiment)
+    known = None
+    if tracker.run_id is None:
+        with store.bounded(30):
+            known = find_parent(store.client(uri), experiment, sweep.name)
+    tracker.start(run_name=f"sweep-{sweep.name}", run_id=known,
+                  tags={tags.SWEEP: sweep.name, tags.SWEEP_PARENT: "true",
+                        tags.NOTE: sweep.description or f"sweep {sweep.name}"})
+    if tracker.run_id is None:
+        raise VlframeError(f"MLflow at {uri} could not be reached ({tracker.reason}): a sweep needs its store to find "
+                           "the variants that already finished; nothing was trained")
+    if known is None:
+        tracker.log_artifact(sweep_file)
+    return tracker
+
+
+# -- one variant -------------------------------------------------------------------------------
+
+
+def _child_tags(variant: Variant, sweep: SweepConfig, parent_id: str) -> dict[str, str]:
+    out = {tags.PARENT: parent_id, tags.SWEEP: sweep.name, tags.VARIANT: variant.name,
+           tags.OVERRIDES: json.dumps(sorted(variant.overrides))}
+    out.update({f"{tags.OVERRIDE_PREFIX}{k}": json.dumps(v)[:500] for k, v in variant.overrides.items()})
+    if variant.hash:
+        out[tags.CONFIG_HASH] = variant.hash
+    return out
+
+
+def _record_failure(run_dir: Path, uri: str, experiment: str, variant: Variant, sweep: SweepConfig, parent_id: str,
+                    message: str) -> str | None:
+    """Mark the variant's run FAILED with the error (creating it when training never opened one)."""
+    from vlframe.runs.tracking import Tracker
+
+    tracker = Tracker(run_dir, uri=uri, experiment=experiment)
+    run_id = RunDir(run_dir).run_id
+    tracker.start(run_name=variant.name, tags=_child_tags(variant, sweep, parent_id), run_id=run_id,
+                  attach=run_id is not None)
+    tracker.set_tags({tags.ERROR: message[-4000:]})
+    tracker.finish("FAILED")
+    return tracker.run_id
+
+
+def evaluate_variant(run_dir: Path, tasks: dict[str, TaskConfig] | None, registry: Registry,
+                     uri: str) -> tuple[dict[str, float], dict[str, str], list[str]]:
+    """The sweep's evaluation of one trained variant, logged to its run: (metrics, skipped tasks
+    with the reason, lines saying where it went)."""
+    from vlframe.evaluation.tasks import log_results, periodic_tasks, run_task, why_not
+    from vlframe.inference.trained import load_trained
+    from vlframe.runs.tracking import journal_metrics
+
+    trained = load_trained(run_dir, precision="auto", registry=registry)
+    capabilities = trained.model.capabilities
+    tasks = periodic_tasks(registry.catalog, capabilities) if tasks is None else tasks
+    skipped = {name: why for name, task in tasks.items() if (why := why_not(task, capabilities))}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = trained.run.eval_dir(f"sweep-{stamp}")
+    results = [run_task(trained, task, name=name, out_dir=folder / name)
+               for name, task in tasks.items() if name not in skipped]
+    rates = sorted(v for _, v in journal_metrics(run_dir, "train/images_per_s"))
+    per_s = statistics.median(rates[len(rates) // 10:]) if rates else float("nan")  # drop the warm-up
+    cost = {"cost/params_m": sum(p.numel() for p in trained.model.parameters()) / 1e6,
+            "cost/images_per_s": per_s, "cost/s_per_step": trained.config.train.batch_size / per_s}
+    lines = log_results(trained, results, folder, uri=uri, extra_metrics=cost,
+                        extra_tags={tags.SWEEP_DONE: "true",
+                                    **{f"{tags.EVAL_SKIPPED_PREFIX}{n}": why for n, why in skipped.items()}})
+    metrics = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items()}
+    return {**metrics, **cost}, skipped, lines
+
+
+def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None, only: Sequence[str] = (),
+              say: Any = print) -> tuple[str, list[Outcome]]:
+    """Run (or resume) a sweep; return its parent run id and each variant's outcome."""
+    sweep = load_sweep(sweep_file)
+    variants, registry = build_variants(sweep, sweep_file, cli_sets=cli_sets, steps=steps, only=only)
+    tasks = sweep_tasks(sweep, sweep_file, registry) if registry is not None else None
+    uri, experiment = tracking_target(sweep)
+    parent = open_parent(sweep, sweep_file, uri, experiment)
+    parent_id = parent.run_id
+    say(f"sweep {sweep.name}: {len(variants)} variant(s); MLflow parent run {parent_id} at {uri}")
+    with store.bounded(30):
+        done = {r.data.tags.get(tags.CONFIG_HASH): r for r in children(store.client(uri), parent_id)
+                if r.data.tags.get(tags.SWEEP_DONE) == "true" and r.info.status == "FINISHED"}
+    outcomes = []
+    for variant in variants:
+        run_dir = _variant_folder(sweep, variant)
+        if variant.error is not None:
+            run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, variant.error)
+            say(f"[{variant.name}] failed: {variant.error}")
+            outcomes.append(Outcome(variant.name, "failed", run_id, variant.error))
+            continue
+        if variant.hash in done:
+            say(f"[{variant.name}] skipped: finished before as run {done[variant.hash].info.run_id}")
+            outcomes.append(Outcome(variant.name, "skipped", done[variant.hash].info.run_id))
+            continue
+        outcomes.append(_run_variant(variant, sweep, run_dir, parent_id, uri, experiment, registry, tasks, say))
+    for line in parent.finish("FINISHED"):
+        if "not delivered" in line or "deliver them" in line:
+            say(line)
+    return parent_id, outcomes
+
+
+def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id: str, uri: str, experiment: str,
+                 registry: Registry, tasks: dict[str, TaskConfig] | None, say: Any) -> Outcome:
+    from vlframe.runs import checkpoint
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = variant.config.model_copy(update={"tracking": variant.config.tracking.model_copy(
+        update={"uri": uri, "experiment": experiment, "run_name": variant.name,
+                "tags": {**variant.config.tracking.tags, **_child_tags(variant, sweep, parent_id)}})})
+    config_file = run_dir / "variant.yaml"
+    config_file.write_text(configfile.to_yaml(config), encoding="utf-8")
+    command = [sys.executable, "-m", "vlframe", "train", str(config_file), "--run-dir", str(run_dir)]
+    if checkpoint.find(run_dir) is not None:  # an interrupted earlier attempt: continue it
+        command += ["--resume", str(run_dir)]
+    say(f"[{variant.name}] training: {' '.join(command[3:])}")
+    began = time.time()
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = [line for line in proc.stdout.strip().splitlines() if line.strip()][-3:]
+        message = f"training exited with code {proc.returncode}: " + " | ".join(tail)
+        run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
+        say(f"[{variant.name}] failed: {message}")
+        return Outcome(variant.name, "failed", run_id, message)
+    run_id = RunDir(run_dir).run_id
+    try:
+        metrics, skipped, lines = evaluate_variant(run_dir, tasks, registry, uri)
+    except Exception as exc:  # noqa: BLE001 - one variant's evaluation failing must not end the sweep
+        message = f"evaluation failed: {type(exc).__name__}: {exc}"
+        _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
+        say(f"[{variant.name}] {message}")
+        return Outcome(variant.name, "failed", run_id, message)
+    shown = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in metrics.items() if not k.startswith("cost/"))
+    not_run = "".join(f"; {name} not run ({why})" for name, why in skipped.items())
+    say(f"[{variant.name}] finished in {time.time() - began:.0f} s: {shown}{not_run}")
+    for line in lines:
+        if "not delivered" in line or "deliver them" in line:
+            say(f"[{variant.name}] {line}")
+    return Outcome(variant.name, "finished", run_id, metrics=metrics)
+
+
+def _variant_folder(sweep: SweepConfig, variant: Variant) -> Path:
+    """The variant's run folder; a folder holding a checkpoint of another config (the variant was
+    edited since) is left alone, and this config gets a folder of its own."""
+    from vlframe.runs import checkpoint
+
+    folder = sweep_folder(sweep) / _safe(variant.name)
+    found = checkpoint.find(folder) if folder.is_dir() else None
+    if found is None or variant.hash is None or checkpoint.read_state(found).get("config_hash") == variant.hash:
+        return folder
+    return folder.with_name(f"{folder.name}-{variant.hash[:8]}")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_=.," else "_" for c in name)

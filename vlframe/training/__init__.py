@@ -1,0 +1,1 @@
+"""Training: the loop, the optimiser and the learning-rate schedule."""

@@ -1,0 +1,74 @@
+"""Validation during training: the losses on the validation split, and the periodic tasks.
+
+The losses come from the model's own forward (the objectives, on every validation batch, this
+rank alone); the rest goes through the evaluation dispatcher, exactly as ``vlframe eval`` runs
+it, on the model in memory: every task in ``train.val_tasks``, or by default every registered
+periodic task the model can run (retrieval, for a contrastive model).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry import ConfigError, Problem, Registry
+from vlframe.config.root import VlframeConfig
+from vlframe.data.loading import Collate, ImageTextSource, build_transform, eval_loader
+from vlframe.evaluation.tasks import periodic_tasks, run_task, why_not
+from vlframe.inference.trained import Trained
+from vlframe.runs.folder import RunDir
+from vlframe.runtime import distributed
+from vlframe.runtime.precision import autocast
+
+
+class Validator:
+    """Validates the model being trained (on rank 0; the other ranks wait)."""
+
+    def __init__(self, config: VlframeConfig, registry: Registry, model: nn.Module, tokenizer: Any, val_data: Any,
+                 run: RunDir, *, device: torch.device, precision: str) -> None:
+        self.config, self.registry, self.model, self.tokenizer = config, registry, model, tokenizer
+        self.val_data, self.run, self.device, self.precision = val_data, run, device, precision
+        capabilities = getattr(model, "capabilities", frozenset())
+        wanted = config.train.val_tasks
+        self.tasks = periodic_tasks(registry.catalog, capabilities) if wanted is None else dict(wanted)
+        problems = [Problem(f"train.val_tasks.{name}", f"task '{task.type}' cannot run on this model: {why}")
+                    for name, task in self.tasks.items() if (why := why_not(task, capabilities))]
+        if problems:
+            raise ConfigError(problems)
+
+    @torch.no_grad()
+    def __call__(self, step: int, run_id: str | None) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if distributed.rank() == 0 and self.val_data is not None:
+            self.model.eval()
+            with distributed.local_only():
+                metrics.update(self._losses())
+                trained = Trained(self.model, self.tokenizer, self.config, self.registry, self.device, self.precision,
+                                  run=self.run, run_id=run_id, step=step)
+                for name, task in self.tasks.items():
+                    result = run_task(trained, task, name=name)
+                    metrics.update({f"val/{name}/{k}": v for k, v in result.metrics.items()})
+            self.model.train()
+        distributed.barrier()
+        return metrics
+
+    def _losses(self) -> dict[str, float]:
+        cfg = self.config
+        source = ImageTextSource(self.val_data, build_transform(cfg.data, self.model.image_size, train=False),
+                                 seed=cfg.train.seed, random_caption=False)
+        collate = Collate(self.tokenizer, self.model.context_length)
+        loader = eval_loader(source, collate, cfg.data, batch=max(1, cfg.train.batch_size // cfg.train.grad_accum))
+        totals: dict[str, float] = defaultdict(float)
+        count = 0
+        with autocast(self.precision, self.device):
+            for batch in loader:
+                out = self.model(batch.images.to(self.device), batch.text.to(self.device), batch.text_mask.to(self.device))
+                n = len(batch.keys)
+                totals["val/loss"] += out.loss.item() * n
+                for name, value in out.losses.items():
+                    totals[f"val/loss_{name}"] += value.item() * n
+                count += n
+        return {k: v / max(count, 1) for k, v in totals.items()}

@@ -1,0 +1,79 @@
+"""Native Vision Transformer image encoder (Dosovitskiy et al.), as CoCa's image tower.
+
+Patchify with a strided convolution, add learned positions, run pre-norm blocks, finish with a
+LayerNorm (or leave that to the pooler). Returns every token: poolers downstream decide how to summarise them.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from registry import ComponentSpec, hookimpl
+from vlframe.sdk import Block, TransformerConfig, init_weights
+
+
+class ViTConfig(TransformerConfig):
+    image_size: int = Field(224, gt=0, description="Input height and width in pixels.")
+    patch_size: int = Field(16, gt=0)
+    width: int = Field(768, gt=0)
+    layers: int = Field(12, gt=0)
+    heads: int = Field(12, gt=0)
+    class_token: bool = Field(False, description="Prepend a learned class token (for the 'cls' pooler).")
+    patch_bias: bool = Field(True, description="Bias in the patch embedding (CLIP/open_clip towers have none).")
+    final_norm: bool = Field(
+        True, description="LayerNorm on the output tokens; false when the pooler normalises its own output "
+        "(open_clip's CoCa: ln_post comes after the attentional pooler).")
+
+    def shape_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = super().shape_problems()
+        if self.image_size % self.patch_size:
+            problems.append((("image_size",), f"{self.image_size} is not a multiple of patch_size {self.patch_size}"))
+        return problems
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.width = cfg.width
+        self.image_size = cfg.image_size
+        self.num_prefix_tokens = 1 if cfg.class_token else 0
+        grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_hidden, activation=cfg.activation, norm_eps=cfg.norm_eps)
+            for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.class_token is not None:
+            nn.init.normal_(self.class_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "class_token"}
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm_pre(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+@hookimpl
+def vlframe_image_encoders() -> list[ComponentSpec]:
+    return [
+        ComponentSpec(
+            name="vit",
+            config=ViTConfig,
+            factory=VisionTransformer,
+            summary="Vision Transformer built natively from vlframe blocks (returns all tokens).",
+        )
+    ]

@@ -1,0 +1,118 @@
+"""Training objectives: CoCa's contrastive loss and captioning loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from registry import ComponentSpec, ObjectiveConfig, hookimpl
+from vlframe.sdk import all_reduce_sum, gather_with_grad, rank, world_size
+
+
+class ContrastiveConfig(ObjectiveConfig):
+    requires: ClassVar[frozenset[str]] = frozenset({"image_embeds", "text_embeds"})
+    init_temperature: float = Field(0.07, gt=0, description="Softmax temperature at initialisation.")
+    min_temperature: float = Field(0.01, gt=0, description="The learned temperature is clamped here.")
+    learn_temperature: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ContrastiveConfig:
+        if self.min_temperature > self.init_temperature:
+            raise ValueError(
+                f"min_temperature {self.min_temperature} exceeds init_temperature {self.init_temperature}"
+            )
+        return self
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE over the batch: image i matches text i, every other pair is a negative."""
+
+    def __init__(self, cfg: ContrastiveConfig) -> None:
+        super().__init__()
+        # Learn log(1/T): positive by construction and well scaled for the optimiser.
+        value = torch.tensor(math.log(1.0 / cfg.init_temperature))
+        self.log_inv_temperature = nn.Parameter(value, requires_grad=cfg.learn_temperature)
+        self.max_log_inv = math.log(1.0 / cfg.min_temperature)
+
+    @property
+    def temperature(self) -> Tensor:
+        return 1.0 / self.logit_scale().detach()
+
+    def logit_scale(self) -> Tensor:
+        return self.log_inv_temperature.clamp(max=self.max_log_inv).exp()
+
+    def metrics(self) -> dict[str, float]:
+        return {"temperature": float(self.temperature)}
+
+    def forward(self, outputs: dict[str, Tensor]) -> Tensor:
+        image, text = outputs["image_embeds"].float(), outputs["text_embeds"].float()
+        # Under torchrun the negatives are the *global* batch: each rank scores its own rows
+        # against every rank's embeddings, and its positives sit at its offset in that batch.
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        scale = self.logit_scale()
+        labels = torch.arange(image.shape[0], device=image.device) + rank() * image.shape[0]
+        image_to_text = scale * image @ all_text.t()
+        text_to_image = scale * text @ all_image.t()
+        return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels))
+
+
+class CaptioningConfig(ObjectiveConfig):
+    requires: ClassVar[frozenset[str]] = frozenset({"caption_states", "lm_head", "text", "text_mask"})
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    chunk_tokens: int | None = Field(
+        512, gt=0, description="Score the vocabulary this many target tokens at a time, recomputing in "
+        "backward (saves the logits' memory); none: all at once.",
+    )
+
+
+class CaptioningLoss(nn.Module):
+    """Next-token negative log-likelihood over the real (non-padding) target tokens.
+
+    Reads the decoder's states and applies the LM head itself: only real target positions are
+    scored, and in chunks whose logits are recomputed during backward rather than kept, so the
+    ``(B, L, vocabulary)`` logits never exist at once (the largest activation of a captioner).
+    """
+
+    def __init__(self, cfg: CaptioningConfig) -> None:
+        super().__init__()
+        self.label_smoothing = cfg.label_smoothing
+        self.chunk = cfg.chunk_tokens
+
+    def _chunk_nll(self, states: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
+        logits = head(states).float()
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="sum")
+
+    def forward(self, outputs: dict[str, Any]) -> Tensor:
+        states, head = outputs["caption_states"], outputs["lm_head"]
+        text, mask = outputs["text"], outputs["text_mask"]
+        keep = mask[:, 1:]  # position t predicts token t+1, when that token is real
+        states, targets = states[:, :-1][keep], text[:, 1:][keep]
+        total = states.new_zeros((), dtype=torch.float32)
+        step = self.chunk or max(1, targets.shape[0])
+        for start in range(0, targets.shape[0], step):
+            part = (states[start : start + step], targets[start : start + step], head)
+            if self.chunk and torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_nll, *part, use_reentrant=False)
+            else:
+                total = total + self._chunk_nll(*part)
+        # Mean over the real target tokens of the *global* batch (a batch without any gives 0, not
+        # NaN). Each rank divides by the global count times world size, so that DDP's gradient
+        # average equals the gradient of the global mean, whatever each rank's caption lengths.
+        count = all_reduce_sum(mask[:, 1:].sum().float()).clamp_min(1)
+        return total * world_size() / count
+
+
+@hookimpl
+def vlframe_objectives() -> list[ComponentSpec]:
+    return [
+        ComponentSpec("contrastive", ContrastiveConfig, ContrastiveLoss,
+                      "Symmetric InfoNCE with a learned, clamped temperature (init 0.07)."),
+        ComponentSpec("captioning", CaptioningConfig, CaptioningLoss,
+                      "Next-token NLL over the caption, padding ignored, optional label smoothing."),
+    ]

@@ -1,0 +1,1 @@
+"""Built-in evaluation tasks: captioning, retrieval, zero-shot classification, probes, understanding."""

@@ -28,17 +28,30 @@ from registry.kinds import Kind
 
 # -- model outputs ---------------------------------------------------------------------------
 
-#: The names under which a model hands its outputs to objectives (``ObjectiveConfig.requires``).
-#: A builder may produce more; these are the ones the built-in objectives and the conformance
-#: kit know. Shapes: B batch, L text length, E embedding size, D decoder width, V vocabulary.
+class Output:
+    """The names under which a model hands its outputs to objectives (``ObjectiveConfig.requires``).
+
+    A builder may produce more; these are the ones the built-in objectives and the conformance
+    kit know (:data:`OUTPUTS` describes each)."""
+
+    TEXT = "text"
+    TEXT_MASK = "text_mask"
+    IMAGE_EMBEDS = "image_embeds"
+    TEXT_EMBEDS = "text_embeds"
+    CAPTION_STATES = "caption_states"
+    LM_HEAD = "lm_head"
+    LOGITS = "logits"
+
+
+#: What each output holds. Shapes: B batch, L text length, E embedding size, D decoder width, V vocabulary.
 OUTPUTS: Mapping[str, str] = {
-    "text": "token ids (B, L), long",
-    "text_mask": "(B, L) bool, True at real tokens",
-    "image_embeds": "L2-normalised contrastive image embeddings (B, E)",
-    "text_embeds": "L2-normalised contrastive text embeddings (B, E)",
-    "caption_states": "the captioning decoder's output states (B, L, D)",
-    "lm_head": "the module mapping caption_states to next-token logits (B, L, V)",
-    "logits": "next-token logits (B, L, V), produced only when an objective asks for them",
+    Output.TEXT: "token ids (B, L), long",
+    Output.TEXT_MASK: "(B, L) bool, True at real tokens",
+    Output.IMAGE_EMBEDS: "L2-normalised contrastive image embeddings (B, E)",
+    Output.TEXT_EMBEDS: "L2-normalised contrastive text embeddings (B, E)",
+    Output.CAPTION_STATES: "the captioning decoder's output states (B, L, D)",
+    Output.LM_HEAD: "the module mapping caption_states to next-token logits (B, L, V)",
+    Output.LOGITS: "next-token logits (B, L, V), produced only when an objective asks for them",
 }
 
 
@@ -477,6 +490,7 @@ __all__ = [
     "MultimodalStatesModel",
     "OUTPUTS",
     "Objective",
+    "Output",
     "Pooler",
     "Task",
     "TextDecoder",

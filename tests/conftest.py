@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -74,3 +75,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, tim
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pip_install(package: Path, work: Path) -> Path:
+    """pip-install a fixture package the way a user would (offline, no deps) into a fresh folder
+    under ``work``; returns the folder, to put on PYTHONPATH."""
+    source = shutil.copytree(package, work / "src" / package.name)
+    target = work / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return target

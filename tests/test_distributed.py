@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import socket
 import subprocess
@@ -21,14 +23,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = clean_env()
+def torchrun(nproc: int, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**clean_env(), **(env or {})}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     results = {}
     for nproc in (1, 2):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import yaml
 from registry import Kind, Registry
 from vlframe import build_model
 
-from conftest import CONFIGS, ROOT, run_cli
+from conftest import CONFIGS, ROOT, pip_install, run_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "extra_pooler"
 
@@ -23,16 +20,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "extra_pooler"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """pip-install the fixture package into a fresh target directory (offline, no deps)."""
-    work = tmp_path_factory.mktemp("extra")
-    source = shutil.copytree(FIXTURE, work / "src")
-    target = work / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return target
+    return pip_install(FIXTURE, tmp_path_factory.mktemp("extra"))
 
 
 @pytest.fixture

@@ -201,3 +201,15 @@ def test_banned_tokens_are_never_generated() -> None:
 def test_generation_settings_are_validated(settings, message) -> None:
     with pytest.raises(ValidationError, match=message):
         GenerationConfig(**settings)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_ids_beyond_the_tokenizers_vocabulary_are_never_generated(tiny, images, strategy) -> None:
+    # The model's vocabulary (8192) is an upper bound of its tokenizer's: a tokenizer trained on a
+    # small corpus has fewer pieces, and decoding an id it does not have would fail.
+    settings = {"greedy": {}, "beam": {"num_beams": 3}, "sample": {"seed": 0, "temperature": 3.0}}[strategy]
+    free = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, strategy=strategy, **settings)
+    assert (free.tokens >= 100).any()  # without a limit the random model does reach them
+    limited = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, strategy=strategy,
+                       vocab_size=100, **settings)
+    assert (limited.tokens < 100).all()

@@ -136,6 +136,7 @@ def test_a_small_open_clip_coca_converts_exactly(oc: dict, tmp_path: Path, regis
     _check_equivalence(reference, trained, image_size=32, context=20, steps=18)
 
 
+@pytest.mark.slow
 def test_coca_vit_b_32_converts_exactly(tmp_path: Path, registry: Registry) -> None:
     reference, trained = _convert(tmp_path, ARCHITECTURES["coca_ViT-B-32"], "b32", registry)
     _check_equivalence(reference, trained, image_size=224, context=76, steps=12)
@@ -222,6 +223,7 @@ def test_unsupported_open_clip_settings_are_named(tmp_path: Path, registry: Regi
         import_checkpoint("open-clip", "coca_ViT-H-14", tmp_path / "none.pt", registry=registry)
 
 
+@pytest.mark.slow
 def test_a_converted_model_fine_tunes_with_vlframe_train_and_is_tracked(tmp_path: Path, registry: Registry) -> None:
     from mlflow import MlflowClient
     from safetensors.torch import load_file
@@ -248,6 +250,7 @@ def test_a_converted_model_fine_tunes_with_vlframe_train_and_is_tracked(tmp_path
     assert len(client.get_metric_history(run.info.run_id, "train/loss_caption")) == 3
 
 
+@pytest.mark.slow
 def test_convert_then_caption_and_embed_from_the_command_line(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -308,6 +311,7 @@ def test_coca_vit_l_14_maps_every_weight_to_its_vlframe_shape(registry: Registry
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
 
 
+@pytest.mark.slow
 def test_an_ablation_starts_from_the_weights_that_fit(tmp_path: Path, registry: Registry) -> None:
     """Captioning-only from open_clip's weights: strict loading refuses, init_strict: false takes what fits."""
     from conftest import run_cli

@@ -59,6 +59,7 @@ def test_grid_axes_cross_every_variant(tmp_path: Path) -> None:
                                                              "model.objectives.caption.weight": 2.0}
 
 
+@pytest.mark.slow
 def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path) -> None:
     sweep_file = _sweep_file(tmp_path)
     first = run_cli("sweep", str(sweep_file))

@@ -118,6 +118,7 @@ def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_server_round_trip(tmp_path: Path, servers) -> None:
     server = servers()
     run_dir = tmp_path / "run"
@@ -151,6 +152,7 @@ def test_server_round_trip(tmp_path: Path, servers) -> None:
     assert client.get_run(bare_id).info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_server_dies_mid_run_then_sync(tmp_path: Path, servers) -> None:
     server = servers()
     run_dir = tmp_path / "run"
@@ -187,6 +189,7 @@ def test_server_dies_mid_run_then_sync(tmp_path: Path, servers) -> None:
     assert sync(run_dir) == (0, run_id)
 
 
+@pytest.mark.slow
 def test_unreachable_from_start(tmp_path: Path, servers, monkeypatch: pytest.MonkeyPatch) -> None:
     port = _free_port()  # nothing listens there yet
     uri = f"http://127.0.0.1:{port}"

@@ -131,6 +131,7 @@ def _sets(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_a_crash_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, how: str) -> None:
     overrides = micro(tmp_path, **{"train.steps": 400, "train.checkpoint_every": 2})

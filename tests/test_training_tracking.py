@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -65,6 +67,7 @@ def test_a_run_lands_in_the_embedded_store(tmp_path: Path, registry: Registry) -
     assert {"checkpoint/model.safetensors", "checkpoint/state.pt", "checkpoint/tokenizer.model"} <= saved
 
 
+@pytest.mark.slow
 def test_training_survives_a_tracking_server_that_dies(tmp_path: Path, servers) -> None:
     server = servers()
     overrides = micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": server.uri, "tracking.timeout_s": 2,
@@ -103,6 +106,7 @@ def test_training_survives_a_tracking_server_that_dies(tmp_path: Path, servers) 
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_with_one_tracked_run(tmp_path: Path) -> None:
     from test_distributed import torchrun
 

@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 def _add_set(parser: argparse.ArgumentParser, what: str = "config") -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=f"override a {what} value, e.g. --set model.text_decoder.layers=3 (repeatable)",
+        help=f"override a {what} value, e.g. --set train.lr=1e-3 (repeatable)",
     )
 
 
@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
                                             "evenly spaced ones, so that every class is in")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--templates", help="zeroshot: a file of prompt templates, one per line, with {}")
-    p.add_argument("--head", choices=("linear", "attentional"), help="probe head")
+    p.add_argument("--head", help="probe: the classifier head (the probe task's `head` setting)")
     p.add_argument("--finetune", action="store_true", default=None, help="probe: train the image encoder too")
     p.add_argument("--steps", type=int, help="probe/understanding: training steps (default 300)")
     p.add_argument("--lr", type=float, help="probe/understanding: learning rate of the head")
@@ -248,6 +248,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
             failed = True
             for line in exc.lines():
                 print(f"error: {path}: {line}", file=sys.stderr)
+            if debugging():
+                traceback.print_exception(exc, file=sys.stderr)
         else:
             print(f"ok: {path}")
     return EXIT_USAGE if failed else 0

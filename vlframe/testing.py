@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from registry import BuildError, Catalog, ComponentConfig, Kind, Registry, VlframeError
-from registry.protocols import Capability, conformance_problems
+from registry.protocols import Capability, Output, conformance_problems
 
 
 @dataclass(frozen=True)
@@ -276,13 +276,13 @@ def _objective(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
     vocab = 32
     text, mask = _text(4, 6, vocab)
     leaves = {
-        "image_embeds": torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True),
-        "text_embeds": torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True),
-        "caption_states": torch.randn(4, 6, 16, requires_grad=True),
+        Output.IMAGE_EMBEDS: torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True),
+        Output.TEXT_EMBEDS: torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True),
+        Output.CAPTION_STATES: torch.randn(4, 6, 16, requires_grad=True),
     }
     head = nn.Linear(16, vocab)
-    outputs: dict[str, Any] = {"text": text, "text_mask": mask, "lm_head": head, **leaves}
-    outputs["logits"] = head(leaves["caption_states"])
+    outputs: dict[str, Any] = {Output.TEXT: text, Output.TEXT_MASK: mask, Output.LM_HEAD: head, **leaves}
+    outputs[Output.LOGITS] = head(leaves[Output.CAPTION_STATES])
     unknown = sorted(requires - set(outputs))
     if unknown:
         raise Skipped(f"it requires {', '.join(unknown)}, outputs the kit does not know how to make")

@@ -8,7 +8,7 @@ Composition happens on plain data before validation:
 - ``--set a.b.c=value`` parses ``value`` as YAML and applies the same rules.
 
 Validation then dispatches each component slot to its plugin's config class; every problem
-becomes one line with its dotted path, e.g. ``model.text_decoder.layrs: unknown field``.
+becomes one line with its dotted path, e.g. ``train.lrr: unknown field (did you mean 'lr'?)``.
 """
 
 from __future__ import annotations
@@ -191,6 +191,21 @@ def load(
     data = apply_overrides(data, overrides)
     registry = registry or registry_for(data, name)
     return validate(data, registry, name), registry
+
+
+def component_block(catalog: Catalog, kind: Kind, block: Any, where: str) -> BaseModel:
+    """One component block (``{type: ..., ...}``, e.g. a dataset or a task given on its own, outside
+    a config file) validated against its plugin's config; problems name ``where``."""
+    if not isinstance(block, Mapping) or "type" not in block:
+        raise ConfigError([Problem("type", f"expected a mapping with a 'type' key naming {kind.article}", where)])
+    try:
+        entry = catalog.get(kind, str(block["type"]))
+    except VlframeError as exc:
+        raise ConfigError([Problem("type", str(exc), where)]) from None
+    try:
+        return catalog.validate(entry.spec.config, dict(block))
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc, entry.spec.config, dict(block), catalog, where)) from None
 
 
 def dump(config: BaseModel) -> Data:

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
-from torchvision.transforms import v2
 
 from registry import VlframeError
 from vlframe.config.root import DataConfig
@@ -29,8 +28,11 @@ class DataError(VlframeError):
     """The data cannot be used: too many unusable samples, or an empty split."""
 
 
-def build_transform(cfg: DataConfig, image_size: int, *, train: bool) -> v2.Compose:
+def build_transform(cfg: DataConfig, image_size: int, *, train: bool) -> Any:
     """torchvision v2 pipeline: PIL image -> normalised float tensor ``(3, size, size)``."""
+    # Imported here: torchvision's import pulls in torch._dynamo (a second), which commands that
+    # never load an image (config validate, plugins list) should not pay for.
+    from torchvision.transforms import v2
     # Resampled while still a PIL image: PIL's filters are what CLIP-family weights were trained on.
     mode = v2.InterpolationMode(cfg.interpolation)
     steps: list[Any] = []
@@ -57,7 +59,7 @@ class ImageTextSource(torch.utils.data.Dataset):
     keep their size on every rank; the replaced keys travel with the batch to be counted.
     """
 
-    def __init__(self, dataset: Any, transform: v2.Compose, *, seed: int, random_caption: bool) -> None:
+    def __init__(self, dataset: Any, transform: Any, *, seed: int, random_caption: bool) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = seed

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor
 
-from registry import Catalog, ComponentConfig, ConfigError, Kind, Problem, VlframeError
+from registry import Catalog, ComponentConfig, ConfigError, Kind, Problem
 from vlframe.data.samples import Sample, SampleError
 
 if TYPE_CHECKING:
@@ -30,17 +29,9 @@ if TYPE_CHECKING:
 
 def dataset_block(catalog: Catalog, block: Any, where: str) -> ComponentConfig:
     """A dataset block validated against its plugin's config; errors name ``where``."""
-    if not isinstance(block, Mapping) or "type" not in block:
-        raise ConfigError([Problem("type", "a dataset block is a mapping with a 'type' key", where)])
-    try:
-        slot = catalog.get(Kind.DATASET, str(block["type"]))
-    except VlframeError as exc:
-        raise ConfigError([Problem("type", str(exc), where)]) from None
-    try:
-        return catalog.validate(slot.spec.config, dict(block))
-    except ValidationError as exc:
-        raise ConfigError([Problem(".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "), where)
-                           for e in exc.errors()]) from None
+    from vlframe.config.files import component_block
+
+    return component_block(catalog, Kind.DATASET, block, where)
 
 
 def _from_path(catalog: Catalog, path: Path) -> ComponentConfig:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from registry import Catalog, ConfigError, Kind, Problem, TaskConfig, VlframeError
 
@@ -77,18 +77,9 @@ def why_not(config: TaskConfig, capabilities: Iterable[str]) -> str | None:
 
 def task_config(catalog: Catalog, block: Mapping[str, Any], where: str) -> TaskConfig:
     """A task block (``{type: caption, limit: 64}``) validated against its plugin's config."""
-    from vlframe.config.files import problems_from
+    from vlframe.config.files import component_block
 
-    if not isinstance(block, Mapping) or "type" not in block:
-        raise ConfigError([Problem("type", "a task block is a mapping with a 'type' key naming a task", where)])
-    try:
-        entry = catalog.get(Kind.TASK, str(block["type"]))
-    except VlframeError as exc:
-        raise ConfigError([Problem("type", str(exc), where)]) from None
-    try:
-        return catalog.validate(entry.spec.config, dict(block))
-    except ValidationError as exc:
-        raise ConfigError(problems_from(exc, entry.spec.config, dict(block), catalog, where)) from None
+    return component_block(catalog, Kind.TASK, block, where)
 
 
 def settings_block(catalog: Catalog, name: str, settings: Mapping[str, Any], overrides: Sequence[str] = ()) -> TaskConfig:

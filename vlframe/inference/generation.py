@@ -66,8 +66,8 @@ class Generated:
 class _Stepper:
     """Feeds the growing sequences to the model, with or without the cache."""
 
-    def __init__(self, model: Captioner, context: Tensor, use_cache: bool) -> None:
-        self.model, self.context = model, context
+    def __init__(self, model: Captioner, context: Tensor, use_cache: bool, vocab_size: int | None = None) -> None:
+        self.model, self.context, self.vocab_size = model, context, vocab_size
         self.cache = KVCache() if use_cache else None
         self.fed = 0
 
@@ -77,7 +77,11 @@ class _Stepper:
         else:
             logits = self.model.caption_logits(seqs[:, self.fed :], self.context, self.cache)
             self.fed = seqs.shape[1]
-        return logits[:, -1].float()
+        logits = logits[:, -1].float()
+        if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
+            # The model's vocabulary may be larger than its tokenizer's: ids beyond it mean nothing.
+            logits[:, self.vocab_size :] = float("-inf")
+        return logits
 
     def reorder(self, index: Tensor) -> None:
         # Beams of one image share its context, so the context itself stays; the cache moves.
@@ -202,12 +206,14 @@ def generate(
     pad_id: int,
     prompt: Tensor | None = None,
     banned_ids: tuple[int, ...] | None = None,
+    vocab_size: int | None = None,
     **overrides: Any,
 ) -> Generated:
     """Caption ``images`` ``(B, 3, H, W)``; ``config`` fields may also be given as keywords.
 
     ``prompt`` ``(B, P)`` starts every caption (default: BOS alone). ``banned_ids`` are never
-    generated (default: padding and BOS).
+    generated (default: padding and BOS), nor are ids from ``vocab_size`` on (the tokenizer's
+    vocabulary, when smaller than the model's).
     """
     cfg = GenerationConfig.model_validate({**(config.model_dump() if config else {}), **overrides})
     batch, device = images.shape[0], images.device
@@ -228,7 +234,7 @@ def generate(
     banned = tuple(banned_ids) if banned_ids is not None else tuple({pad_id, bos_id} - {eos_id})
     context = model.caption_context(images)
     copies = cfg.num_beams if cfg.strategy == "beam" else cfg.num_return_sequences
-    stepper = _Stepper(model, context.repeat_interleave(copies, dim=0), cfg.use_cache)
+    stepper = _Stepper(model, context.repeat_interleave(copies, dim=0), cfg.use_cache, vocab_size)
     seqs = prompt.repeat_interleave(copies, dim=0)
     n = cfg.num_return_sequences
     if cfg.strategy != "beam":
@@ -253,10 +259,12 @@ def caption(model: Captioner, tokenizer: Any, images: Tensor, config: Generation
     """Captions as text: ``num_return_sequences`` strings per image, best first.
 
     The tokenizer's special tokens other than EOS (padding, BOS, unknown, CLS) are never
-    generated: decoding would drop them, so they would only use up length."""
+    generated: decoding would drop them, so they would only use up length; nor are ids the
+    tokenizer does not have (a model's vocabulary is an upper bound of its tokenizer's)."""
     specials = {getattr(tokenizer, name, None) for name in ("pad_id", "bos_id", "unk_id", "cls_id")}
     banned = tuple(sorted(i for i in specials if i is not None and i != tokenizer.eos_id))
     overrides.setdefault("banned_ids", banned)
+    overrides.setdefault("vocab_size", tokenizer.vocab_size)
     out = generate(model, images, config, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                    **overrides)
     return [[tokenizer.decode(row) for row in per_image] for per_image in out.tokens.tolist()]

@@ -126,7 +126,7 @@ class Trained:
 
     def caption(self, images: Tensor, config: GenerationConfig | None = None, **overrides: Any) -> list[list[str]]:
         """Generated captions, ``num_return_sequences`` per image, best first."""
-        self.require(Capability.CAPTIONING, "captioning")
+        self.require(Capability.CAPTIONING, "generating captions")
         with self.autocast():
             return caption(self.model, self.tokenizer, images, config, **overrides)
 

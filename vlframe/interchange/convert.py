@@ -51,12 +51,13 @@ def import_checkpoint(
     """
     from vlframe.api import build_model
 
-    imp = _importer(importer, registry or Registry.discover())
+    # Plugin settings given with --set (plugins.block, ...) hold from the start: for the importer too.
+    imp = _importer(importer, registry or configfile.registry_for(configfile.apply_overrides({}, overrides), "--set"))
     try:
         data = imp.config(architecture)
     except ValueError as exc:
         raise ConversionError(f"--model {architecture}: {exc}") from None
-    # The converted config's own plugins section (and --set) decide which plugins build it.
+    # The converted config's own plugins section (with --set) decides which plugins build it.
     data = configfile.apply_overrides(data, overrides)
     config, registry = configfile.load(data, registry=registry)
     model = build_model(config, registry=registry)

@@ -63,7 +63,7 @@ class TrackingError(VlframeError):
 
 
 def flatten(data: Mapping, prefix: str = "") -> dict[str, str]:
-    """A nested config as MLflow params: ``{"model.image_encoder.width": "256", ...}``.
+    """A nested config as MLflow params: ``{"train.lr": "0.0005", ...}``.
 
     Lists are kept whole, as their JSON text; keys or values MLflow would refuse (too long) are
     dropped rather than failing the whole batch.

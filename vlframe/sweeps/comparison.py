@@ -114,6 +114,10 @@ def columns_for(rows: Sequence[Row], patterns: Sequence[str] = ()) -> list[Colum
     keys = {k for row in rows for k in row.metrics if k.startswith(PREFIXES) and k not in LEFT_OUT}
     if patterns:
         keys = {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    # A task no variant could run still gets a column, so that each row can say why it has no value.
+    unrun = {t for row in rows for t in row.skipped} - {_task_of(k) for k in keys}
+    if not patterns or any(fnmatch.fnmatchcase(f"eval/{t}", p) for t in unrun for p in patterns):
+        keys |= {f"eval/{t}" for t in unrun}
     order = {prefix: i for i, prefix in enumerate(PREFIXES)}
     ranked = sorted(keys, key=lambda k: (order[next(p for p in PREFIXES if k.startswith(p))], k))
     return [Column(k, _label(k), not _LOWER.search(k)) for k in ranked]
@@ -121,7 +125,7 @@ def columns_for(rows: Sequence[Row], patterns: Sequence[str] = ()) -> list[Colum
 
 def _task_of(key: str) -> str | None:
     parts = key.split("/")
-    return parts[1] if len(parts) >= 3 and parts[0] in ("eval", "val") else None
+    return parts[1] if len(parts) >= 2 and parts[0] in ("eval", "val") else None
 
 
 def best(rows: Sequence[Row], column: Column) -> float | None:

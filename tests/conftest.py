@@ -72,6 +72,33 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, tim
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_main(*args: str, env: dict[str, str] | None = None) -> CliResult:
+    """The same ``vlframe`` command in this process (``vlframe.cli.main``): its exit code and what it
+    printed, without the second or two a new process spends importing torch. For commands whose
+    process boundary does not matter (``run_cli`` where it does: signals, plugins on PYTHONPATH)."""
+    import contextlib
+    import io
+
+    from vlframe.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def cli():
     return run_cli

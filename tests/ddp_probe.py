@@ -48,6 +48,7 @@ def main(out: Path, workdir: Path) -> None:
     }
     if rank == 0:
         torch.save(result, out)
+    distributed.barrier()  # no rank leaves the group while another still works in it
     distributed.teardown()
 
 

@@ -1,4 +1,4 @@
-"""The ``vlframe`` command in a real process: outputs, one-line errors, exit codes."""
+"""The ``vlframe`` command: outputs, one-line errors, exit codes (in a real process where loading matters)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import yaml
 
 from registry import Registry
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_cli, run_main
 
 
 def write(path: Path, data: dict) -> Path:
@@ -48,7 +48,7 @@ def test_bad_configs_give_one_line_per_problem_and_exit_2(tmp_path: Path) -> Non
 
 
 def test_unknown_plugin_in_set_is_a_one_line_error() -> None:
-    result = run_cli("config", "validate", str(CONFIGS / "coca_tiny.yaml"), "--set", "model.contrastive_pooler.type=attentionl")
+    result = run_main("config", "validate", str(CONFIGS / "coca_tiny.yaml"), "--set", "model.contrastive_pooler.type=attentionl")
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.splitlines() == [
         f"error: {CONFIGS / 'coca_tiny.yaml'}: model.contrastive_pooler.type: unknown pooler 'attentionl' "
@@ -57,7 +57,7 @@ def test_unknown_plugin_in_set_is_a_one_line_error() -> None:
 
 
 def test_validate_also_catches_what_only_fails_at_build_time() -> None:
-    result = run_cli("config", "validate", str(CONFIGS / "coca_tiny.yaml"), "--set", "model.caption_pooler.heads=3")
+    result = run_main("config", "validate", str(CONFIGS / "coca_tiny.yaml"), "--set", "model.caption_pooler.heads=3")
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.splitlines() == [
         f"error: {CONFIGS / 'coca_tiny.yaml'}: model.caption_pooler (pooler 'attentional' [poolers]): "
@@ -66,7 +66,7 @@ def test_validate_also_catches_what_only_fails_at_build_time() -> None:
 
 
 def test_config_show_prints_the_resolved_config() -> None:
-    result = run_cli("config", "show", str(CONFIGS / "coca_large.yaml"), "--set", "model.text_decoder.layers=3")
+    result = run_main("config", "show", str(CONFIGS / "coca_large.yaml"), "--set", "model.text_decoder.layers=3")
     assert result.code == 0, result.err
     shown = yaml.safe_load(result.out)
     model = shown["model"]
@@ -74,17 +74,17 @@ def test_config_show_prints_the_resolved_config() -> None:
     assert model["text_decoder"]["layers"] == 3  # overridden
     assert model["text_decoder"]["norm_eps"] == 1e-05  # a default, made explicit
     assert shown["plugins"] == {"autoload": True, "block": [], "enable": [], "override": {}}
-    again = run_cli("config", "show", str(CONFIGS / "coca_large.yaml"), "--format", "json")
+    again = run_main("config", "show", str(CONFIGS / "coca_large.yaml"), "--format", "json")
     assert json.loads(again.out)["model"]["text_decoder"]["layers"] == 12
 
 
 def test_config_schema_and_plugins_list(tmp_path: Path, registry: Registry) -> None:
     out = tmp_path / "schema.json"
-    assert run_cli("config", "schema", "-o", str(out)).code == 0
+    assert run_main("config", "schema", "-o", str(out)).code == 0
     schema = json.loads(out.read_text())
     names = {key for key in schema["$defs"] if "." in key}
     assert names == {f"{e.kind.value}.{e.spec.name}" for e in registry.catalog.entries()}
-    listed = run_cli("plugins", "list")
+    listed = run_main("plugins", "list")
     assert listed.code == 0
     rows = [line.split()[:4] for line in listed.out.splitlines()[1:]]
     assert len(rows) == len(registry.catalog.entries())
@@ -101,7 +101,7 @@ def test_plugin_failures_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_model_summary() -> None:
-    summary = run_cli("model", "summary", str(CONFIGS / "coca_base.yaml"))
+    summary = run_main("model", "summary", str(CONFIGS / "coca_base.yaml"))
     assert summary.code == 0, summary.err
     counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in summary.out.splitlines()}
     assert abs(counts["total"] / 383e6 - 1) < 0.03

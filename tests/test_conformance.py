@@ -15,7 +15,7 @@ from registry import BuildError, ComponentConfig, ComponentSpec, Kind, Registry,
 from registry.protocols import Pooler, conformance_problems, protocol_members
 from vlframe import build_model, testing
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_main
 
 
 @pytest.fixture(scope="module")
@@ -148,16 +148,16 @@ def test_building_a_model_with_a_non_conforming_part_is_a_one_line_error(broken:
 
 
 def test_plugins_check_from_the_command_line(tmp_path: Path) -> None:
-    result = run_cli("plugins", "check", "poolers", "model.coca")
+    result = run_main("plugins", "check", "poolers", "model.coca")
     assert result.code == 0, result.out + result.err
     assert "ok   pooler attentional [poolers]" in result.out and "ok   model coca [models.coca]" in result.out
     assert "5 of 5 component(s) conform, 0 do not, 0 skipped" in result.out
-    result = run_cli("plugins", "check", "manifest")
+    result = run_main("plugins", "check", "manifest")
     assert result.code == 0 and "skip dataset manifest [datasets.manifest]: its config needs path" in result.out
     block = tmp_path / "vit.yaml"
     block.write_text("type: vit\nimage_size: 32\npatch_size: 8\nwidth: 24\nlayers: 1\nheads: 5\n")
-    result = run_cli("plugins", "check", "vit", "--config", str(block))
+    result = run_main("plugins", "check", "vit", "--config", str(block))
     assert result.code == 2 and "FAIL image_encoder vit [encoders.vit]: config" in result.out
     assert "5 heads do not divide width 24" in result.out
-    result = run_cli("plugins", "check", "vitt")
+    result = run_main("plugins", "check", "vitt")
     assert result.code == 2 and "no component or plugin named 'vitt' (did you mean 'vit'?)" in result.err

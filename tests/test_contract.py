@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, pip_install, run_cli
+from conftest import ROOT, pip_install, run_cli, run_main
 from test_distributed import torchrun
 
 pytestmark = pytest.mark.slow  # trains models in subprocesses
@@ -106,8 +106,10 @@ def test_it_trains_is_tracked_and_shares_no_names_with_coca(trained_run: dict) -
         sys.path.remove(trained_run["env"]["PYTHONPATH"])
 
 
-def test_vlframe_eval_runs_every_task_the_model_can(trained_run: dict, colour_folder: Path) -> None:
-    root, env = trained_run["root"], trained_run["env"]
+def test_vlframe_eval_runs_every_task_the_model_can(trained_run: dict, colour_folder: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    root = trained_run["root"]
+    monkeypatch.syspath_prepend(trained_run["env"]["PYTHONPATH"])  # installed, as for the train process
     runs = {
         "retrieval": ["--limit", "64"],
         "zeroshot": ["--data", str(colour_folder)],
@@ -117,7 +119,7 @@ def test_vlframe_eval_runs_every_task_the_model_can(trained_run: dict, colour_fo
     found = {}
     for task, extra in runs.items():
         out = root / f"eval-{task}"
-        result = run_cli("eval", str(trained_run["dir"]), "--task", task, "--out", str(out), *extra, env=env)
+        result = run_main("eval", str(trained_run["dir"]), "--task", task, "--out", str(out), *extra)
         assert result.code == 0, (task, result.err[-2000:])
         found[task] = json.loads((out / "metrics.json").read_text())["metrics"]
     # Measured after 150 steps: R@10 58 (fp32) / 75 (bf16), zero-shot 41 / 56, probe 52 / 67, gap 46 / 49.
@@ -130,16 +132,18 @@ def test_vlframe_eval_runs_every_task_the_model_can(trained_run: dict, colour_fo
     assert {"eval/alignment/gap", "eval/retrieval/i2t_r1", "eval/zeroshot/top1", "eval/probe/top1"} <= set(logged)
 
 
-def test_captioning_a_model_without_the_capability_is_one_line(trained_run: dict, tmp_path: Path) -> None:
+def test_captioning_a_model_without_the_capability_is_one_line(trained_run: dict, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
+    monkeypatch.syspath_prepend(trained_run["env"]["PYTHONPATH"])
     image = tmp_path / "x.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
-    result = run_cli("caption", str(trained_run["dir"]), str(image), env=trained_run["env"])
+    result = run_main("caption", str(trained_run["dir"]), str(image))
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.splitlines() == ["error: vlframe caption needs the captioning capability, and the model "
                                        "(dual_encoder) has only contrastive, image_tokens"]
-    result = run_cli("eval", str(trained_run["dir"]), "--task", "caption", env=trained_run["env"])
+    result = run_main("eval", str(trained_run["dir"]), "--task", "caption")
     assert result.code == 2
     assert result.err.splitlines() == ["error: task 'caption' needs the captioning capability, and the model "
                                        "(dual_encoder) has only contrastive, image_tokens"]
@@ -170,7 +174,7 @@ def test_a_two_variant_sweep_compares_them(site: Path, tmp_path: Path) -> None:
     ran = run_cli("sweep", str(sweep), env=env)
     assert ran.code == 0, ran.out[-3000:] + ran.err[-3000:]
     assert "2 finished, 0 skipped, 0 failed" in ran.out
-    compared = run_cli("compare", str(sweep), "--out", str(tmp_path / "cmp"), env=env)
+    compared = run_main("compare", str(sweep), "--out", str(tmp_path / "cmp"))
     assert compared.code == 0, compared.err[-2000:]
     assert "alignment gap" in compared.out and "wide: caption not run (no captioning capability)" in compared.out
     with (tmp_path / "cmp" / "comparison.csv").open() as handle:

@@ -1,8 +1,9 @@
 """Downstream tasks on a really trained CoCa: captions, retrieval, zero-shot, probes, matching.
 
-The module trains one small CoCa with ``vlframe train`` (coca_tiny's structure at 64 px on
-single-object scenes, 300 steps: ``training_configs.learner``, about 30 s on 2 cores in float32),
-tracked in an MLflow store of its own, and every test reads that run. Each threshold below is
+The module trains one small CoCa with ``vlframe train`` in a process of its own (coca_tiny's
+structure at 64 px on single-object scenes, 300 steps: ``training_configs.learner``, about 30 s on
+2 cores in float32), tracked in an MLflow store of its own, and every test reads that run; the
+other commands run in this process (``run_main``), as the same ``vlframe`` entry point. Each threshold below is
 well under what that model reaches (measured: colours named in 93% of captions, the tests ask
 for 60%), and far above chance.
 """
@@ -19,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_cli, run_main
 from registry import ConfigError
 from training_configs import TINY, learner, micro, sets
 from vlframe.config import files as configfile
@@ -119,7 +120,7 @@ def test_cached_and_uncached_captions_agree_on_the_trained_model(trained, settin
 
 def test_eval_caption_logs_metrics_and_a_table_to_the_training_run(run) -> None:
     out = run["root"] / "eval-caption"
-    result = run_cli("eval", str(run["dir"]), "--task", "caption", "--limit", "24", "--out", str(out),
+    result = run_main("eval", str(run["dir"]), "--task", "caption", "--limit", "24", "--out", str(out),
                      "--strategy", "beam", "--num-beams", "2")
     assert result.code == 0, result.err[-2000:]
     saved = json.loads((out / "metrics.json").read_text())
@@ -141,7 +142,7 @@ def test_eval_caption_logs_metrics_and_a_table_to_the_training_run(run) -> None:
 
 
 def test_eval_retrieval_cli_equals_the_python_call(run, trained) -> None:
-    result = run_cli("eval", str(run["dir"]), "--task", "retrieval", "--limit", "64", "--no-track",
+    result = run_main("eval", str(run["dir"]), "--task", "retrieval", "--limit", "64", "--no-track",
                      "--out", str(run["root"] / "eval-retrieval"))
     assert result.code == 0, result.err[-2000:]
     cli_metrics = json.loads((run["root"] / "eval-retrieval" / "metrics.json").read_text())["metrics"]
@@ -186,13 +187,13 @@ def test_fine_tuning_probe_trains_a_copy_of_the_encoder(trained, colour_folder) 
 def test_multimodal_understanding_head_tells_matching_captions(run, tmp_path) -> None:
     config = run["dir"] / "config.yaml"  # the run's own resolved config: its data, its shapes
     for split, limit in (("train", "300"), ("val", "120")):
-        made = run_cli("data", "match-pairs", str(config), "--split", split, "--limit", limit,
+        made = run_main("data", "match-pairs", str(config), "--split", split, "--limit", limit,
                        "--out", str(tmp_path / split))
         assert made.code == 0, made.err[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "val" / "pairs.jsonl").read_text().splitlines()]
     assert {r["label"] for r in rows} == {"yes", "no"} and (tmp_path / "val" / rows[0]["image"]).is_file()
     out = tmp_path / "result"
-    result = run_cli("eval", str(run["dir"]), "--task", "understanding", "--train-data",
+    result = run_main("eval", str(run["dir"]), "--task", "understanding", "--train-data",
                      str(tmp_path / "train" / "pairs.jsonl"), "--data", str(tmp_path / "val" / "pairs.jsonl"),
                      "--steps", "200", "--out", str(out), "--no-track")
     assert result.code == 0, result.err[-2000:]
@@ -206,7 +207,7 @@ def test_caption_and_embed_commands(run, trained, tmp_path) -> None:
     for i, sample in enumerate(scenes):
         paths.append(tmp_path / f"scene{i}.png")
         sample.image.save(paths[-1])
-    result = run_cli("caption", str(run["dir"]), *map(str, paths), "--json", "-n", "2", "--strategy", "beam")
+    result = run_main("caption", str(run["dir"]), *map(str, paths), "--json", "-n", "2", "--strategy", "beam")
     assert result.code == 0, result.err[-2000:]
     lines = [json.loads(line) for line in result.out.splitlines()]
     assert [line["image"] for line in lines] == list(map(str, paths))
@@ -216,7 +217,7 @@ def test_caption_and_embed_commands(run, trained, tmp_path) -> None:
     texts.write_text("a small red circle at the top.\na large blue square in the center.\n")
     for flag, values in (("--images", list(map(str, paths))), ("--texts", [str(texts)])):
         out = tmp_path / f"{flag[2:]}.safetensors"
-        result = run_cli("embed", str(run["dir"]), flag, *values, "--out", str(out))
+        result = run_main("embed", str(run["dir"]), flag, *values, "--out", str(out))
         assert result.code == 0, result.err[-2000:]
         tensors = load_file(str(out))
         (name, embeds), = tensors.items()
@@ -264,7 +265,7 @@ def test_eval_by_run_id_without_the_run_folder_logs_to_the_same_store(run, tmp_p
     moved = run["root"] / "moved-for-eval"
     shutil.move(run["dir"], moved)
     try:
-        result = run_cli("eval", run["run_id"], "--tracking-uri", run["uri"], "--task", "retrieval", "--limit", "16",
+        result = run_main("eval", run["run_id"], "--tracking-uri", run["uri"], "--task", "retrieval", "--limit", "16",
                          "--out", str(tmp_path / "out"), env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     finally:
         shutil.move(moved, run["dir"])
@@ -275,7 +276,7 @@ def test_eval_by_run_id_without_the_run_folder_logs_to_the_same_store(run, tmp_p
 
 
 def test_eval_by_run_id_honours_mlflow_tracking_uri(run, tmp_path) -> None:
-    result = run_cli("eval", run["run_id"], "--task", "retrieval", "--limit", "8", "--out", str(tmp_path / "out"),
+    result = run_main("eval", run["run_id"], "--task", "retrieval", "--limit", "8", "--out", str(tmp_path / "out"),
                      env={"MLFLOW_TRACKING_URI": run["uri"]})
     assert result.code == 0, result.err[-2000:]
     assert f"at {run['uri']}" in result.out
@@ -301,18 +302,18 @@ def test_a_run_whose_data_is_gone_still_loads_and_asks_for_data(tmp_path) -> Non
 
 
 def test_downstream_errors_name_what_is_wrong(run, tmp_path) -> None:
-    result = run_cli("eval", str(tmp_path / "nowhere"), "--task", "caption")
+    result = run_main("eval", str(tmp_path / "nowhere"), "--task", "caption")
     assert result.code == 2 and "neither a run folder, a checkpoint folder nor an MLflow run id" in result.err
-    result = run_cli("eval", str(run["dir"]), "--task", "zeroshot", "--no-track")
+    result = run_main("eval", str(run["dir"]), "--task", "zeroshot", "--no-track")
     assert result.code == 2 and "zero-shot needs a dataset with class names" in result.err
-    result = run_cli("eval", str(run["dir"]), "--task", "understanding")
+    result = run_main("eval", str(run["dir"]), "--task", "understanding")
     assert result.code == 2 and "data: required field is missing" in result.err
-    result = run_cli("eval", str(run["dir"]), "--task", "retrieval", "--head", "linear")
+    result = run_main("eval", str(run["dir"]), "--task", "retrieval", "--head", "linear")
     assert result.code == 2 and "--head: task 'retrieval' has no setting 'head'" in result.err
-    result = run_cli("eval", str(run["dir"]), "--task", "captioning")
+    result = run_main("eval", str(run["dir"]), "--task", "captioning")
     assert result.code == 2 and "unknown task 'captioning' (did you mean 'caption'?)" in result.err
-    result = run_cli("caption", str(run["dir"]), str(tmp_path / "missing.png"))
+    result = run_main("caption", str(run["dir"]), str(tmp_path / "missing.png"))
     assert result.code == 2 and "missing.png: file not found" in result.err
-    result = run_cli("caption", str(run["dir"]), str(CONFIGS / "coca_tiny.yaml"), "--top-p", "2")
+    result = run_main("caption", str(run["dir"]), str(CONFIGS / "coca_tiny.yaml"), "--top-p", "2")
     assert result.code == 2 and "--top-p" in result.err
     assert all("Traceback" not in r for r in (result.err,))

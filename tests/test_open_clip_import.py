@@ -228,7 +228,7 @@ def test_a_converted_model_fine_tunes_with_vlframe_train_and_is_tracked(tmp_path
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    from conftest import run_cli
+    from conftest import run_main as run_cli  # the vlframe command, in this process
 
     _, trained = _convert(tmp_path, SMALL, "small", registry)
     start = load_file(str(trained.checkpoint / "model.safetensors"))
@@ -254,7 +254,7 @@ def test_a_converted_model_fine_tunes_with_vlframe_train_and_is_tracked(tmp_path
 def test_convert_then_caption_and_embed_from_the_command_line(tmp_path: Path) -> None:
     from PIL import Image
 
-    from conftest import run_cli
+    from conftest import run_main as run_cli  # the vlframe command, in this process
 
     weights, spec = tmp_path / "open_clip_model.pt", tmp_path / "small.json"
     torch.save(_open_clip_model(SMALL, 0).state_dict(), weights)
@@ -314,7 +314,7 @@ def test_coca_vit_l_14_maps_every_weight_to_its_vlframe_shape(registry: Registry
 @pytest.mark.slow
 def test_an_ablation_starts_from_the_weights_that_fit(tmp_path: Path, registry: Registry) -> None:
     """Captioning-only from open_clip's weights: strict loading refuses, init_strict: false takes what fits."""
-    from conftest import run_cli
+    from conftest import run_main as run_cli  # the vlframe command, in this process
 
     _convert(tmp_path, SMALL, "small", registry)
     converted = tmp_path / "small"

@@ -1,5 +1,6 @@
 """Plugin authors' paper cuts, each as a plugin author meets it: installed distributions on
-sys.path, the real command line, real runs."""
+sys.path, the real command line (in this process, through ``vlframe.cli.main``, unless the process
+matters), real runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_cli, run_main
 from registry import Kind, Registry
 from training_configs import TINY, micro, sets
 from vlframe.config import files as configfile
@@ -54,35 +55,38 @@ def vlframe_poolers():
 """
 
 
-def test_a_plugin_that_provides_nothing_says_so(tmp_path: Path) -> None:
+def test_a_plugin_that_provides_nothing_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A plain function named like a hook, without @hookimpl: pluggy ignores it, silently, unless asked.
     distribution(tmp_path, "forgetful", "forgetful_plugin", "def vlframe_poolers():\n    return []\n", "forgetful")
-    distribution(tmp_path / "other", "maxer", "maxer_plugin", MAX_POOLER.format(name="maxish", summary="Max."), "maxer")
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{tmp_path / 'other'}"}
-    result = run_cli("plugins", "list", "--plugins", env=env)
+    distribution(tmp_path / "other", "maxer", "listed_maxer", MAX_POOLER.format(name="maxish", summary="Max."), "maxer")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path / "other"))
+    result = run_main("plugins", "list", "--plugins")
     assert result.code == 0, result.err
     rows = {line.split()[0]: line for line in result.out.splitlines()[1:]}
     assert "forgetful 1.2.3" in rows["forgetful"]
     assert rows["forgetful"].endswith("nothing: it implements no vlframe hook (is @hookimpl missing?)")
-    assert rows["maxer"].split()[1:4] == ["maxer", "1.2.3", "maxer_plugin"] and rows["maxer"].endswith("pooler.maxish")
+    assert rows["maxer"].split()[1:4] == ["maxer", "1.2.3", "listed_maxer"] and rows["maxer"].endswith("pooler.maxish")
     assert "pooler.attentional, pooler.cls, pooler.mean, pooler.none" in rows["poolers"]
-    blocked = run_cli("plugins", "list", "--plugins", env={**env, "VLFRAME_BLOCK_PLUGINS": "maxer"})
+    blocked = run_main("plugins", "list", "--plugins", env={"VLFRAME_BLOCK_PLUGINS": "maxer"})
     assert [line for line in blocked.out.splitlines() if line.startswith("maxer")][0].endswith(
         "blocked by VLFRAME_BLOCK_PLUGINS")
 
 
-def test_a_failing_factory_is_one_line_and_debug_gives_the_traceback(tmp_path: Path) -> None:
+def test_a_failing_factory_is_one_line_and_debug_gives_the_traceback(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     body = MAX_POOLER.format(name="boom", summary="Raises.").replace(
         "super().__init__()", "super().__init__()\n        raise KeyError('no such table')")
     distribution(tmp_path / "site", "boomer", "boomer_plugin", body, "boomer")
     env = {"PYTHONPATH": str(tmp_path / "site")}
     args = ("config", "validate", str(TINY), "--set", "model.caption_pooler={type: boom}")
-    result = run_cli(*args, env=env)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    result = run_main(*args)
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.splitlines() == [
         f"error: {TINY}: model.caption_pooler (pooler 'boom' [boomer]): the factory raised KeyError: 'no such table' "
         "(run with --debug (or VLFRAME_DEBUG=1) for the traceback)"]
-    for debug in (run_cli("--debug", *args, env=env), run_cli(*args, env={**env, "VLFRAME_DEBUG": "1"})):
+    for debug in (run_cli("--debug", *args, env=env), run_main(*args, env={"VLFRAME_DEBUG": "1"})):
         assert debug.code == 2 and "Traceback" in debug.err and "boomer_plugin.py" in debug.err
         assert "KeyError: 'no such table'" in debug.err
 
@@ -96,11 +100,12 @@ def broken_site(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_commands_on_a_run_honour_its_plugins_section(broken_site: Path, tmp_path: Path) -> None:
-    env = {"PYTHONPATH": str(broken_site)}
-    assert "failed to import" in run_cli("plugins", "list", env=env).err  # broken unless blocked
+def test_commands_on_a_run_honour_its_plugins_section(broken_site: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(broken_site))
+    assert "failed to import" in run_main("plugins", "list").err  # broken unless blocked
     overrides = micro(tmp_path, **{"plugins.block": ["broken"], "train.steps": 2})
-    trained = run_cli("train", str(TINY), "--run-dir", str(tmp_path / "run"), *sets(overrides), env=env)
+    trained = run_main("train", str(TINY), "--run-dir", str(tmp_path / "run"), *sets(overrides))
     assert trained.code == 0, trained.err[-2000:]
     image = tmp_path / "x.png"
     from PIL import Image
@@ -110,11 +115,12 @@ def test_commands_on_a_run_honour_its_plugins_section(broken_site: Path, tmp_pat
                   "--no-track"),
                  ("caption", str(tmp_path / "run"), str(image)),
                  ("embed", str(tmp_path / "run"), "--images", str(image), "--out", str(tmp_path / "e.safetensors"))):
-        result = run_cli(*args, env=env)
+        result = run_main(*args)
         assert result.code == 0, (args[0], result.err[-2000:])
 
 
-def test_convert_honours_plugin_settings_given_with_set(broken_site: Path, tmp_path: Path) -> None:
+def test_convert_honours_plugin_settings_given_with_set(broken_site: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("open_clip", reason="open-clip-torch is a test dependency")
     from test_open_clip_import import SMALL, _open_clip_model
 
@@ -123,9 +129,9 @@ def test_convert_honours_plugin_settings_given_with_set(broken_site: Path, tmp_p
     spec = tmp_path / "small.json"
     spec.write_text(json.dumps(SMALL))
     args = ("convert", "open-clip", "--model", str(spec), "--checkpoint", str(weights), "--out", str(tmp_path / "c"))
-    env = {"PYTHONPATH": str(broken_site)}
-    assert run_cli(*args, env=env).code == 2
-    result = run_cli(*args, "--set", "plugins.block=[broken]", env=env)
+    monkeypatch.syspath_prepend(str(broken_site))
+    assert run_main(*args).code == 2
+    result = run_main(*args, "--set", "plugins.block=[broken]")
     assert result.code == 0, result.err[-2000:]
     saved = configfile.read_yaml(tmp_path / "c" / "config.yaml")
     assert saved["plugins"]["block"] == ["broken"]  # and the converted folder keeps the setting
@@ -158,36 +164,31 @@ def test_a_plugin_change_enters_the_sweep_variant_hash(tmp_path: Path, monkeypat
     assert plain_before == plain_fixed  # a variant that does not use the plugin keeps its hash
 
 
-def test_two_plugins_with_one_name_and_the_override_that_settles_it(tmp_path: Path) -> None:
+def test_two_plugins_with_one_name_and_the_override_that_settles_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     distribution(tmp_path, "meaner", "meaner_plugin", MAX_POOLER.format(name="mean", summary="My mean."), "meaner")
-    env = {"PYTHONPATH": str(tmp_path)}
+    monkeypatch.syspath_prepend(str(tmp_path))
     # Commands that do not use the contested name work as before.
-    assert run_cli("config", "validate", str(TINY), env=env).code == 0
+    assert run_main("config", "validate", str(TINY)).code == 0
     using = ("config", "validate", str(TINY), "--set", "model.contrastive_pooler={type: mean}")
-    result = run_cli(*using, env=env)
+    result = run_main(*using)
     assert result.code == 2 and "pooler 'mean' is registered twice: by plugin '" in result.err
     assert "plugin 'meaner' (meaner 1.2.3)" in result.err and "plugin 'poolers' (vlframe 0.1.0)" in result.err
     assert "choose one with plugins.override: {pooler.mean: PLUGIN}" in result.err
-    chosen = run_cli(*using, "--set", "plugins.override={pooler.mean: meaner}", env=env)
+    chosen = run_main(*using, "--set", "plugins.override={pooler.mean: meaner}")
     assert chosen.code == 0, chosen.err
     from vlframe import build_model
-    import sys
 
-    sys.path.insert(0, str(tmp_path))
-    try:
-        model = build_model(TINY, ["model.contrastive_pooler={type: mean}", "plugins.override={pooler.mean: meaner}"])
-        assert type(model.contrastive_pooler).__module__ == "meaner_plugin"
-        env_chosen = run_cli(*using, env={**env, "VLFRAME_OVERRIDE": "pooler.mean=poolers"})
-        assert env_chosen.code == 0, env_chosen.err
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("meaner_plugin", None)
+    model = build_model(TINY, ["model.contrastive_pooler={type: mean}", "plugins.override={pooler.mean: meaner}"])
+    assert type(model.contrastive_pooler).__module__ == "meaner_plugin"
+    env_chosen = run_main(*using, env={"VLFRAME_OVERRIDE": "pooler.mean=poolers"})
+    assert env_chosen.code == 0, env_chosen.err
 
 
 def test_a_part_no_objective_trains_is_caught_at_validation() -> None:
     # The multimodal decoder kept with the captioning objective removed would get no gradient: fine
     # in one process, a crash at step 2 under DDP. It is a config error now, naming each idle part.
-    result = run_cli("config", "validate", str(TINY), "--set", "model.objectives.caption=null")
+    result = run_main("config", "validate", str(TINY), "--set", "model.objectives.caption=null")
     assert result.code == 2 and "Traceback" not in result.err
     lines = result.err.splitlines()
     assert f"error: {TINY}: model.multimodal_decoder: no objective trains it (none reads caption_states or lm_head " \
@@ -204,24 +205,28 @@ def test_tracking_changes_nothing_in_the_process_environment(tmp_path: Path, mon
         return {k: v for k, v in os.environ.items() if not k.startswith("_MLFLOW_TELEMETRY")}
 
     before = ours()
-    import importlib
+    from vlframe.runs import tracking
 
-    import vlframe.runs.tracking as tracking
-
-    importlib.reload(tracking)
     tracker = tracking.Tracker(tmp_path / "run", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert tracker.start(run_name="env", params={"a": "1"}) is not None
     tracker.log_metrics({"m": 1.0}, step=1)
     tracker.finish()
     assert ours() == before
+    # Importing it changes nothing either (in a fresh process: this one imported it long ago).
+    import subprocess
+    import sys
+
+    probe = ("import os; before = dict(os.environ); import vlframe.runs.tracking, vlframe.runs.store; "
+             "assert dict(os.environ) == before, set(os.environ) ^ set(before)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600).returncode == 0
 
 
 @pytest.mark.slow
 def test_every_command_finds_the_store_by_one_rule(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'env-store.db'}"
     overrides = micro(tmp_path, **{"tracking.enabled": True, "train.steps": 2})
-    result = run_cli("train", str(TINY), "--run-dir", str(tmp_path / "run"), *sets(overrides),
-                     env={"MLFLOW_TRACKING_URI": uri})
+    result = run_main("train", str(TINY), "--run-dir", str(tmp_path / "run"), *sets(overrides),
+                      env={"MLFLOW_TRACKING_URI": uri})
     assert result.code == 0, result.err[-2000:]
     assert f"at {uri}" in result.err  # $MLFLOW_TRACKING_URI, not the embedded store of train.output_dir
     assert json.loads((tmp_path / "run" / "tracking" / "run.json").read_text())["uri"] == uri

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_cli, run_main
 from training_configs import micro
 from vlframe.sweeps.sweep import expand, load_sweep
 
@@ -91,14 +91,14 @@ def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path
     # The variant that cannot caption says why instead of leaving a hole.
     assert contrastive.data.tags["vlframe.eval_skipped.caption"] == "no captioning capability"
 
-    second = run_cli("sweep", str(sweep_file))
+    second = run_main("sweep", str(sweep_file))
     assert "[coca] skipped" in second.out and "[contrastive_only] skipped" in second.out
     assert "0 finished, 2 skipped, 1 failed" in second.out
     kids_after = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sum(r.data.tags["vlframe.variant"] == "coca" for r in kids_after) == 1  # nothing retrained
 
     out = tmp_path / "comparison"
-    compared = run_cli("compare", str(sweep_file), "--out", str(out))
+    compared = run_main("compare", str(sweep_file), "--out", str(out))
     assert compared.code == 0, compared.err[-2000:]
     lines = compared.out.splitlines()
     assert lines[0].split()[:2] == ["variant", "status"] and "*" in compared.out

@@ -464,11 +464,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from vlframe.interchange.convert import convert_checkpoint
+    from vlframe.runs import checkpoint
 
     out = convert_checkpoint(args.importer, args.model, args.checkpoint, args.out, overrides=args.overrides)
     print(f"wrote {out} ({args.importer} {args.model} from {args.checkpoint})")
     print(f"caption: vlframe caption {out} IMAGE ...   evaluate: vlframe eval {out} --task zeroshot --data FOLDER")
-    print(f"fine-tune: vlframe train CONFIG.yaml --set train.init_from={out}  (start from {out / 'config.yaml'})")
+    print(f"fine-tune: vlframe train CONFIG.yaml --set train.init_from={out}  (start from {out / checkpoint.CONFIG})")
     return 0
 
 

@@ -110,7 +110,9 @@ def check(registry: Registry | None, case: Case, *, config: Mapping[str, Any] | 
         missing = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "missing"]
         if missing and config is None and entry.spec.example is None:
             return [f"skipped: its config needs {', '.join(missing)}; give the spec an example or pass --config"]
-        return [f"config {block}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())]
+        from vlframe.config.files import problems_from
+
+        return [f"config {block}: " + "; ".join(map(str, problems_from(exc, entry.spec.config, block, catalog, None)))]
     problems += _config_round_trip(catalog, entry.spec.config, cfg, case)
     try:
         with torch.random.fork_rng(devices=[]):

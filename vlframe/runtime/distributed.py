@@ -58,8 +58,11 @@ def setup_from_env() -> torch.device:
     return device
 
 
-def teardown() -> None:
+def teardown(*, wait: bool = False) -> None:
+    """Leave the process group; ``wait``: after every other rank has got here too."""
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

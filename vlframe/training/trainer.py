@@ -349,7 +349,9 @@ class Trainer:
             tracker.set_tags({tags.SKIPPED_SAMPLES: str(self.ledger.count)})
             for line in tracker.finish(status):
                 self._say(line, markup=False)  # paths and server errors may hold [brackets]
-        distributed.teardown()
+        # After a finished run every rank waits for the others before leaving the group (gloo
+        # aborts a process that leaves while another still talks); a failed one leaves at once.
+        distributed.teardown(wait=status == "FINISHED")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop_signal is not None:  # a second signal: stop now

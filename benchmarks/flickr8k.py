@@ -60,35 +60,39 @@ def main() -> int:
           f"contrastive loss {val.get('val/loss_contrastive', float('nan')):.3f}")
     print("  retrieval      R@1    R@5   R@10")
     for way, label in (("i2t", "image->text"), ("t2i", "text->image")):
-        ours = [val.get(f"val/{way}_r{k}", float("nan")) for k in (1, 5, 10)]
+        ours = [val.get(f"val/retrieval/{way}_r{k}", float("nan")) for k in (1, 5, 10)]
         peer = [OPEN_CLIP[f"{way}_r{k}"] for k in (1, 5, 10)]
         print(f"  {label:12s} {ours[0]:6.2f} {ours[1]:6.2f} {ours[2]:6.2f}   "
               f"(open_clip, reference.md: {peer[0]:.2f} / {peer[1]:.2f} / {peer[2]:.2f})")
 
     # Greedy captions of the first 300 val images against their 5 references (the reference
     # protocol), then zero-shot classification of Imagenette, with the final weights.
-    from vlframe import evaluation
+    from vlframe.evaluation.tasks import log_results, run_task, task_config
     from vlframe.inference.trained import load_trained
 
     trained = load_trained(result.checkpoint, precision=config.train.precision)
+    catalog = trained.registry.catalog
     began = time.time()
-    captions = evaluation.evaluate_captions(trained, evaluation.build_dataset(trained, str(DATA / "val.jsonl")),
-                                            limit=args.caption_images, out_dir=run_dir / "eval" / "caption")
+    caption_dir = run_dir / "eval" / "caption"
+    captions = run_task(trained, task_config(catalog, {"type": "caption", "data": str(DATA / "val.jsonl"),
+                                                       "limit": args.caption_images}, "benchmark"),
+                        out_dir=caption_dir)
     names = {"bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
     print(f"  captions, greedy, first {captions.info['images']} val images ({time.time() - began:.0f} s; "
-          f"table: {run_dir / 'eval' / 'caption' / 'captions.html'}):")
+          f"table: {caption_dir / 'captions.html'}):")
     print("   " + "   ".join(f"{label} {captions.metrics[key]:.2f}" for key, label in names.items()))
     print("   (open_clip, reference.md: " + "   ".join(f"{label} {OPEN_CLIP[key]:.2f}" for key, label in names.items())
           + ")")
+    results = [captions]
     if IMAGENETTE.is_dir():
-        zeroshot = evaluation.evaluate_zeroshot(trained, evaluation.build_dataset(trained, str(IMAGENETTE)))
+        zeroshot = run_task(trained, task_config(catalog, {"type": "zeroshot", "data": str(IMAGENETTE)}, "benchmark"))
         print(f"  zero-shot Imagenette ({zeroshot.info['images']} images, {zeroshot.info['classes']} classes, "
               f"{zeroshot.info['templates']} prompt templates): top-1 {zeroshot.metrics['top1']:.2f}   "
               f"top-5 {zeroshot.metrics['top5']:.2f}   (chance: 10.00 / 50.00)")
-        evaluation.log_result(trained, zeroshot)
+        results.append(zeroshot)
     else:
         print(f"  zero-shot skipped: no Imagenette at {IMAGENETTE}")
-    evaluation.log_result(trained, captions)
+    log_results(trained, results, run_dir / "eval" / "benchmark")
     return 0
 
 

@@ -20,6 +20,7 @@ from registry.config import (
 )
 from registry.errors import (
     BuildError,
+    ComponentError,
     ConfigError,
     DuplicateComponentError,
     PluginError,
@@ -45,6 +46,7 @@ from registry.specs import ComponentSpec
 __all__ = [
     "BuildError",
     "Capability",
+    "ComponentError",
     "Catalog",
     "ComponentConfig",
     "ComponentSpec",

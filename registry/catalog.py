@@ -33,6 +33,13 @@ def debugging() -> bool:
     return os.environ.get(ENV_DEBUG, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def one_line(exc: BaseException) -> str:
+    """``TypeError: message`` on one line, with the hint to ask for the traceback (unless asked)."""
+    first = " ".join(str(exc).split())[:300]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if debugging() else f"{text} ({DEBUG_HINT})"
+
+
 @dataclass(frozen=True)
 class Entry:
     """A spec together with the plugin (and distribution) that provided it."""
@@ -56,6 +63,17 @@ class Entry:
         return f"{self.kind.value}.{self.spec.name}"
 
 
+@dataclass(frozen=True)
+class Broken:
+    """What a plugin offered and could not: a malformed spec (``name`` given) or a whole hook that
+    failed (``name`` None). Only what it concerns is unavailable; asking for it says why."""
+
+    kind: Kind
+    name: str | None
+    plugin: str
+    message: str
+
+
 def parse_key(key: str) -> tuple[Kind, str]:
     """``"pooler.attentional"`` -> ``(Kind.POOLER, "attentional")``; a ValueError names the kinds."""
     kind, sep, name = key.partition(".")
@@ -74,10 +92,11 @@ class Catalog:
     """
 
     def __init__(self, entries: Iterable[Entry], *, override: Mapping[str, str] | None = None,
-                 explain_missing: Callable[[Kind, str], str] | None = None):
+                 explain_missing: Callable[[Kind, str], str] | None = None, broken: Iterable[Broken] = ()):
         self._by_kind: dict[Kind, dict[str, Entry]] = {kind: {} for kind in Kind}
         self._contested: dict[tuple[Kind, str], list[Entry]] = {}
         self._explain = explain_missing
+        self.broken: list[Broken] = list(broken)
         candidates: dict[tuple[Kind, str], list[Entry]] = {}
         for entry in entries:
             candidates.setdefault((entry.kind, entry.spec.name), []).append(entry)
@@ -124,6 +143,9 @@ class Catalog:
     def unknown_message(self, kind: Kind, name: str) -> str:
         """Why ``name`` is not available, with a suggestion and what is registered."""
         extra = self._explain(kind, name) if self._explain is not None else ""
+        failed = [b for b in self.broken if b.kind is kind and b.name is None]
+        if failed and not extra:
+            extra = "; ".join(f"plugin '{b.plugin}' provided no {kind.label}s: {b.message}" for b in failed)
         return (f"unknown {kind.label} '{name}'{did_you_mean(name, self.names(kind))}"
                 f"{'; ' + extra if extra else ''}; registered: {self.describe(kind)}")
 
@@ -140,6 +162,10 @@ class Catalog:
         except KeyError:
             if (kind, name) in self._contested:
                 raise DuplicateComponentError(self.contested_message(kind, name)) from None
+            for broken in self.broken:
+                if broken.kind is kind and broken.name == name:
+                    raise PluginError(f"{kind.label} '{name}' of plugin '{broken.plugin}' is unusable: "
+                                      f"{broken.message}") from None
             raise UnknownComponentError(self.unknown_message(kind, name)) from None
 
     def validate(self, model: type[M], data: Any) -> M:
@@ -173,8 +199,7 @@ class Catalog:
         except ValueError as exc:  # the factory's own word on the config
             raise BuildError(f"{where}: {exc}") from exc
         except Exception as exc:
-            first = " ".join(str(exc).split())[:300]
-            raise BuildError(f"{where}: the factory raised {type(exc).__name__}: {first} ({DEBUG_HINT})") from exc
+            raise BuildError(f"{where}: the factory raised {one_line(exc)}") from exc
         problems = conformance_problems(kind, built)
         if problems:
             raise BuildError(f"{where}: the built {kind.label} {'; '.join(problems)}")

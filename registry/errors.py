@@ -44,6 +44,10 @@ class BuildError(VlframeError):
     """A component factory refused the configuration it was given."""
 
 
+class ComponentError(VlframeError):
+    """A plugin's component failed while it ran (its traceback is the error's cause)."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One problem in a configuration: where it is (file and dotted path) and what is wrong."""

@@ -108,7 +108,7 @@ def vlframe_datasets() -> list[ComponentSpec]:
     """Return the image-text datasets this plugin provides.
 
     Factory: ``factory(config, split="train" | "val")``. Returns a
-    :class:`registry.protocols.MapDataset` or :class:`registry.protocols.IterableDataset`. A
+    :class:`registry.protocols.MapDataset`. A
     config subclassing :class:`~registry.config.DatasetConfig` may say which paths it reads
     (``from_path``), so that ``--data PATH`` finds it.
     """

@@ -19,7 +19,7 @@ import pluggy
 from pydantic import BaseModel
 
 from registry import hookspecs
-from registry.catalog import Catalog, Entry, parse_key
+from registry.catalog import Broken, Catalog, Entry, parse_key
 from registry.config import KIND_CONFIG_BASE
 from registry.errors import PluginError, PluginLoadError, did_you_mean
 from registry.kinds import Kind
@@ -67,6 +67,8 @@ class PluginInfo:
     module: str
     provides: tuple[str, ...] = field(default=())
     hooks: tuple[str, ...] = field(default=())
+    #: What it offered and could not (malformed specs, hooks that raised), one line each.
+    problems: tuple[str, ...] = field(default=())
 
 
 class Registry:
@@ -235,8 +237,10 @@ class Registry:
                 continue
             module = getattr(plugin, "__name__", type(plugin).__module__)
             hooks = tuple(sorted(c.name for c in self._pm.get_hookcallers(plugin) or []))
+            problems = tuple(f"{b.kind.value}{'.' + b.name if b.name else ''}: {b.message}"
+                             for b in catalog.broken if b.plugin == name)
             infos.append(PluginInfo(name, self._distributions.get(name), module,
-                                    tuple(sorted(provided.get(name, []))), hooks))
+                                    tuple(sorted(provided.get(name, []))), hooks, problems))
         return sorted(infos, key=lambda info: info.name)
 
     def blocked(self) -> dict[str, str]:
@@ -270,21 +274,25 @@ class Registry:
     def catalog(self) -> Catalog:
         """Every registered component, collected from the hooks on first use and then cached."""
         if self._catalog is None:
-            self._catalog = Catalog(self._collect(), override=self._override, explain_missing=self._explain)
+            entries, broken = self._collect()
+            self._catalog = Catalog(entries, override=self._override, explain_missing=self._explain, broken=broken)
         return self._catalog
 
     def validate(self, model: type[M], data: Any) -> M:
         """Validate ``data`` against ``model`` with component slots resolved by this registry."""
         return self.catalog.validate(model, data)
 
-    def _collect(self) -> list[Entry]:
-        entries = []
+    def _collect(self) -> tuple[list[Entry], list[Broken]]:
+        entries: list[Entry] = []
+        broken: list[Broken] = []
         for kind in Kind:
             caller = getattr(self._pm.hook, kind.hook)
             # Call each implementation ourselves so every spec is attributed to its plugin.
             for impl in caller.get_hookimpls():  # in registration order
-                entries += _specs_of(kind, impl.plugin_name, impl.function, self._distributions.get(impl.plugin_name))
-        return entries
+                found, bad = _specs_of(kind, impl.plugin_name, impl.function, self._distributions.get(impl.plugin_name))
+                entries += found
+                broken += bad
+        return entries, broken
 
     def _explain(self, kind: Kind, name: str) -> str:
         """Whether a plugin left out (blocked, or not enabled while autoloading is off) would provide
@@ -300,25 +308,28 @@ class Registry:
         return ""
 
 
-def _specs_of(kind: Kind, plugin: str, function: Any, distribution: str | None) -> list[Entry]:
-    where = f"plugin '{plugin}', hook {kind.hook}"
+def _specs_of(kind: Kind, plugin: str, function: Any, distribution: str | None) -> tuple[list[Entry], list[Broken]]:
+    """The sound specs a hook returned, and what was wrong with the rest (every problem of each)."""
+    hook = f"hook {kind.hook}"
     try:
         specs = function()
     except Exception as exc:
-        raise PluginError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+        return [], [Broken(kind, None, plugin, f"{hook} raised {type(exc).__name__}: {exc}")]
     if specs is None:
-        return []
+        return [], []
     if not isinstance(specs, (list, tuple)):
-        raise PluginError(f"{where} must return a list of ComponentSpec, got {type(specs).__name__}")
-    entries = []
+        return [], [Broken(kind, None, plugin, f"{hook} must return a list of ComponentSpec, got {type(specs).__name__}")]
+    entries, broken = [], []
     for spec in specs:
         if not isinstance(spec, ComponentSpec):
-            raise PluginError(f"{where} returned {spec!r}, not a ComponentSpec")
+            broken.append(Broken(kind, None, plugin, f"{hook} returned {spec!r}, not a ComponentSpec"))
+            continue
         problems = spec.problems(KIND_CONFIG_BASE[kind])
         if problems:
-            raise PluginError(f"{where}, {kind.label} {spec.name!r}: {'; '.join(problems)}")
+            broken.append(Broken(kind, str(spec.name), plugin, f"{hook}: {'; '.join(problems)}"))
+            continue
         entries.append(Entry(kind, spec, plugin, distribution))
-    return entries
+    return entries, broken
 
 
 def _provides(ep: metadata.EntryPoint | None, kind: Kind, name: str) -> bool:

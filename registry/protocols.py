@@ -135,7 +135,8 @@ class MultimodalDecoder(Protocol):
 
 @runtime_checkable
 class Objective(Protocol):
-    """``(outputs: dict) -> scalar loss``, unweighted, reading the outputs its config ``requires``.
+    """An ``nn.Module``: ``(outputs: dict) -> scalar loss``, unweighted, reading the outputs its
+    config ``requires`` (:data:`OUTPUTS`); its parameters (a learned temperature) train with the model.
 
     Optional: ``metrics() -> dict[str, float]``, values to log during training (a temperature,
     a bias): the trainer logs them as ``train/<objective name>/<metric>``.
@@ -290,8 +291,7 @@ class Tokenizer(Protocol):
 
 @runtime_checkable
 class Dataset(Protocol):
-    """Image-text samples. Either map-style (:class:`MapDataset`) or iterable
-    (:class:`IterableDataset`); both offer these two members.
+    """Image-text samples, map-style (:class:`MapDataset`: what the trainer and the tasks read).
 
     ``captions()`` yields every caption of the split without decoding an image (to train a
     tokenizer); ``describe()`` is one line saying what was loaded.
@@ -304,29 +304,14 @@ class Dataset(Protocol):
 
 @runtime_checkable
 class MapDataset(Dataset, Protocol):
-    """``__getitem__(i) -> vlframe.sdk.Sample``, raising ``vlframe.sdk.SampleError`` for a missing
-    or corrupt image or empty captions (the loader skips and counts it). Optional: ``skipped``,
-    the ``SampleError`` list of entries set aside while building, and ``classes``, class names
-    of a labelled set (``Sample.meta["label"]`` indexes them)."""
+    """``__len__`` and ``__getitem__(i) -> vlframe.sdk.Sample``, raising ``vlframe.sdk.SampleError``
+    for a missing or corrupt image or empty captions (the loader skips and counts it). Optional:
+    ``skipped``, the ``SampleError`` list of entries set aside while building, and ``classes``,
+    class names of a labelled set (``Sample.meta["label"]`` indexes them)."""
 
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Any: ...
-
-
-@runtime_checkable
-class IterableDataset(Dataset, Protocol):
-    """``__iter__`` yields ``Sample`` or ``SampleError`` values; ``length`` is the nominal number of
-    samples per epoch; ``set_epoch(epoch)`` reshuffles and ``shard(rank, world_size)`` keeps one
-    rank's part."""
-
-    length: int
-
-    def __iter__(self) -> Iterator[Any]: ...
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def shard(self, rank: int, world_size: int) -> None: ...
 
 
 @runtime_checkable
@@ -375,7 +360,7 @@ KIND_PROTOCOLS: Mapping[Kind, type] = {
     Kind.HEAD: Head,
     Kind.MODEL: Model,
     Kind.TOKENIZER: Tokenizer,
-    Kind.DATASET: Dataset,
+    Kind.DATASET: MapDataset,
     Kind.IMPORTER: Importer,
     Kind.TASK: Task,
 }
@@ -433,25 +418,23 @@ def missing_members(obj: Any, protocol: type) -> list[str]:
     return missing
 
 
-def dataset_missing_members(obj: Any) -> list[str]:
-    """What a dataset lacks: the shared members, then those of the style closest to it."""
-    shared = missing_members(obj, Dataset)
-    map_style, iterable = missing_members(obj, MapDataset), missing_members(obj, IterableDataset)
-    if not map_style or not iterable:
-        return []
-    style = map_style if len(map_style) <= len(iterable) else iterable
-    return sorted(set(style) | set(shared))
+#: Kinds whose components become submodules of a model, so must be ``torch.nn.Module`` objects.
+MODULE_KINDS = frozenset({Kind.IMAGE_ENCODER, Kind.TEXT_DECODER, Kind.POOLER, Kind.MULTIMODAL_DECODER,
+                          Kind.OBJECTIVE, Kind.HEAD, Kind.MODEL})
+
+
+def _is_module(obj: Any) -> bool:
+    # By name, not isinstance: this package does not import torch.
+    return any(c.__name__ == "Module" and c.__module__ == "torch.nn.modules.module" for c in type(obj).__mro__)
 
 
 def conformance_problems(kind: Kind, obj: Any) -> list[str]:
     """Lines saying what ``obj`` lacks to be a ``kind`` (and, for models, to have each capability
     it declares): ``"lacks out_dim (registry.protocols.Pooler)"``."""
-    if kind is Kind.DATASET:
-        missing = dataset_missing_members(obj)
-        where = "registry.protocols.MapDataset or IterableDataset"
-        return [f"lacks {', '.join(missing)} ({where})"] if missing else []
     protocol = KIND_PROTOCOLS[kind]
     problems = []
+    if kind in MODULE_KINDS and not _is_module(obj):
+        problems.append(f"is a {type(obj).__name__}, not a torch.nn.Module (it becomes part of a model)")
     missing = missing_members(obj, protocol)
     if missing:
         problems.append(f"lacks {', '.join(missing)} (registry.protocols.{protocol.__name__})")
@@ -481,8 +464,8 @@ __all__ = [
     "ImageEncoder",
     "ImageTokensModel",
     "Importer",
-    "IterableDataset",
     "KIND_PROTOCOLS",
+    "MODULE_KINDS",
     "MapDataset",
     "Model",
     "ModelOutputLike",

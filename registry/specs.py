@@ -51,4 +51,6 @@ class ComponentSpec(Generic[C]):
             found.append("summary must be one non-empty line")
         if self.example is not None and not isinstance(self.example, Mapping):
             found.append("example must be a mapping (a config block)")
+        elif self.example is not None and self.example.get("type", self.name) != self.name:
+            found.append(f"example's type {self.example.get('type')!r} is not this component's name {self.name!r}")
         return found

@@ -37,8 +37,10 @@ def _no_stray_artifacts() -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests start from default plugin loading, whatever the caller's environment says."""
-    for name in ("VLFRAME_DISABLE_PLUGIN_AUTOLOAD", "VLFRAME_BLOCK_PLUGINS", "VLFRAME_PLUGINS"):
+    """Tests start from default plugin loading and the default MLflow store, whatever the caller's
+    environment says (VLFRAME_PRECISION alone is honoured)."""
+    for name in ("VLFRAME_DISABLE_PLUGIN_AUTOLOAD", "VLFRAME_BLOCK_PLUGINS", "VLFRAME_PLUGINS", "VLFRAME_OVERRIDE",
+                 "VLFRAME_DEBUG", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -57,7 +59,7 @@ PASSED_ON = ("VLFRAME_PRECISION",)
 def clean_env(*drop: str) -> dict[str, str]:
     """This process's environment without vlframe's plugin settings (and without ``drop`` prefixes)."""
     return {k: v for k, v in os.environ.items()
-            if not (k.startswith(("VLFRAME_", *drop)) and k not in PASSED_ON)}
+            if not (k.startswith(("VLFRAME_", "MLFLOW_TRACKING_URI", *drop)) and k not in PASSED_ON)}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 1800) -> CliResult:

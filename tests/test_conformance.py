@@ -108,12 +108,47 @@ class IdleParameter(nn.Module):
         return self.proj(tokens[:, :1])
 
 
+class ForgetsTheCache(nn.Module):
+    """A text decoder that takes a KVCache and ignores it: positions restart at every call."""
+
+    def __init__(self, cfg: _Cfg, *, vocab_size: int, context_length: int, with_embedding: bool) -> None:
+        super().__init__()
+        from vlframe.sdk import Block
+
+        self.width = cfg.width
+        self.token_embedding = nn.Embedding(vocab_size, cfg.width)
+        self.pos = nn.Parameter(torch.randn(context_length, cfg.width))
+        self.block = Block(cfg.width, 2, 2 * cfg.width, causal=True)
+        self.out = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, tokens: Tensor, mask: Tensor | None, *, embed: bool = True, cache=None):
+        x = self.block(self.token_embedding(tokens) + self.pos[: tokens.shape[1]], mask)  # cache ignored
+        return x, (self.out(x[:, 0]) if embed else None)
+
+
+def _loss_of(outputs):  # an objective that is a plain function, not a module
+    return outputs["text_embeds"].sum()
+
+
 class _Broken:
     @hookimpl
     def vlframe_poolers(self) -> list[ComponentSpec]:
         return [ComponentSpec("no_out_dim", _Cfg, NoOutDim, "Forgets out_dim."),
                 ComponentSpec("wrong_shape", _Cfg, WrongShape, "Says one width, returns another."),
                 ComponentSpec("idle_parameter", _Cfg, IdleParameter, "Has a parameter that gets no gradient.")]
+
+    @hookimpl
+    def vlframe_text_decoders(self) -> list[ComponentSpec]:
+        return [ComponentSpec("forgets_cache", _Cfg, ForgetsTheCache, "Ignores the KVCache it is given.")]
+
+    @hookimpl
+    def vlframe_objectives(self) -> list[ComponentSpec]:
+        from registry import ObjectiveConfig
+
+        class FnCfg(ObjectiveConfig):
+            requires = frozenset({"text_embeds"})
+
+        return [ComponentSpec("plain_function", FnCfg, lambda cfg: _loss_of, "A function, not a module.")]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +159,7 @@ def broken() -> Registry:
 def test_the_protocols_list_their_members() -> None:
     assert protocol_members(Pooler) == ["__call__", "out_dim"]
     assert conformance_problems(Kind.POOLER, object()) == [
+        "is a object, not a torch.nn.Module (it becomes part of a model)",
         "lacks __call__, out_dim (registry.protocols.Pooler)"]
 
 
@@ -138,6 +174,21 @@ def test_a_non_conforming_component_fails_naming_the_member(broken: Registry) ->
     assert problem == "backward: parameter forgotten got no gradient"
     with pytest.raises(AssertionError, match="parameter forgotten got no gradient"):
         testing.assert_conforms(testing.Case(Kind.POOLER, "idle_parameter", "_Broken"), broken)
+    problems = testing.check(broken, testing.Case(Kind.TEXT_DECODER, "forgets_cache", "_Broken"))
+    assert [p.split(" (max")[0] for p in problems] == ["text decoder: states with a KVCache differ from without"]
+    (problem,) = testing.check(broken, testing.Case(Kind.OBJECTIVE, "plain_function", "_Broken"))
+    assert "the built objective is a function, not a torch.nn.Module" in problem
+
+
+def test_contested_names_are_cases_that_say_how_to_choose(broken: Registry) -> None:
+    from test_registry import _DuplicatePooler
+
+    reg = Registry.discover(plugins=[_DuplicatePooler()])
+    cases = [c for c in testing.select(reg, ["attentional"])]
+    assert {c.plugin for c in cases} == {"poolers", "_DuplicatePooler"}
+    for case in cases:
+        (problem,) = testing.check(reg, case)
+        assert "is registered twice" in problem and "plugins.override: {pooler.attentional: PLUGIN}" in problem
 
 
 def test_building_a_model_with_a_non_conforming_part_is_a_one_line_error(broken: Registry) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli, run_main
-from registry import Kind, Registry
+from registry import ComponentSpec, Kind, Registry, hookimpl
 from training_configs import TINY, micro, sets
 from vlframe.config import files as configfile
 
@@ -231,3 +231,86 @@ def test_every_command_finds_the_store_by_one_rule(tmp_path: Path) -> None:
     assert f"at {uri}" in result.err  # $MLFLOW_TRACKING_URI, not the embedded store of train.output_dir
     assert json.loads((tmp_path / "run" / "tracking" / "run.json").read_text())["uri"] == uri
     assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+class _Misbehaving:
+    """A task that raises, a task with a non-number metric, and objectives that misbehave while
+    they run (their factories are fine, so only running them shows it)."""
+
+    @hookimpl
+    def vlframe_tasks(self):
+        from registry import TaskConfig
+
+        class Crash:
+            def __init__(self, cfg):
+                pass
+
+            def run(self, context):
+                raise RuntimeError("task exploded")
+
+        class Words:
+            def __init__(self, cfg):
+                pass
+
+            def run(self, context):
+                from vlframe.sdk import EvalResult
+
+                return EvalResult("words", {"acc": "high"})
+
+        class Cfg(TaskConfig):
+            pass
+
+        return [ComponentSpec("crash", Cfg, Crash, "Raises."), ComponentSpec("words", Cfg, Words, "Says words.")]
+
+    @hookimpl
+    def vlframe_objectives(self):
+        from registry import ObjectiveConfig
+
+        class Cfg(ObjectiveConfig):
+            requires = frozenset({"text_embeds"})
+
+        class Vector(torch.nn.Module):
+            def __init__(self, cfg):
+                super().__init__()
+
+            def forward(self, outputs):
+                return outputs["text_embeds"].sum(dim=-1)  # not reduced to a scalar
+
+        class BadMetrics(Vector):
+            def forward(self, outputs):
+                return outputs["text_embeds"].sum()
+
+            def metrics(self):
+                raise KeyError("scale")
+
+        return [ComponentSpec("vector", Cfg, Vector, "Returns a vector."),
+                ComponentSpec("bad_metrics", Cfg, BadMetrics, "Its metrics() raises.")]
+
+
+def test_plugin_code_failing_while_it_runs_is_one_line_naming_it(tmp_path: Path) -> None:
+    from registry import ComponentError
+    from vlframe import build_model
+    from vlframe.evaluation.tasks import run_task, task_config
+    from vlframe.inference.trained import load_trained
+    from vlframe.training.trainer import Trainer
+
+    registry = Registry.discover(plugins=[_Misbehaving()])
+    config, _ = configfile.load(TINY, micro(tmp_path, **{"train.steps": 2}), registry)
+    result = Trainer(config, registry, run_dir=tmp_path / "run").fit()
+    trained = load_trained(result.checkpoint, registry=registry)
+    with pytest.raises(ComponentError) as err:
+        run_task(trained, task_config(registry.catalog, {"type": "crash"}, "test"))
+    assert str(err.value) == ("task crash (crash [_Misbehaving]) failed: RuntimeError: task exploded (run with --debug "
+                              "(or VLFRAME_DEBUG=1) for the traceback)")
+    with pytest.raises(ComponentError, match=r"task words \(words \[_Misbehaving\]\) returned metrics that are not "
+                                             r"numbers: acc"):
+        run_task(trained, task_config(registry.catalog, {"type": "words"}, "test"))
+
+    model = build_model(TINY, micro(tmp_path, **{"model.objectives.v": {"type": "vector"}}), registry=registry)
+    images, text = torch.randn(2, 3, 64, 64), torch.randint(3, 500, (2, 6))
+    with pytest.raises(ComponentError, match=r"model.objectives.v \(Vector\) returned \(2,\), not a scalar loss"):
+        model(images, text)
+    bad = micro(tmp_path, **{"model.objectives.m": {"type": "bad_metrics"}, "train.steps": 1})
+    config, _ = configfile.load(TINY, bad, registry)
+    with pytest.raises(ComponentError, match=r"model.objectives.m \(BadMetrics\): metrics\(\) failed: KeyError: 'scale'"):
+        Trainer(config, registry, run_dir=tmp_path / "bad").fit()

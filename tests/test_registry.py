@@ -111,17 +111,33 @@ def test_misspelled_hook_is_caught_with_a_suggestion() -> None:
 class _BadSpecs:
     @hookimpl
     def vlframe_heads(self) -> list:
-        return [ComponentSpec("Bad Name", dict, 42, "two\nlines")]
+        return [ComponentSpec("Bad Name", dict, 42, "two\nlines"),
+                ComponentSpec("other", _Cfg, lambda cfg, **kw: None, "Its example names another.",
+                              example={"type": "linear"})]
+
+    @hookimpl
+    def vlframe_poolers(self) -> list:
+        raise RuntimeError("no poolers today")
 
 
-def test_malformed_spec_is_reported_with_its_plugin() -> None:
+def test_malformed_specs_are_unusable_alone_and_say_every_problem() -> None:
     reg = Registry.discover(plugins=[_BadSpecs()])
+    catalog = reg.catalog  # the rest of the catalog still works
+    assert catalog.get(Kind.HEAD, "linear").plugin == "heads"
     with pytest.raises(PluginError) as err:
-        reg.catalog
+        catalog.get(Kind.HEAD, "Bad Name")
     message = str(err.value)
-    assert "hook vlframe_heads" in message and "_BadSpecs" in message
+    assert message.startswith("head 'Bad Name' of plugin '_BadSpecs' is unusable: hook vlframe_heads: ")
     assert "lower-case" in message and "subclass of registry.config.ComponentConfig" in message
     assert "factory is not callable" in message and "one non-empty line" in message
+    with pytest.raises(PluginError, match="example's type 'linear' is not this component's name 'other'"):
+        catalog.get(Kind.HEAD, "other")
+    with pytest.raises(UnknownComponentError) as err:
+        catalog.get(Kind.POOLER, "max")
+    assert "plugin '_BadSpecs' provided no poolers: hook vlframe_poolers raised RuntimeError: no poolers today" \
+        in str(err.value)
+    (info,) = [i for i in reg.plugins() if i.name == "_BadSpecs"]
+    assert len(info.problems) == 3 and info.provides == ()
 
 
 def _write_distribution(site: Path, dist: str, module: str, body: str, ep_name: str) -> None:

@@ -114,3 +114,39 @@ def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path
     assert (out / "comparison.png").stat().st_size > 1000 and "**" in (out / "comparison.md").read_text()
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "comparison")}
     assert logged == {"comparison.csv", "comparison.md", "comparison.png"}
+
+    # The evaluation changes (a task's settings): the finished variants are evaluated again, not retrained.
+    data = yaml.safe_load(sweep_file.read_text())
+    data["evaluation"]["tasks"]["retrieval"]["limit"] = 16
+    sweep_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    third = run_main("sweep", str(sweep_file), "--only", "coca", "contrastive_only")
+    assert third.code == 0, third.out[-3000:] + third.err[-2000:]
+    assert "[coca] trained before; its evaluation changed: evaluating again" in third.out
+    assert "training:" not in third.out and "0 skipped" in third.out
+    coca_again = client.get_run(coca.info.run_id)
+    assert coca_again.data.tags["vlframe.eval_hash"] != coca.data.tags["vlframe.eval_hash"]
+    assert len(client.get_metric_history(coca.info.run_id, "train/loss")) == 4  # one training
+
+
+def test_a_sweep_moved_to_another_store_opens_a_parent_there(tmp_path: Path) -> None:
+    sweep_file = _sweep_file(tmp_path)
+    first = run_main("sweep", str(sweep_file), "--only", "contrastive_only")
+    assert first.code == 0, first.err[-2000:]
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    moved = run_main("sweep", str(sweep_file), "--only", "contrastive_only", "--set", f"tracking.uri={other}")
+    assert moved.code == 0, moved.out[-2000:] + moved.err[-2000:]
+    assert f"at {other}" in moved.out and "1 finished, 0 skipped" in moved.out
+    parents = MlflowClient(tracking_uri=other).search_runs(
+        [MlflowClient(tracking_uri=other).get_experiment_by_name("vlframe").experiment_id],
+        "tags.`vlframe.sweep_parent` = 'true'")
+    assert len(parents) == 1
+
+
+def test_sweep_input_errors_touch_nothing(tmp_path: Path) -> None:
+    sweep_file = _sweep_file(tmp_path)
+    result = run_main("sweep", str(sweep_file), "--set", "garbage")
+    assert result.code == 2 and result.err.strip() == "error: --set: expected KEY=VALUE, got 'garbage'"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweeps").exists()
+    listed = run_main("sweep", str(sweep_file), "--list", "--set", "model.embed_dim=-1")
+    assert listed.code == 2 and "model.embed_dim" in listed.out
+    assert run_main("sweep", str(sweep_file), "--steps", "0", "--list").code == 2

@@ -261,3 +261,22 @@ def test_system_metrics() -> None:
     metrics = system_metrics()
     assert set(metrics) == {"system/cpu_percent", "system/memory_rss_gb", "system/memory_used_percent"}
     assert all(isinstance(v, float) for v in metrics.values()) and metrics["system/memory_rss_gb"] > 0
+
+
+def test_a_folder_tracked_in_one_store_starts_over_in_another(tmp_path: Path) -> None:
+    first, second = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    run_dir = tmp_path / "run"
+    tracker = _tracker(run_dir, first, flush_every_s=0.01)
+    old_id = tracker.start(run_name="moving", params={"p": "1"})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.finish()
+    # The run resumes (its checkpoint names the old run id), but the store is another one now.
+    moved = _tracker(run_dir, second, flush_every_s=0.01)
+    new_id = moved.start(run_name="moving", params={"p": "1"}, run_id=old_id)
+    moved.log_metrics({"loss": 0.5}, step=2)
+    moved.finish()
+    assert new_id is not None and new_id != old_id
+    client = MlflowClient(tracking_uri=second)
+    assert _history(client, new_id, "loss") == [(1, 1.0), (2, 0.5)]  # the whole journal, replayed there
+    assert client.get_run(new_id).data.params == {"p": "1"}
+    assert json.loads((run_dir / "tracking" / "run.json").read_text())["uri"] == second

@@ -193,3 +193,41 @@ def test_loading_what_fits_counts_tied_weights_as_loaded(tmp_path: Path) -> None
     fresh, unused = checkpoint.load_fitting(tmp_path, target)
     assert fresh == ["extra.weight"] and unused == ["extra.weight"]  # resized: kept fresh, the saved one unused
     assert torch.equal(target.head.weight, source.embed.weight)
+
+
+def test_a_failed_resume_changes_nothing_in_the_folder_it_names(tmp_path: Path) -> None:
+    from conftest import run_main
+    from training_configs import sets
+
+    overrides = micro(tmp_path, **{"train.steps": 3, "train.checkpoint_every": None})
+    assert run_main("train", str(TINY), "--run-dir", str(tmp_path / "run"), *sets(overrides)).code == 0
+    # A folder that is a checkpoint but not a training one (a conversion has no optimiser state).
+    conv = tmp_path / "conv"
+    (tmp_path / "run" / "checkpoints" / "step_000003").rename(conv)
+    state = torch.load(conv / checkpoint.STATE, weights_only=False)
+    torch.save({"step": 0, "converted_from": {"importer": "x"}, "config_hash": state["config_hash"]},
+               conv / checkpoint.STATE)
+    before = {p.name: p.read_bytes() for p in conv.iterdir()}
+    result = run_main("train", str(TINY), "--resume", str(conv), *sets(overrides))
+    assert result.code == 2 and "not a training checkpoint" in result.err
+    assert {p.name: p.read_bytes() for p in conv.iterdir()} == before
+    # Nor does a config the checkpoint does not fit; and the error is one line.
+    result = run_main("train", str(TINY), "--resume", str(conv), *sets({**overrides, "model.embed_dim": 48}))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1 and "size mismatch" in result.err
+    assert {p.name: p.read_bytes() for p in conv.iterdir()} == before
+
+
+def test_a_failure_during_set_up_ends_the_tracked_run_as_failed(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from conftest import run_main
+    from training_configs import sets
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Fewer training samples than one batch: the loader refuses, after the run was opened.
+    overrides = micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": uri, "data.train.size": 8})
+    result = run_main("train", str(TINY), "--run-dir", str(tmp_path / "run"), *sets(overrides))
+    assert result.code == 2 and "fewer than one batch" in result.err
+    runs = MlflowClient(tracking_uri=uri).search_runs([MlflowClient(tracking_uri=uri).get_experiment_by_name(
+        "vlframe").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]

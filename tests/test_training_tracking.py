@@ -50,10 +50,11 @@ def test_a_run_lands_in_the_embedded_store(tmp_path: Path, registry: Registry) -
     fingerprint = reg.fingerprint(configfile.used_plugins(config, reg.catalog))
     assert run.data.tags["vlframe.config_hash"] == configfile.config_hash(config, fingerprint)
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
-    # The plugins the config's components come from, with their distribution, version and source digest.
+    # The plugins the config's components come from, and of the tasks its validation ran, with their
+    # distribution, version and source digest.
     plugins = json.loads(run.data.tags["vlframe.plugins"])
     assert set(plugins) == {"encoders.vit", "decoders.text", "decoders.multimodal", "poolers", "objectives", "heads",
-                            "models.coca", "tokenizers.sentencepiece", "datasets.synthetic"}
+                            "models.coca", "tokenizers.sentencepiece", "datasets.synthetic", "tasks.retrieval"}
     assert all(value.startswith("vlframe 0.1.0, source sha256:") for value in plugins.values())
     losses = _history(client, result.run_id, "train/loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -121,3 +122,26 @@ def test_torchrun_two_ranks_train_with_one_tracked_run(tmp_path: Path) -> None:
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1  # rank 0 alone tracks
     assert sorted(_history(client, runs[0].info.run_id, "train/loss")) == [1, 2, 3, 4]
+
+
+def test_evaluating_a_run_trained_offline_files_everything_under_one_run(tmp_path: Path) -> None:
+    from conftest import run_main
+    from mlflow_server import _free_port
+    from training_configs import sets
+
+    offline = f"http://127.0.0.1:{_free_port()}"  # nothing listens: the whole run is journaled only
+    overrides = micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": offline, "tracking.timeout_s": 1,
+                                   "train.steps": 3})
+    run = tmp_path / "run"
+    assert run_main("train", str(TINY), "--run-dir", str(run), *sets(overrides)).code == 0
+    evaluated = run_main("eval", str(run), "--task", "retrieval", "--data", "synthetic", "--limit", "8",
+                         "--out", str(tmp_path / "eval"))
+    assert evaluated.code == 0 and f"vlframe tracking sync {tmp_path / 'eval'}" in evaluated.out
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    for folder in (tmp_path / "eval", run):  # in either order, both land in one run
+        assert run_main("tracking", "sync", str(folder), "--uri", store).code == 0
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("vlframe").experiment_id])
+    assert len(runs) == 1
+    assert {"train/loss", "eval/retrieval/i2t_r1"} <= set(runs[0].data.metrics)
+    assert runs[0].info.status == "FINISHED" and runs[0].info.run_name == "run"

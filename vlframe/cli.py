@@ -21,10 +21,10 @@ from registry import ENV_DEBUG, ConfigError, Kind, Problem, Registry, VlframeErr
 EXIT_USAGE = 2
 
 
-def _add_set(parser: argparse.ArgumentParser, what: str = "config") -> None:
+def _add_set(parser: argparse.ArgumentParser, what: str = "config value", example: str = "train.lr=1e-3") -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=f"override a {what} value, e.g. --set train.lr=1e-3 (repeatable)",
+        help=f"override a {what}, e.g. --set {example} (repeatable; the value is read as YAML)",
     )
 
 
@@ -61,17 +61,51 @@ def _generation_config(args: argparse.Namespace):
 
     from vlframe.inference.generation import GenerationConfig
 
+    from vlframe.config.files import problems_from
+
     given = {n: getattr(args, n) for n in GENERATION_FLAGS if getattr(args, n, None) is not None}
     try:
         return GenerationConfig(**given)
-    except ValidationError as exc:
-        raise ConfigError([Problem("--" + ".".join(map(str, e["loc"])).replace("_", "-") if e["loc"] else "generation",
-                                   e["msg"]) for e in exc.errors()]) from None
+    except ValidationError as exc:  # each problem under the flag that caused it
+        raise ConfigError([Problem("--" + p.path.replace("_", "-") if p.path else "generation", p.message)
+                           for p in problems_from(exc, GenerationConfig, given, None, None)]) from None
 
 
-#: `vlframe eval` flags that set the task's field of the same name (when the task has one).
-TASK_FLAGS = ("data", "train_data", "limit", "batch_size", "templates", "head", "finetune", "steps", "lr",
-              *GENERATION_FLAGS)
+#: `vlframe eval` flags declared for --help; any other `--name VALUE` (or bare `--name`: true) is
+#: passed on the same way, to the task's setting of that name (dashes read as underscores).
+TASK_FLAGS = ("data", "train_data", "limit", "batch_size", "steps", "lr", *GENERATION_FLAGS)
+
+
+def task_settings(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, object]:
+    """The task settings given as flags: the declared ones, and every other ``--name [VALUE]``."""
+    import yaml
+
+    settings: dict[str, object] = {flag: getattr(args, flag) for flag in TASK_FLAGS
+                                   if getattr(args, flag, None) is not None}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or len(token) < 3:
+            raise ConfigError([Problem(token, "unexpected argument (task settings are --name VALUE)")])
+        name, _, inline = token[2:].partition("=")
+        if inline:
+            value, i = inline, i + 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            value, i = extra[i + 1], i + 2
+        else:
+            value, i = "true", i + 1
+        try:
+            settings[name.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            settings[name.replace("-", "_")] = value
+    return settings
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_data_match_pairs)
 
-    p = sub.add_parser("eval", help="evaluate a trained model with a task; metrics go to its MLflow run")
+    p = sub.add_parser("eval", help="evaluate a trained model with a task; metrics go to its MLflow run",
+                       allow_abbrev=False)  # an unknown --name is a task setting, never an abbreviation
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint folder or MLflow run id")
     p.add_argument("--task", required=True, metavar="TASK",
                    help="a registered task: caption, retrieval, zeroshot, probe, understanding, or a plugin's")
@@ -159,12 +194,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only N images: the first N, or for labelled (ImageFolder) data N "
                                             "evenly spaced ones, so that every class is in")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--templates", help="zeroshot: a file of prompt templates, one per line, with {}")
-    p.add_argument("--head", help="probe: the classifier head (the probe task's `head` setting)")
-    p.add_argument("--finetune", action="store_true", default=None, help="probe: train the image encoder too")
     p.add_argument("--steps", type=int, help="probe/understanding: training steps (default 300)")
     p.add_argument("--lr", type=float, help="probe/understanding: learning rate of the head")
-    _add_set(p, "task setting (any field of the task's config)")
+    _add_set(p, "task setting", "limit=64")
+    p.epilog = ("Any other --NAME VALUE (or a bare --NAME, meaning true) sets the task's setting NAME, e.g. "
+                "--head attentional --finetune (probe), --templates FILE (zeroshot), --metrics '[cider, bleu4]' "
+                "(caption); vlframe config schema lists every task's settings.")
     p.add_argument("--out", type=Path, help="folder for the results (default: RUN/eval/TASK-CHECKPOINT-TIME)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     _add_runtime(p)
@@ -193,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train and evaluate a sweep's variants, each an MLflow child run")
     p.add_argument("file", type=Path, metavar="SWEEP.yaml")
-    p.add_argument("--steps", type=int, help="train every variant for this many steps (quick trials)")
+    p.add_argument("--steps", type=_positive, help="train every variant for this many steps (quick trials)")
     p.add_argument("--only", nargs="+", default=[], metavar="VARIANT", help="run only these variants")
     p.add_argument("--list", action="store_true", help="list the variants and their overrides; train nothing")
     _add_set(p)
@@ -295,6 +330,8 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
                 provides = f"nothing: its hooks ({', '.join(info.hooks)}) return no component"
             else:
                 provides = "nothing: it implements no vlframe hook (is @hookimpl missing?)"
+            if info.problems:
+                provides += f"; could not provide: {' | '.join(info.problems)}"
             rows.append((info.name, info.distribution or "-", info.module, provides))
         for name, reason in sorted(registry.blocked().items()):
             rows.append((name, "-", "-", f"blocked by {reason}"))
@@ -309,6 +346,9 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
         if kind is None or k is kind:
             rows.append((k.value, name, " & ".join(e.plugin for e in entries), "-",
                          f"contested: choose with plugins.override: {{{k.value}.{name}: PLUGIN}}"))
+    for broken in registry.catalog.broken:
+        if kind is None or broken.kind is kind:
+            rows.append((broken.kind.value, broken.name or "-", broken.plugin, "-", f"unusable: {broken.message}"))
     _table(rows)
     return 0
 
@@ -366,7 +406,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = RunDir.of(args.resume).path  # continue in the folder it came from
     run_dir = run_dir or default_run_dir(args.file, config.train.output_dir)
     result = Trainer(config, registry, run_dir=run_dir, resume=args.resume).fit()
-    if result.checkpoint is not None:
+    if result.checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps; final checkpoint: {result.checkpoint}")
     return 0
 
@@ -425,11 +465,16 @@ def _load(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlframe.evaluation.report import save_result
-    from vlframe.evaluation.tasks import default_out_dir, log_results, run_task, settings_block
+    from vlframe.evaluation.tasks import default_out_dir, log_results, require, run_task, settings_block
 
     trained = _load(args)
-    settings = {flag: getattr(args, flag) for flag in TASK_FLAGS if getattr(args, flag, None) is not None}
-    task = settings_block(trained.registry.catalog, args.task, settings, args.overrides)
+    catalog = trained.registry.catalog
+    try:
+        wanted = catalog.get(Kind.TASK, args.task).spec.config
+    except VlframeError as exc:
+        raise ConfigError([Problem("--task", str(exc))]) from None
+    require(trained.model, wanted.requires, f"task '{args.task}'")  # before its settings are checked
+    task = settings_block(catalog, args.task, task_settings(args, args.extra), args.overrides)
     out = args.out or default_out_dir(trained, args.task)
     result = run_task(trained, task, out_dir=out)
     save_result(result, out)
@@ -468,7 +513,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = convert_checkpoint(args.importer, args.model, args.checkpoint, args.out, overrides=args.overrides)
     print(f"wrote {out} ({args.importer} {args.model} from {args.checkpoint})")
-    print(f"caption: vlframe caption {out} IMAGE ...   evaluate: vlframe eval {out} --task zeroshot --data FOLDER")
+    print(f"caption: vlframe caption {out} IMAGE ...   evaluate: vlframe eval {out} --task TASK --data DATA")
     print(f"fine-tune: vlframe train CONFIG.yaml --set train.init_from={out}  (start from {out / checkpoint.CONFIG})")
     return 0
 
@@ -518,7 +563,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for v in variants:
             state = f"error: {v.error}" if v.error else f"config {v.hash}"
             print(f"{v.name}: {json.dumps(v.overrides)} ({state})")
-        return 0
+        return EXIT_USAGE if any(v.error for v in variants) else 0
     parent, outcomes = sweeps.run_sweep(args.file, cli_sets=args.overrides, steps=args.steps, only=args.only)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
     print(f"sweep done: {counts['finished']} finished, {counts['skipped']} skipped, {counts['failed']} failed "
@@ -556,7 +601,11 @@ def _report(exc: BaseException) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "eval":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if args.debug:
         os.environ[ENV_DEBUG] = "1"  # also for the processes this one starts (sweep variants)
     try:

@@ -60,26 +60,32 @@ def cases(registry: Registry | None = None, *, plugins: Iterable[str] | None = N
     registry = registry or Registry.discover()
     wanted_plugins = set(plugins) if plugins is not None else None
     wanted_kinds = set(kinds) if kinds is not None else None
+    catalog = registry.catalog
+    offered = [Case(e.kind, e.spec.name, e.plugin, e.distribution) for e in catalog.entries()]
+    # Contested names and unusable specs are cases too: checking them reports why they cannot be used.
+    offered += [Case(e.kind, e.spec.name, e.plugin, e.distribution) for es in catalog.contested().values() for e in es]
+    dists = {info.name: info.distribution for info in registry.plugins()}
+    offered += [Case(b.kind, b.name, b.plugin, dists.get(b.plugin)) for b in catalog.broken if b.name is not None]
     found = []
-    for entry in registry.catalog.entries():
-        if wanted_plugins is not None and entry.plugin not in wanted_plugins:
+    for case in offered:
+        if wanted_plugins is not None and case.plugin not in wanted_plugins:
             continue
-        if distribution is not None and (entry.distribution or "").split(" ")[0] != distribution:
+        if distribution is not None and (case.distribution or "").split(" ")[0] != distribution:
             continue
-        if wanted_kinds is not None and entry.kind not in wanted_kinds:
+        if wanted_kinds is not None and case.kind not in wanted_kinds:
             continue
-        found.append(Case(entry.kind, entry.spec.name, entry.plugin, entry.distribution))
+        found.append(case)
     return found
 
 
 def select(registry: Registry, names: Sequence[str]) -> list[Case]:
-    """Cases by component name, ``KIND.NAME`` or plugin name (all when ``names`` is empty)."""
+    """Cases by component name, ``KIND.NAME``, plugin or distribution name (all when ``names`` is empty)."""
     every = cases(registry)
     if not names:
         return every
     chosen: list[Case] = []
     for name in names:
-        matches = [c for c in every if name in (c.name, str(c), c.plugin)]
+        matches = [c for c in every if name in (c.name, str(c), c.plugin, (c.distribution or " ").split(" ")[0])]
         if not matches:
             known = sorted({c.name for c in every} | {c.plugin for c in every})
             from registry.errors import did_you_mean
@@ -99,7 +105,7 @@ def check(registry: Registry | None, case: Case, *, config: Mapping[str, Any] | 
     catalog = registry.catalog
     try:
         entry = catalog.get(case.kind, case.name)
-    except VlframeError as exc:
+    except VlframeError as exc:  # contested, or its spec unusable
         return [str(exc)]
     block = dict(config if config is not None else (entry.spec.example or {"type": case.name}))
     block.setdefault("type", case.name)
@@ -234,7 +240,32 @@ def _text_decoder(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[st
     problems += _close(states2[mask], states[mask], "padding tokens change the real tokens' states")
     problems += _close(embedding2, embedding, "padding tokens change the text embedding")
     (states.float().square().mean() + embedding.float().square().mean()).backward()
-    return problems + _gradients(decoder, "backward")
+    problems += _gradients(decoder, "backward")
+    with torch.no_grad():
+        plain, none = decoder(text, mask, embed=False)
+        if none is not None:
+            problems.append("forward(embed=False): returned an embedding")
+        problems += _incremental(lambda part, cache: decoder(part, None, embed=False, cache=cache)[0],
+                                 lambda: decoder(text[:1], None, embed=False)[0], text[:1], "text decoder")
+    return problems
+
+
+def _incremental(step: Callable[[Tensor, Any], Tensor], whole: Callable[[], Tensor], inputs: Tensor,
+                 what: str) -> list[str]:
+    """Feeding ``inputs`` one position at a time through a KVCache gives the states of the whole
+    sequence at once (the caller advances ``cache.offset``, as a model does). A component that
+    cannot decode incrementally raises NotImplementedError and is not held to it."""
+    from vlframe.nn.cache import KVCache
+
+    cache = KVCache()
+    try:
+        parts = []
+        for i in range(inputs.shape[1]):
+            parts.append(step(inputs[:, i : i + 1], cache))
+            cache.offset += 1
+    except NotImplementedError:
+        return []
+    return _close(torch.cat(parts, dim=1), whole(), f"{what}: states with a KVCache differ from without", tol=1e-4)
 
 
 def _pooler(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
@@ -268,8 +299,23 @@ def _multimodal_decoder(catalog: Catalog, cfg: ComponentConfig, case: Case) -> l
     problems = _shape(out, (2, 6, decoder.width), "forward")
     if problems:
         return problems
+    changed = states.clone()
+    changed[1, 4:] += 3.0  # other values where the mask says padding
+    problems += _close(decoder(changed, mask, context)[1, :4], out[1, :4].detach(),
+                       "padding positions change the real positions' states")
     out.float().square().mean().backward()
-    return problems + _gradients(decoder, "backward")
+    problems += _gradients(decoder, "backward")
+    with torch.no_grad():
+        first = [True]
+
+        def step(part: Tensor, cache: Any) -> Tensor:
+            given = context[:1] if first[0] else None  # the context is projected once, at the first call
+            first[0] = False
+            return decoder(part, None, given, cache=cache)
+
+        problems += _incremental(step, lambda: decoder(states[:1], None, context[:1]), states[:1],
+                                 "multimodal decoder")
+    return problems
 
 
 def _objective(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
@@ -471,11 +517,15 @@ def _importer(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
     architectures = list(importer.architectures)
     if not architectures:
         return ["architectures: empty"]
+    from vlframe.config.root import VlframeConfig
+
     try:
         data = importer.config(architectures[0])
-        configfile.validate(data, _registry_of(catalog), f"{case} config({architectures[0]!r})")
-    except VlframeError as exc:
-        return [f"config({architectures[0]!r}) is not a valid vlframe config: {exc}"]
+        catalog.validate(VlframeConfig, data)
+    except (VlframeError, ValueError) as exc:
+        lines = [str(p) for p in configfile.problems_from(exc, VlframeConfig, data, catalog, None)] \
+            if isinstance(exc, ValidationError) else [str(exc)]
+        return [f"config({architectures[0]!r}) is not a valid vlframe config: {'; '.join(lines)}"]
     return []
 
 
@@ -486,14 +536,6 @@ def _task(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
         problems.append("config: requires is not a frozenset of capability names")
     _build(catalog, Kind.TASK, cfg)  # conforms (has run) or raises
     return problems
-
-
-def _registry_of(catalog: Catalog) -> Any:
-    class _Wrapped:  # configfile.validate wants something with .catalog
-        def __init__(self, c: Catalog) -> None:
-            self.catalog = c
-
-    return _Wrapped(catalog)
 
 
 CHECKS: dict[Kind, Callable[[Catalog, ComponentConfig, Case], list[str]]] = {

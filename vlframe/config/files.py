@@ -128,6 +128,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str] | Mapping[
     result = copy.deepcopy(dict(data))
     for key, value in items:
         parts = key.split(".")
+        if parts[:2] == ["plugins", "override"] and len(parts) > 3:  # its keys are KIND.NAME themselves
+            parts = [*parts[:2], ".".join(parts[2:])]
         if not all(parts):
             raise ConfigError([Problem("--set", f"bad key '{key}'")])
         node = result

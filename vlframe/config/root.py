@@ -102,6 +102,19 @@ class VlframeConfig(ConfigModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: "TrackingConfig" = Field(default_factory=lambda: TrackingConfig())
 
+    @model_validator(mode="after")
+    def _val_tasks_fit_the_model(self) -> VlframeConfig:
+        """Every task named in ``train.val_tasks`` needs only capabilities the model declares."""
+        have = set(self.model.capabilities()) if callable(getattr(self.model, "capabilities", None)) else set()
+        problems = []
+        for name, task in (self.train.val_tasks or {}).items():
+            missing = sorted(set(getattr(type(task), "requires", ())) - have)
+            if missing:
+                problems.append((("train", "val_tasks", name), f"task '{task.type}' needs the {', '.join(missing)} "
+                                 f"capability, which this model does not have (it has: {', '.join(sorted(have)) or 'none'})"))
+        raise_problems("VlframeConfig", problems)
+        return self
+
 
 class TrackingConfig(ConfigModel):
     """Where and how a run is tracked in MLflow."""

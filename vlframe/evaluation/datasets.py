@@ -35,17 +35,20 @@ def dataset_block(catalog: Catalog, block: Any, where: str) -> ComponentConfig:
 
 
 def _from_path(catalog: Catalog, path: Path) -> ComponentConfig:
-    offers = []
+    offers, objections = [], []
     for entry in catalog.entries(Kind.DATASET):
         reader = getattr(entry.spec.config, "from_path", None)
         if not callable(reader):
             continue
         try:
             block = reader(path)
-        except ValueError as exc:  # it recognises the path but something is missing
-            raise ConfigError([Problem("", str(exc), str(path))]) from None
+        except ValueError as exc:  # it recognises the path but something is missing: said if no one reads it
+            objections.append(f"{entry.spec.name}: {exc}")
+            continue
         if block is not None:
             offers.append((entry, block))
+    if not offers and objections:
+        raise ConfigError([Problem("", "; ".join(objections), str(path))])
     if not offers:
         readers = [e.spec.name for e in catalog.entries(Kind.DATASET)
                    if callable(getattr(e.spec.config, "from_path", None))]

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from registry import Catalog, ConfigError, Kind, Problem, TaskConfig, VlframeError
+from registry import Catalog, ComponentError, ConfigError, Kind, Problem, TaskConfig, VlframeError
+from registry.catalog import one_line
 
 if TYPE_CHECKING:
     from vlframe.inference.trained import Trained
@@ -43,18 +44,27 @@ class CapabilityError(VlframeError):
     """The model lacks a capability what was asked needs."""
 
 
+class TaskError(ComponentError):
+    """A task failed while it ran (its plugin's code raised)."""
+
+
 @dataclass
 class TaskContext:
-    """What a task gets to run with: the loaded model and a folder for its files (or None)."""
+    """What a task gets to run with: the loaded model, a folder for its files (created before
+    ``run``; None when nothing is to be kept) and the datasets ``--data`` specs name."""
 
     trained: Trained
     out_dir: Path | None = None
+    #: The run's validation split when the caller has it built already (training's validation).
+    default_dataset: Any = None
 
     def dataset(self, spec: str | Path | Mapping[str, Any] | None = None, split: str = "val") -> Any:
         """The dataset a ``--data`` spec names (:mod:`vlframe.evaluation.datasets`); None: the run's
         validation split."""
         from vlframe.evaluation.datasets import build_dataset
 
+        if spec is None and self.default_dataset is not None:
+            return self.default_dataset
         return build_dataset(self.trained, spec, split)
 
 
@@ -108,24 +118,45 @@ def settings_block(catalog: Catalog, name: str, settings: Mapping[str, Any], ove
     return task_config(catalog, block, f"--task {name}")
 
 
-def periodic_tasks(catalog: Catalog, capabilities: Iterable[str]) -> dict[str, TaskConfig]:
-    """Every registered task marked ``periodic`` that a model with ``capabilities`` can run, with its
-    default settings, by name."""
+def periodic_tasks(catalog: Catalog, capabilities: Iterable[str] | None) -> dict[str, TaskConfig]:
+    """Every registered task marked ``periodic`` that a model with ``capabilities`` can run (None:
+    every periodic task), with its default settings, by name."""
     out = {}
     for entry in catalog.entries(Kind.TASK):
         config_class = entry.spec.config
-        if config_class.periodic and set(config_class.requires) <= set(capabilities):
+        if config_class.periodic and (capabilities is None or set(config_class.requires) <= set(capabilities)):
             out[entry.spec.name] = task_config(catalog, {"type": entry.spec.name}, f"task {entry.spec.name}")
     return out
 
 
-def run_task(trained: Trained, config: TaskConfig, *, name: str | None = None, out_dir: Path | None = None) -> EvalResult:
-    """Run one task on ``trained``; the result is named ``name`` (default: the task's type)."""
+def run_task(trained: Trained, config: TaskConfig, *, name: str | None = None, out_dir: Path | None = None,
+             dataset: Any = None) -> EvalResult:
+    """Run one task on ``trained``; the result is named ``name`` (default: the task's type).
+
+    A task whose code raises becomes one :class:`TaskError` line naming it and its plugin (a
+    ``ValueError`` is the task's own word on its input, e.g. a dataset without class names).
+    ``dataset``: the run's validation split, when already built.
+    """
+    catalog = trained.registry.catalog
     require(trained.model, type(config).requires, f"task '{config.type}'")
-    task = trained.registry.catalog.build(Kind.TASK, config, path=f"task {name or config.type}")
-    result = task.run(TaskContext(trained, out_dir))
+    where = f"task {name or config.type} ({config.type} [{catalog.get(Kind.TASK, config.type).plugin}])"
+    task = catalog.build(Kind.TASK, config, path=f"task {name or config.type}")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = task.run(TaskContext(trained, out_dir, dataset))
+    except VlframeError:
+        raise
+    except ValueError as exc:
+        raise TaskError(f"{where}: {exc}") from exc
+    except Exception as exc:
+        raise TaskError(f"{where} failed: {one_line(exc)}") from exc
     if not isinstance(result, EvalResult):
-        raise VlframeError(f"task '{config.type}' returned {type(result).__name__}, not an EvalResult")
+        raise TaskError(f"{where} returned {type(result).__name__}, not an EvalResult")
+    bad = [k for k, v in result.metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if bad or not all(isinstance(k, str) and k for k in result.metrics):
+        raise TaskError(f"{where} returned metrics that are not numbers: {', '.join(map(str, bad)) or 'a key'}")
+    result.metrics = {k: float(v) for k, v in result.metrics.items()}
     result.task = name or config.type
     return result
 
@@ -154,8 +185,13 @@ def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *
     uri = uri or trained.tracking_uri
     step = trained.step if step is None else step
     tracker = Tracker(folder, uri=uri, experiment=trained.config.tracking.experiment)
+    record = trained.run.record() or {}
+    attached = trained.run_id is not None or bool(record.get("local_id"))
     if trained.run_id is not None:
         tracker.start(run_name=trained.run.path.name, run_id=trained.run_id, attach=True)
+    elif attached:  # trained while MLflow was unreachable: the run its journal will create
+        tracker.start(run_name=record.get("run_name") or trained.run.path.name, attach=True,
+                      local_id=record["local_id"])
     else:
         tracker.start(run_name=f"eval-{trained.run.path.name}",
                       tags={tags.CHECKPOINT: str(trained.checkpoint.resolve())})
@@ -166,7 +202,7 @@ def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *
     for result in results:
         for path in result.files:
             tracker.log_artifact(path, f"eval/{result.task}")
-    return tracker.finish(None if trained.run_id is not None else "FINISHED")
+    return tracker.finish(None if attached else "FINISHED")
 
 
 __all__ = ["CapabilityError", "EvalResult", "TaskContext", "default_out_dir", "log_results", "periodic_tasks",

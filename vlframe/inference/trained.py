@@ -208,10 +208,20 @@ def read_checkpoint_config(ckpt: Path, registry: Registry | None = None) -> tupl
         raise LoadError(f"{ckpt}: no {checkpoint.CONFIG} (not a vlframe checkpoint?)")
     data = configfile.read_yaml(config_file)
     registry = registry or configfile.registry_for(data, str(config_file))
+    if data.get("tokenizer") is None:
+        raise LoadError(f"{config_file}: names no tokenizer (a checkpoint written before vlframe required one); add "
+                        f"the block it was trained with, e.g. tokenizer: {{type: sentencepiece}}, the former default")
     try:
         config, _ = configfile.load(data, (), registry)
         return config, registry, ()
     except ConfigError as err:
+        if any("unknown" in p.message for p in err.problems):
+            built = (checkpoint.read_state(ckpt).get("plugins") or {}) if checkpoint.is_checkpoint(ckpt) else {}
+            if built:
+                hint = ", ".join(f"{name} ({source.split(', source')[0]})" for name, source in built.items())
+                err = ConfigError([*err.problems, Problem("", f"this run was built with the plugins {hint}: "
+                                                              "is each installed, and not blocked?", str(config_file))])
+                raise err from None
         fixes: dict[str, Any] = {}
         for problem in err.problems:
             if problem.path.startswith(("data.train", "data.val")):
@@ -248,9 +258,10 @@ def load_trained(
     state = checkpoint.load(ckpt, model)
     tokenizer = build_tokenizer(config, registry, path=ckpt / checkpoint.TOKENIZER)
     model.to(device).eval()
+    # A run trained offline has no id in its checkpoints; its folder's record has one once synced.
+    run_id = state.get("run_id") or RunDir.of(ckpt).run_id
     return Trained(model, tokenizer, config, registry, device, resolve_precision(precision, device), checkpoint=ckpt,
-                   run_id=state.get("run_id"), step=int(state.get("step", 0)), source_uri=source_uri,
-                   missing_files=missing)
+                   run_id=run_id, step=int(state.get("step", 0)), source_uri=source_uri, missing_files=missing)
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from registry import Kind, Registry, VlframeError
@@ -46,20 +45,25 @@ def import_checkpoint(
     """The converted model (eval mode, CPU), its validated config, and where it came from.
 
     ``overrides`` (``"a.b=value"``) adjust the importer's config, e.g. ``tokenizer.path`` or
-    ``model.attention_backend``; the architecture itself is the checkpoint's. Raises
+    ``model.attention_backend``; the architecture itself is the checkpoint's. Plugin settings
+    among them (``plugins.block=[...]``) hold from the start, for the importer too. Raises
     :class:`ConversionError` naming the file when its keys or shapes do not fit.
     """
+    model, config, source, _ = _import(importer, architecture, checkpoint_file, overrides, registry)
+    return model, config, source
+
+
+def _import(importer: str, architecture: str | Path, checkpoint_file: str | Path,
+            overrides: Iterable[str] | Mapping[str, Any], registry: Registry | None):
     from vlframe.api import build_model
 
-    # Plugin settings given with --set (plugins.block, ...) hold from the start: for the importer too.
-    imp = _importer(importer, registry or configfile.registry_for(configfile.apply_overrides({}, overrides), "--set"))
+    registry = registry or configfile.registry_for(configfile.apply_overrides({}, overrides), "--set")
+    imp = _importer(importer, registry)
     try:
         data = imp.config(architecture)
     except ValueError as exc:
         raise ConversionError(f"--model {architecture}: {exc}") from None
-    # The converted config's own plugins section (with --set) decides which plugins build it.
-    data = configfile.apply_overrides(data, overrides)
-    config, registry = configfile.load(data, registry=registry)
+    config, registry = configfile.load(configfile.apply_overrides(data, overrides), registry=registry)
     model = build_model(config, registry=registry)
     try:
         weights = imp.convert(imp.read(Path(checkpoint_file)), architecture)
@@ -77,7 +81,7 @@ def import_checkpoint(
                                       f"not in the model: {_some(extra)}" if extra else ""])))
     model.load_state_dict(weights, strict=True)
     source = {"importer": importer, "architecture": str(architecture), "checkpoint": str(Path(checkpoint_file).resolve())}
-    return model.eval(), config, source
+    return model.eval(), config, source, registry
 
 
 def convert_checkpoint(
@@ -102,22 +106,24 @@ def convert_checkpoint(
     out = Path(out)
     if out.exists() and not _is_conversion(out):
         raise ConversionError(f"--out {out}: exists and is not an earlier conversion; choose a new folder")
-    model, config, source = import_checkpoint(importer, architecture, checkpoint_file, overrides=overrides,
-                                              registry=registry)
-    registry = registry or configfile.registry_for(configfile.dump(config))
+    model, config, source, registry = _import(importer, architecture, checkpoint_file, overrides, registry)
     tokenizer = build_tokenizer(config, registry)
     if not tokenizer.trained:
         raise ConversionError(f"the {importer} importer's tokenizer ({config.tokenizer.type}) needs training first")
+    plugins = registry.fingerprint(configfile.used_plugins(config, registry.catalog))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        state = {"step": 0, "converted_from": source, "config_hash": configfile.config_hash(config)}
+        state = {"step": 0, "converted_from": source, "config_hash": configfile.config_hash(config, plugins),
+                 "plugins": plugins}
         files = {checkpoint.CONFIG: configfile.to_yaml(config), checkpoint.TOKENIZER: tokenizer.save(Path(tmp))}
         return checkpoint.write(out, model, state, files)
 
 
 def _is_conversion(folder: Path) -> bool:
     """Whether ``folder`` was written by :func:`convert_checkpoint` (so replacing it loses nothing)."""
-    try:
+    import torch
+
+    try:  # weights_only: a folder someone else made is read without running anything in it
         state = torch.load(folder / checkpoint.STATE, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - unreadable or absent: not ours to replace
         return False

@@ -17,7 +17,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from registry import Catalog, ComponentConfig, Kind, ModelConfig
+from registry import Catalog, ComponentConfig, ComponentError, Kind, ModelConfig, VlframeError
+from registry.catalog import one_line
 from vlframe.nn.attention import check_backend, set_attention_backend
 from vlframe.nn.outputs import ModelOutput
 
@@ -76,8 +77,23 @@ class ModelBase(nn.Module):
         return (text != self.pad_id) if text_mask is None else text_mask.to(torch.bool)
 
     def objectives_output(self, outputs: Mapping[str, Any]) -> ModelOutput:
-        """Evaluate every objective on ``outputs`` and return their losses and weighted total."""
-        losses = {name: objective(outputs) for name, objective in self.objectives.items()}
+        """Evaluate every objective on ``outputs`` and return their losses and weighted total.
+
+        An objective that raises, or returns anything but a scalar tensor, is a one-line
+        :class:`registry.ComponentError` naming it."""
+        losses = {}
+        for name, objective in self.objectives.items():
+            where = f"model.objectives.{name} ({type(objective).__name__})"
+            try:
+                loss = objective(outputs)
+            except VlframeError:
+                raise
+            except Exception as exc:
+                raise ComponentError(f"{where} failed: {one_line(exc)}") from exc
+            if not isinstance(loss, Tensor) or loss.ndim != 0:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ComponentError(f"{where} returned {shape}, not a scalar loss")
+            losses[name] = loss
         total = sum(self.loss_weights[name] * loss for name, loss in losses.items())
         return ModelOutput(loss=total, losses=losses, image_embeds=outputs.get("image_embeds"),
                            text_embeds=outputs.get("text_embeds"), logits=outputs.get("logits"))

@@ -24,6 +24,8 @@ STATE = "state.pt"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.model"
+#: The folder of a run that holds its checkpoints.
+FOLDER = "checkpoints"
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,7 +81,12 @@ def save(
     sweep_partial(directory)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng_state(), **extra}
-    return write(directory / f"step_{step:06d}", model, state, files)
+    return write(step_folder(directory, step), model, state, files)
+
+
+def step_folder(directory: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes in a checkpoints folder: ``step_000300``."""
+    return directory / f"step_{step:06d}"
 
 
 def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
@@ -150,7 +157,7 @@ def find(path: Path) -> Path | None:
     """``path`` itself if it is a checkpoint, else the newest checkpoint in a run folder."""
     if is_checkpoint(path):
         return path
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    folder = path / FOLDER if (path / FOLDER).is_dir() else path
     found = sorted(p for p in folder.glob("step_*") if (p / STATE).is_file())
     return found[-1] if found else None
 

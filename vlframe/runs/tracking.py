@@ -53,6 +53,9 @@ RETRY_AFTER_S = 30.0
 # The timeout sync uses when the environment sets none: nothing waits on it, artifacts may be big.
 SYNC_TIMEOUT_S = 30.0
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+#: The folder, inside the folder a tracker is given, that holds its journal, and its record of the run.
+FOLDER = "tracking"
+RUN_FILE = "run.json"
 # Tags the MLflow run with our own id, so a run created by an attempt that died before
 # recording it in run.json is found again instead of created twice.
 LOCAL_ID_TAG = tags.LOCAL_ID
@@ -120,7 +123,7 @@ class _Journal:
         self.folder = folder
         self.path = folder / "journal.jsonl"
         self._delivered_path = folder / "delivered.json"
-        self._run_path = folder / "run.json"
+        self._run_path = folder / RUN_FILE
         self._file: Any = None
         self.lines = 0  # lines in the journal, counted by read() then kept up by append()
 
@@ -193,12 +196,8 @@ def _parse_event(line: str) -> dict:
 # -- talking to MLflow -----------------------------------------------------------------------------
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    return store.experiment_id(client, name)
-
-
 def _create_run(client: MlflowClient, info: dict) -> str:
-    exp_id = experiment_id(client, info["experiment"])
+    exp_id = store.experiment_id(client, info["experiment"])
     info["experiment_id"] = exp_id
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{LOCAL_ID_TAG}` = '{info['local_id']}'", max_results=1
@@ -421,7 +420,7 @@ class Tracker:
         self.flush_every_s = flush_every_s
         self.enabled = enabled
         self.reason = ""  # why the last delivery failed; empty while MLflow answers
-        self._outbox = _Outbox(self.run_dir / "tracking", timeout_s)
+        self._outbox = _Outbox(self.run_dir / FOLDER, timeout_s)
         self._active = False  # between start and finish, and only when tracking is enabled
         self._retry_at = 0.0  # time.monotonic() before which no delivery is attempted
         self._last_flush = time.monotonic()
@@ -446,19 +445,26 @@ class Tracker:
         return len(self._outbox.pending)
 
     def start(self, *, run_name: str, params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None,
-              run_id: str | None = None, attach: bool = False) -> str | None:
-        """Opens the MLflow run (a new one, or ``run_id`` reopened); None while MLflow is unreachable."""
+              run_id: str | None = None, attach: bool = False, local_id: str | None = None) -> str | None:
+        """Opens the MLflow run (a new one, or ``run_id`` reopened); None while MLflow is unreachable.
+
+        ``local_id``: the run is the one another journal with that id opened (an evaluation of a run
+        trained offline: both journals deliver to one MLflow run, whichever syncs first creates it).
+        A folder whose run was tracked in another store starts over in this one: its whole journal
+        is replayed into a new run there.
+        """
         if not self.enabled:
             return None
         outbox = self._outbox
         info = outbox.info
+        if info is not None and info.get("uri") != self.uri:  # another store: nothing there yet
+            info, run_id = None, None
+            outbox.journal.set_delivered(0)
         resuming = info is not None and run_id in (None, info["run_id"])
         if not resuming:
-            info = {"uri": self.uri, "experiment": self.experiment, "experiment_id": None,
-                    "run_id": run_id, "run_name": run_name, "local_id": uuid.uuid4().hex, "start_time": _now_ms()}
+            info = {"uri": self.uri, "experiment": self.experiment, "experiment_id": None, "run_id": run_id,
+                    "run_name": run_name, "local_id": local_id or uuid.uuid4().hex, "start_time": _now_ms()}
             resuming = run_id is not None
-        self._attached = attach
-        info["uri"] = self.uri
         outbox.info = info
         outbox.journal.write_run(info)
         outbox.load()
@@ -563,7 +569,7 @@ def sync(run_dir: Path, uri: str | None = None) -> tuple[int, str]:
     ``uri`` replaces the recorded tracking URI. When the recorded run is not found there (another
     server, or the run was deleted), a new run is created and the whole journal replayed into it.
     """
-    outbox = _Outbox(Path(run_dir) / "tracking", SYNC_TIMEOUT_S)
+    outbox = _Outbox(Path(run_dir) / FOLDER, SYNC_TIMEOUT_S)
     info = outbox.info
     if info is None:
         raise TrackingError(f"{run_dir} has no tracking journal (tracking/run.json is missing)")
@@ -595,6 +601,6 @@ def sync(run_dir: Path, uri: str | None = None) -> tuple[int, str]:
 def journal_metrics(folder: Path, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` of every ``key`` metric a tracker journaled in ``folder/tracking``: read
     from the file, so it works whether or not MLflow ever got them."""
-    journal = _Journal(Path(folder) / "tracking")
+    journal = _Journal(Path(folder) / FOLDER)
     return [(int(e["step"]), float(e["value"])) for e in journal.read(0)
             if e.get("kind") == "metric" and e.get("key") == key]

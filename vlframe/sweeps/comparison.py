@@ -7,8 +7,8 @@ column marked. A variant that could not run a task (it lacks the capability) say
 cells and under the table. The same table is written as CSV and Markdown, with a bar chart per
 metric, and filed as artifacts of the parent run (through a journal).
 
-A metric is read as lower-is-better when its name says loss, error, perplexity, parameters,
-seconds or seconds per step; higher-is-better otherwise.
+A metric is read as lower-is-better when its name says loss, error, perplexity, params, seconds
+or s_per_step; higher-is-better otherwise.
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class Row:
     overrides: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
-    #: Tasks this variant could not run, with the reason (from its vlframe.eval_skipped.* tags).
+    #: Tasks this variant could not run, with the reason (from its vlframe.eval_skipped.* tags), and
+    #: periodic tasks its validation could not run (vlframe.val_skipped.*).
     skipped: dict[str, str] = field(default_factory=dict)
+    val_skipped: dict[str, str] = field(default_factory=dict)
 
 
 class CompareError(VlframeError):
@@ -88,9 +90,11 @@ def collect(mlflow: Any, parent_id: str, order: Sequence[str] = ()) -> list[Row]
         run_tags = run.data.tags
         skipped = {k.removeprefix(tags.EVAL_SKIPPED_PREFIX): v for k, v in run_tags.items()
                    if k.startswith(tags.EVAL_SKIPPED_PREFIX)}
+        val_skipped = {k.removeprefix(tags.VAL_SKIPPED_PREFIX): v for k, v in run_tags.items()
+                       if k.startswith(tags.VAL_SKIPPED_PREFIX)}
         rows.append(Row(name, run.info.status.lower(), run.info.run_id,
                         list(_json_list(run_tags.get(tags.OVERRIDES, "[]"))), dict(run.data.metrics),
-                        run_tags.get(tags.ERROR, ""), skipped))
+                        run_tags.get(tags.ERROR, ""), skipped, val_skipped))
     return rows
 
 
@@ -115,7 +119,7 @@ def columns_for(rows: Sequence[Row], patterns: Sequence[str] = ()) -> list[Colum
     if patterns:
         keys = {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     # A task no variant could run still gets a column, so that each row can say why it has no value.
-    unrun = {t for row in rows for t in row.skipped} - {_task_of(k) for k in keys}
+    unrun = {t for row in rows for t in row.skipped} - {_task_of(k) for k in keys if k.startswith("eval/")}
     if not patterns or any(fnmatch.fnmatchcase(f"eval/{t}", p) for t in unrun for p in patterns):
         keys |= {f"eval/{t}" for t in unrun}
     order = {prefix: i for i, prefix in enumerate(PREFIXES)}
@@ -126,6 +130,12 @@ def columns_for(rows: Sequence[Row], patterns: Sequence[str] = ()) -> list[Colum
 def _task_of(key: str) -> str | None:
     parts = key.split("/")
     return parts[1] if len(parts) >= 2 and parts[0] in ("eval", "val") else None
+
+
+def _not_applicable(row: Row, key: str) -> bool:
+    """Whether the row cannot have ``key``: a task (or periodic validation task) it could not run."""
+    task = _task_of(key)
+    return task in (row.val_skipped if key.startswith("val/") else row.skipped)
 
 
 def best(rows: Sequence[Row], column: Column) -> float | None:
@@ -145,7 +155,7 @@ def cells(rows: Sequence[Row], columns: Sequence[Column], *, mark: str = "*") ->
         for c in columns:
             value = row.metrics.get(c.key)
             if value is None:
-                line.append(NOT_APPLICABLE if _task_of(c.key) in row.skipped else "-")
+                line.append(NOT_APPLICABLE if _not_applicable(row, c.key) else "-")
             else:
                 line.append(f"{value:.2f}{mark if bests[c.key] is not None and value == bests[c.key] else ''}")
         table.append(line)
@@ -157,6 +167,8 @@ def _notes(rows: Sequence[Row]) -> list[str]:
     for row in rows:
         for task, why in sorted(row.skipped.items()):
             lines.append(f"{row.variant}: {task} not run ({why})")
+        for task, why in sorted(row.val_skipped.items()):
+            lines.append(f"{row.variant}: {task} not run in validation ({why})")
         if row.error:
             lines.append(f"{row.variant}: {row.error.splitlines()[0][:300]}")
     return lines
@@ -171,7 +183,7 @@ def render_text(rows: Sequence[Row], columns: Sequence[Column]) -> str:
     for line in body:
         lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
     lines.append(f"* best in its column (^ higher is better, v lower is better); {NOT_APPLICABLE}: the variant "
-                 "cannot run that task; - no value (failed)")
+                 "cannot run that task; - not logged (the variant has no such objective, or it failed)")
     return "\n".join(lines + _notes(rows))
 
 
@@ -193,7 +205,7 @@ def render_csv(rows: Sequence[Row], columns: Sequence[Column]) -> str:
     for row in rows:
         writer.writerow([row.variant, row.status, row.run_id, ";".join(row.overrides)]
                         + [repr(row.metrics[c.key]) if c.key in row.metrics
-                           else (NOT_APPLICABLE if _task_of(c.key) in row.skipped else "") for c in columns])
+                           else (NOT_APPLICABLE if _not_applicable(row, c.key) else "") for c in columns])
     return buffer.getvalue()
 
 

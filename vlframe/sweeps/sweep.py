@@ -68,6 +68,7 @@ class Variant:
     config: VlframeConfig | None = None
     error: str | None = None
     hash: str | None = None
+    registry: Registry | None = None  # with the plugins its own config names
 
 
 @dataclass
@@ -117,9 +118,14 @@ def variant_hash(config: VlframeConfig, registry: Registry) -> str:
 
 def build_variants(sweep: SweepConfig, sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None,
                    only: Sequence[str] = ()) -> tuple[list[Variant], Registry | None]:
-    """Validate every variant's config; a variant that does not validate carries its error instead."""
+    """Validate every variant's config, each with the plugins its own ``plugins:`` section names;
+    a variant that does not validate carries its error instead. Returns the variants and the base
+    config's registry (for what concerns the sweep as a whole)."""
     base = configfile.compose(sweep.base)
-    registry = None
+    extra = list(cli_sets) + ([f"train.steps={steps}"] if steps is not None else [])
+    configfile.apply_overrides({}, extra)  # a malformed --set is the user's error, before anything runs
+    data = configfile.apply_overrides(configfile.apply_overrides(base, sweep.set), extra)
+    registry = configfile.registry_for(data, str(sweep.base))
     variants = []
     for name, overrides in expand(sweep):
         if only and name not in only:
@@ -127,10 +133,11 @@ def build_variants(sweep: SweepConfig, sweep_file: Path, *, cli_sets: Sequence[s
         variant = Variant(name, overrides)
         try:
             data = configfile.apply_overrides(base, {**sweep.set, **overrides})
-            data = configfile.apply_overrides(data, list(cli_sets) + ([f"train.steps={steps}"] if steps else []))
-            registry = registry or configfile.registry_for(data, str(sweep.base))
-            variant.config = configfile.validate(data, registry, f"{sweep_file} (variant {name})")
-            variant.hash = variant_hash(variant.config, registry)
+            data = configfile.apply_overrides(data, extra)
+            own = configfile.registry_for(data, f"{sweep_file} (variant {name})")
+            variant.config = configfile.validate(data, own, f"{sweep_file} (variant {name})")
+            variant.hash = variant_hash(variant.config, own)
+            variant.registry = own
         except ConfigError as exc:
             variant.error = "; ".join(exc.lines())
         variants.append(variant)
@@ -152,13 +159,29 @@ def sweep_tasks(sweep: SweepConfig, sweep_file: Path, registry: Registry) -> dic
             for name, block in sweep.evaluation.tasks.items()}
 
 
+def eval_hash(tasks: dict[str, TaskConfig] | None, registry: Registry) -> str:
+    """A short hash of what a variant is evaluated with: the task settings and the task plugins."""
+    import hashlib
+
+    from registry import Kind
+
+    if tasks is None:
+        blocks: Any = "periodic"
+        plugins = {e.plugin for e in registry.catalog.entries(Kind.TASK) if e.spec.config.periodic}
+    else:
+        blocks = {name: configfile.dump(task) for name, task in tasks.items()}
+        plugins = {registry.catalog.get(Kind.TASK, task.type).plugin for task in tasks.values()}
+    canonical = json.dumps({"tasks": blocks, "plugins": registry.fingerprint(plugins)}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 # -- MLflow ----------------------------------------------------------------------------------------
 
 
-def tracking_target(sweep: SweepConfig) -> tuple[str, str]:
-    """(tracking URI, experiment) of the sweep: those of its base config (with the sweep's ``set``),
-    by the store rule of :mod:`vlframe.runs.store`."""
-    data = configfile.apply_overrides(configfile.compose(sweep.base), sweep.set)
+def tracking_target(sweep: SweepConfig, cli_sets: Sequence[str] = ()) -> tuple[str, str]:
+    """(tracking URI, experiment) of the sweep: those of its base config (with the sweep's ``set``
+    and the command line's ``--set``), by the store rule of :mod:`vlframe.runs.store`."""
+    data = configfile.apply_overrides(configfile.apply_overrides(configfile.compose(sweep.base), sweep.set), cli_sets)
     tracking = data.get("tracking") or {}
     output = Path((data.get("train") or {}).get("output_dir", store.DEFAULT_OUTPUT))
     return store.store_uri(configured=tracking.get("uri"), output_dir=output), tracking.get("experiment", "vlframe")
@@ -185,22 +208,24 @@ def sweep_folder(sweep: SweepConfig) -> Path:
 
 
 def open_parent(sweep: SweepConfig, sweep_file: Path, uri: str, experiment: str) -> Any:
-    """The sweep's parent run, through a tracker in the sweep's folder: the run that folder (or,
-    when the folder is new, a run tagged with this sweep's name) already is, or a new one."""
+    """The sweep's parent run, through a tracker in the sweep's folder: the run that folder already
+    is in this store, else the newest run tagged with this sweep's name there, else a new one."""
     from vlframe.runs.tracking import Tracker
 
-    tracker = Tracker(sweep_folder(sweep) / "parent", uri=uri, experiment=experiment)
-    known = None
-    if tracker.run_id is None:
+    folder = sweep_folder(sweep) / "parent"
+    record = RunDir(folder).record() or {}
+    known = record.get("run_id") if record.get("uri") == uri else None
+    if known is None:
         with store.bounded(30):
             known = find_parent(store.client(uri), experiment, sweep.name)
+    tracker = Tracker(folder, uri=uri, experiment=experiment)
     tracker.start(run_name=f"sweep-{sweep.name}", run_id=known,
                   tags={tags.SWEEP: sweep.name, tags.SWEEP_PARENT: "true",
                         tags.NOTE: sweep.description or f"sweep {sweep.name}"})
     if tracker.run_id is None:
         raise VlframeError(f"MLflow at {uri} could not be reached ({tracker.reason}): a sweep needs its store to find "
                            "the variants that already finished; nothing was trained")
-    if known is None:
+    if known is None:  # a new parent: file the sweep itself with it
         tracker.log_artifact(sweep_file)
     return tracker
 
@@ -231,31 +256,41 @@ def _record_failure(run_dir: Path, uri: str, experiment: str, variant: Variant, 
     return tracker.run_id
 
 
-def evaluate_variant(run_dir: Path, tasks: dict[str, TaskConfig] | None, registry: Registry,
-                     uri: str) -> tuple[dict[str, float], dict[str, str], list[str]]:
-    """The sweep's evaluation of one trained variant, logged to its run: (metrics, skipped tasks
-    with the reason, lines saying where it went)."""
-    from vlframe.evaluation.tasks import log_results, periodic_tasks, run_task, why_not
+def evaluate_variant(run_dir: Path, blocks: dict[str, Any] | None, uri: str,
+                     extra_tags: dict[str, str]) -> tuple[dict[str, float], dict[str, str], dict[str, str], list[str]]:
+    """The sweep's evaluation of one trained variant, logged to its run (through a journal), with the
+    plugins the variant's own config names: (metrics, skipped tasks with the reason, failed tasks
+    with the error, lines saying where it went). One task failing does not stop the others."""
+    from vlframe.evaluation.tasks import log_results, periodic_tasks, run_task, task_config, why_not
     from vlframe.inference.trained import load_trained
     from vlframe.runs.tracking import journal_metrics
 
-    trained = load_trained(run_dir, precision="auto", registry=registry)
-    capabilities = trained.model.capabilities
-    tasks = periodic_tasks(registry.catalog, capabilities) if tasks is None else tasks
+    trained = load_trained(run_dir, precision="auto")
+    catalog, capabilities = trained.registry.catalog, trained.model.capabilities
+    if blocks is None:
+        tasks = periodic_tasks(catalog, capabilities)
+    else:
+        tasks = {name: task_config(catalog, block, f"evaluation.tasks.{name}") for name, block in blocks.items()}
     skipped = {name: why for name, task in tasks.items() if (why := why_not(task, capabilities))}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = trained.run.eval_dir(f"sweep-{stamp}")
-    results = [run_task(trained, task, name=name, out_dir=folder / name)
-               for name, task in tasks.items() if name not in skipped]
+    folder = trained.run.eval_dir(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    results, failed = [], {}
+    for name, task in tasks.items():
+        if name in skipped:
+            continue
+        try:
+            results.append(run_task(trained, task, name=name, out_dir=folder / name))
+        except VlframeError as exc:
+            failed[name] = " ".join(exc.lines())
     rates = sorted(v for _, v in journal_metrics(run_dir, "train/images_per_s"))
     per_s = statistics.median(rates[len(rates) // 10:]) if rates else float("nan")  # drop the warm-up
     cost = {"cost/params_m": sum(p.numel() for p in trained.model.parameters()) / 1e6,
             "cost/images_per_s": per_s, "cost/s_per_step": trained.config.train.batch_size / per_s}
+    done = {} if failed else {tags.SWEEP_DONE: "true"}
     lines = log_results(trained, results, folder, uri=uri, extra_metrics=cost,
-                        extra_tags={tags.SWEEP_DONE: "true",
+                        extra_tags={**extra_tags, **done,
                                     **{f"{tags.EVAL_SKIPPED_PREFIX}{n}": why for n, why in skipped.items()}})
     metrics = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items()}
-    return {**metrics, **cost}, skipped, lines
+    return {**metrics, **cost}, skipped, failed, lines
 
 
 def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None, only: Sequence[str] = (),
@@ -263,8 +298,10 @@ def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | No
     """Run (or resume) a sweep; return its parent run id and each variant's outcome."""
     sweep = load_sweep(sweep_file)
     variants, registry = build_variants(sweep, sweep_file, cli_sets=cli_sets, steps=steps, only=only)
-    tasks = sweep_tasks(sweep, sweep_file, registry) if registry is not None else None
-    uri, experiment = tracking_target(sweep)
+    tasks = sweep_tasks(sweep, sweep_file, registry)  # checked once, before anything runs
+    blocks = sweep.evaluation.tasks
+    scored = eval_hash(tasks, registry)
+    uri, experiment = tracking_target(sweep, cli_sets)
     parent = open_parent(sweep, sweep_file, uri, experiment)
     parent_id = parent.run_id
     say(f"sweep {sweep.name}: {len(variants)} variant(s); MLflow parent run {parent_id} at {uri}")
@@ -279,11 +316,14 @@ def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | No
             say(f"[{variant.name}] failed: {variant.error}")
             outcomes.append(Outcome(variant.name, "failed", run_id, variant.error))
             continue
-        if variant.hash in done:
-            say(f"[{variant.name}] skipped: finished before as run {done[variant.hash].info.run_id}")
-            outcomes.append(Outcome(variant.name, "skipped", done[variant.hash].info.run_id))
+        before = done.get(variant.hash)
+        if before is not None and before.data.tags.get(tags.EVAL_HASH) == scored:
+            say(f"[{variant.name}] skipped: finished before as run {before.info.run_id}")
+            outcomes.append(Outcome(variant.name, "skipped", before.info.run_id))
             continue
-        outcomes.append(_run_variant(variant, sweep, run_dir, parent_id, uri, experiment, registry, tasks, say))
+        trained_before = before is not None and RunDir(run_dir).run_id == before.info.run_id
+        outcomes.append(_run_variant(variant, sweep, run_dir, parent_id, uri, experiment, blocks, scored, say,
+                                     train=not trained_before))
     for line in parent.finish("FINISHED"):
         if "not delivered" in line or "deliver them" in line:
             say(line)
@@ -291,31 +331,36 @@ def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | No
 
 
 def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id: str, uri: str, experiment: str,
-                 registry: Registry, tasks: dict[str, TaskConfig] | None, say: Any) -> Outcome:
+                 blocks: dict[str, Any] | None, scored: str, say: Any, *, train: bool = True) -> Outcome:
+    """Train a variant (unless ``train`` is false: it trained before and only its evaluation
+    changed), then evaluate it."""
     from vlframe.runs import checkpoint
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = variant.config.model_copy(update={"tracking": variant.config.tracking.model_copy(
-        update={"uri": uri, "experiment": experiment, "run_name": variant.name,
-                "tags": {**variant.config.tracking.tags, **_child_tags(variant, sweep, parent_id)}})})
-    config_file = run_dir / "variant.yaml"
-    config_file.write_text(configfile.to_yaml(config), encoding="utf-8")
-    command = [sys.executable, "-m", "vlframe", "train", str(config_file), "--run-dir", str(run_dir)]
-    if checkpoint.find(run_dir) is not None:  # an interrupted earlier attempt: continue it
-        command += ["--resume", str(run_dir)]
-    say(f"[{variant.name}] training: {' '.join(command[3:])}")
     began = time.time()
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        tail = [line for line in proc.stdout.strip().splitlines() if line.strip()][-3:]
-        message = f"training exited with code {proc.returncode}: " + " | ".join(tail)
-        run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
-        say(f"[{variant.name}] failed: {message}")
-        return Outcome(variant.name, "failed", run_id, message)
+    if train:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = variant.config.model_copy(update={"tracking": variant.config.tracking.model_copy(
+            update={"uri": uri, "experiment": experiment, "run_name": variant.name,
+                    "tags": {**variant.config.tracking.tags, **_child_tags(variant, sweep, parent_id)}})})
+        config_file = run_dir / "variant.yaml"
+        config_file.write_text(configfile.to_yaml(config), encoding="utf-8")
+        command = [sys.executable, "-m", "vlframe", "train", str(config_file), "--run-dir", str(run_dir)]
+        if checkpoint.find(run_dir) is not None:  # an interrupted earlier attempt: continue it
+            command += ["--resume", str(run_dir)]
+        say(f"[{variant.name}] training: {' '.join(command[3:])}")
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            tail = [line for line in proc.stdout.strip().splitlines() if line.strip()][-3:]
+            message = f"training exited with code {proc.returncode}: " + " | ".join(tail)
+            run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
+            say(f"[{variant.name}] failed: {message}")
+            return Outcome(variant.name, "failed", run_id, message)
+    else:
+        say(f"[{variant.name}] trained before; its evaluation changed: evaluating again")
     run_id = RunDir(run_dir).run_id
     try:
-        metrics, skipped, lines = evaluate_variant(run_dir, tasks, registry, uri)
+        metrics, skipped, failed, lines = evaluate_variant(run_dir, blocks, uri, {tags.EVAL_HASH: scored})
     except Exception as exc:  # noqa: BLE001 - one variant's evaluation failing must not end the sweep
         message = f"evaluation failed: {type(exc).__name__}: {exc}"
         _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
@@ -323,10 +368,15 @@ def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id:
         return Outcome(variant.name, "failed", run_id, message)
     shown = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in metrics.items() if not k.startswith("cost/"))
     not_run = "".join(f"; {name} not run ({why})" for name, why in skipped.items())
-    say(f"[{variant.name}] finished in {time.time() - began:.0f} s: {shown}{not_run}")
     for line in lines:
         if "not delivered" in line or "deliver them" in line:
             say(f"[{variant.name}] {line}")
+    if failed:
+        message = "evaluation failed: " + "; ".join(f"{name}: {why}" for name, why in failed.items())
+        _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
+        say(f"[{variant.name}] {message} (the other tasks were logged: {shown})")
+        return Outcome(variant.name, "failed", run_id, message, metrics)
+    say(f"[{variant.name}] finished in {time.time() - began:.0f} s: {shown}{not_run}")
     return Outcome(variant.name, "finished", run_id, metrics=metrics)
 
 

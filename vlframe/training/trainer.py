@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from registry import ConfigError, Kind, Problem, Registry, VlframeError
+from registry import ComponentError, ConfigError, Kind, Problem, Registry, VlframeError
+from registry.catalog import one_line
 from vlframe.api import build_model, build_tokenizer
 from vlframe.config import files as configfile
 from vlframe.config.root import VlframeConfig
@@ -63,6 +64,9 @@ class Trainer:
                  console: Console | None = None) -> None:
         if config.data is None or config.data.train is None:
             raise ConfigError([Problem("data.train", "training needs a dataset (data.train: {type: ...})")])
+        if config.tokenizer is None:
+            raise ConfigError([Problem("tokenizer", "training needs a tokenizer (tokenizer: {type: ...}; "
+                                       "vlframe plugins list --kind tokenizer shows them)")])
         self.config, self.registry, self.resume = config, registry, resume
         self.run = RunDir(run_dir)
         self.console = console or Console(stderr=True, soft_wrap=True)
@@ -74,9 +78,9 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         t = self.config.train
-        self.setup()
         status = "FAILED"
         try:
+            self.setup()
             with self.progress:
                 task = self.progress.add_task("train", total=t.steps, completed=self.step, info="")
                 while self.step < t.steps:
@@ -141,19 +145,23 @@ class Trainer:
             raise ConfigError([Problem("train.batch_size", f"{t.batch_size} does not split into {self.world} rank(s) "
                                                           f"x {t.grad_accum} micro-batch(es)")])
         ckpt, init = self._starting_point()
-        self.run.create()
-        if self.rank == 0:
-            self.run.write_config(cfg)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         np.random.seed(t.seed)
 
         catalog = self.registry.catalog
+        # The model first: a component that does not build is reported before any work is done.
+        self.model = build_model(cfg, registry=self.registry)
         train_data = catalog.build(Kind.DATASET, cfg.data.train, path="data.train", split="train")
         val_data = (catalog.build(Kind.DATASET, cfg.data.val, path="data.val", split="val")
                     if cfg.data.val is not None else None)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.autocast = autocast(self.precision, self.device)
+        self.validator = Validator(cfg, self.registry, self.model, val_data, self.run,
+                                   device=self.device, precision=self.precision)
+        self.run.create()
         self.tokenizer = self._tokenizer(train_data, ckpt or init)
-        self.model = build_model(cfg, registry=self.registry)
+        self.validator.tokenizer = self.tokenizer
         if init is not None:
             self._initialise(init)
         self.model.to(self.device)
@@ -166,16 +174,14 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t)
         self.config_hash = configfile.config_hash(cfg, self.plugins)
         run_id = self._restore(ckpt) if ckpt is not None else None
+        if self.rank == 0:  # only once resuming succeeded: a failed --resume changes nothing
+            self.run.write_config(cfg)
         self.last_saved = self.step if ckpt is not None else -1
         self.wrapped = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.tracker = self._start_tracking(run_id) if self.rank == 0 and cfg.tracking.enabled else None
         loader = train_loader(source, collate, cfg.data, global_batch=t.batch_size // t.grad_accum, rank=self.rank,
                               world=self.world, seed=t.seed, start_step=self.step * t.grad_accum)
         self.batches = iter(loader)
-        self.precision = resolve_precision(t.precision, self.device)
-        self.autocast = autocast(self.precision, self.device)
-        self.validator = Validator(cfg, self.registry, self.model, self.tokenizer, val_data, self.run,
-                                   device=self.device, precision=self.precision)
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         self._say(f"{train_data.describe()}; {params:.1f}M parameters; {self.world} rank(s) on {self.device.type}, "
                   f"{self.precision}; run folder {self.run.path}")
@@ -190,6 +196,13 @@ class Trainer:
     def plugins(self) -> dict[str, str]:
         """The fingerprint of the plugins this config's components come from."""
         return self.registry.fingerprint(configfile.used_plugins(self.config, self.registry.catalog))
+
+    def _plugins_used(self) -> dict[str, str]:
+        """The plugins of the config's components and of the tasks validation runs (for the run's tags)."""
+        catalog = self.registry.catalog
+        names = configfile.used_plugins(self.config, catalog)
+        names |= {catalog.get(Kind.TASK, task.type).plugin for task in self.validator.tasks.values()}
+        return self.registry.fingerprint(names)
 
     @property
     def run_id(self) -> str | None:
@@ -255,7 +268,8 @@ class Trainer:
             raise VlframeError(f"--resume {ckpt}: not a training checkpoint (no {exc} state); to start from "
                                f"its weights use --set train.init_from={ckpt}") from None
         except (ValueError, RuntimeError) as exc:
-            raise VlframeError(f"--resume {ckpt}: cannot continue this config from it: {exc}") from exc
+            why = " ".join(str(exc).split())[:500]  # torch's message spans lines: one problem, one line
+            raise VlframeError(f"--resume {ckpt}: cannot continue this config from it: {why}") from exc
         if state.get("config_hash") not in (None, self.config_hash):
             self._say(f"note: the config (or a plugin it uses) differs from the one {ckpt.name} was trained with "
                       f"(see {ckpt / checkpoint.CONFIG})", markup=False)
@@ -270,10 +284,13 @@ class Trainer:
         from vlframe.runs.tracking import Tracker, flatten
 
         cfg = self.config
-        uri = store.store_uri(configured=cfg.tracking.uri, output_dir=cfg.train.output_dir)
+        # A resumed run goes on in the store its folder recorded, unless the config names one.
+        recorded = self.run.tracking_uri if run_id is not None else None
+        uri = store.store_uri(configured=cfg.tracking.uri or recorded, output_dir=cfg.train.output_dir)
         tracker = Tracker.for_config(cfg.tracking, self.run.path, uri=uri)
         run_tags = {**cfg.tracking.tags, tags.CONFIG_HASH: self.config_hash,
-                    tags.RUN_DIR: str(self.run.path.resolve()), tags.PLUGINS: json.dumps(self.plugins)[:5000]}
+                    tags.RUN_DIR: str(self.run.path.resolve()), tags.PLUGINS: tags.fit_json(self._plugins_used())}
+        run_tags.update({f"{tags.VAL_SKIPPED_PREFIX}{name}": why for name, why in self.validator.skipped.items()})
         commit = _git_commit()
         if commit:
             run_tags[tags.GIT_COMMIT] = commit
@@ -312,11 +329,12 @@ class Trainer:
 
     def save(self, *, final: bool = False) -> Path:
         """Checkpoint this step (rank 0 writes; every rank waits for it)."""
-        path = self.run.checkpoints / f"step_{self.step:06d}"
+        path = checkpoint.step_folder(self.run.checkpoints, self.step)
         if self.rank == 0:
             path = checkpoint.save(
                 self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
-                extra={"run_id": self.run_id, "skipped": dict(self.ledger.reasons), "config_hash": self.config_hash},
+                extra={"run_id": self.run_id, "skipped": dict(self.ledger.reasons), "config_hash": self.config_hash,
+                       "plugins": self.plugins},
                 files={checkpoint.CONFIG: configfile.to_yaml(self.config),
                        checkpoint.TOKENIZER: self.tokenizer.save(self.run.path)},
             )
@@ -329,7 +347,7 @@ class Trainer:
 
     def _save_what_was_learnt(self) -> None:
         """After an error or a signal: checkpoint the steps since the last checkpoint, say how to resume."""
-        if getattr(self, "optimizer", None) is None:
+        if getattr(self, "batches", None) is None:
             return  # failed during set-up: nothing was learnt
         if self.step > self.last_saved and self.step > 0:
             with contextlib.suppress(Exception):
@@ -342,7 +360,7 @@ class Trainer:
     def close(self, status: str) -> None:
         for sig, handler in getattr(self, "_previous_handlers", {}).items():
             signal.signal(sig, handler)
-        if getattr(self, "ledger", None) is not None:
+        if getattr(self, "batches", None) is not None:  # training began: say what the data held
             self._say(f"data: {self.ledger.report()}", markup=False)
         tracker = getattr(self, "tracker", None)
         if tracker is not None:
@@ -368,8 +386,13 @@ def objective_metrics(model: nn.Module) -> dict[str, float]:
     out = {}
     for name, objective in getattr(model, "objectives", {}).items():
         report = getattr(objective, "metrics", None)
-        if callable(report):
+        if not callable(report):
+            continue
+        try:
             out.update({f"train/{name}/{key}": float(value) for key, value in report().items()})
+        except Exception as exc:  # a plugin's metrics(): say which, on one line
+            raise ComponentError(f"model.objectives.{name} ({type(objective).__name__}): metrics() failed: "
+                                 f"{one_line(exc)}") from exc
     return out
 
 

@@ -27,13 +27,17 @@ from vlframe.runtime.precision import autocast
 class Validator:
     """Validates the model being trained (on rank 0; the other ranks wait)."""
 
-    def __init__(self, config: VlframeConfig, registry: Registry, model: nn.Module, tokenizer: Any, val_data: Any,
-                 run: RunDir, *, device: torch.device, precision: str) -> None:
+    def __init__(self, config: VlframeConfig, registry: Registry, model: nn.Module, val_data: Any,
+                 run: RunDir, *, device: torch.device, precision: str, tokenizer: Any = None) -> None:
         self.config, self.registry, self.model, self.tokenizer = config, registry, model, tokenizer
         self.val_data, self.run, self.device, self.precision = val_data, run, device, precision
         capabilities = getattr(model, "capabilities", frozenset())
         wanted = config.train.val_tasks
         self.tasks = periodic_tasks(registry.catalog, capabilities) if wanted is None else dict(wanted)
+        #: Periodic tasks this model cannot run, with the reason (recorded with the run).
+        self.skipped = {} if wanted is not None else {
+            name: why for name, task in periodic_tasks(registry.catalog, None).items()
+            if (why := why_not(task, capabilities))}
         problems = [Problem(f"train.val_tasks.{name}", f"task '{task.type}' cannot run on this model: {why}")
                     for name, task in self.tasks.items() if (why := why_not(task, capabilities))]
         if problems:
@@ -49,7 +53,7 @@ class Validator:
                 trained = Trained(self.model, self.tokenizer, self.config, self.registry, self.device, self.precision,
                                   run=self.run, run_id=run_id, step=step)
                 for name, task in self.tasks.items():
-                    result = run_task(trained, task, name=name)
+                    result = run_task(trained, task, name=name, dataset=self.val_data)
                     metrics.update({f"val/{name}/{k}": v for k, v in result.metrics.items()})
             self.model.train()
         distributed.barrier()

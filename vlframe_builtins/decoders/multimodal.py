@@ -65,5 +65,6 @@ def vlframe_multimodal_decoders() -> list[ComponentSpec]:
             config=MultimodalDecoderConfig,
             factory=MultimodalDecoder,
             summary="Causal self-attention + cross-attention to image tokens, for captioning.",
+            example={"type": "multimodal", "width": 32, "layers": 2, "heads": 2},  # small, for the conformance kit
         )
     ]

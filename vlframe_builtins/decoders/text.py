@@ -99,5 +99,6 @@ def vlframe_text_decoders() -> list[ComponentSpec]:
             config=TextDecoderConfig,
             factory=TextDecoder,
             summary="Unimodal causal text decoder; CLS token (appended) or mean-pooled text embedding.",
+            example={"type": "causal_text", "width": 32, "layers": 2, "heads": 2},  # small, for the conformance kit
         )
     ]

@@ -75,5 +75,6 @@ def vlframe_image_encoders() -> list[ComponentSpec]:
             config=ViTConfig,
             factory=VisionTransformer,
             summary="Vision Transformer built natively from vlframe blocks (returns all tokens).",
+            example={"type": "vit", "image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},  # small, for the conformance kit
         )
     ]

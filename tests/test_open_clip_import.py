@@ -263,7 +263,7 @@ def test_convert_then_caption_and_embed_from_the_command_line(tmp_path: Path) ->
     result = run_cli("convert", "open-clip", "--model", str(spec), "--checkpoint", str(weights), "--out", str(out))
     assert result.code == 0, result.err
     assert f"wrote {out}" in result.out
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "state.pt", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "state.json", "state.safetensors", "tokenizer.model"]
     picture = tmp_path / "street.png"
     Image.fromarray(torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8).numpy()).save(picture)
     result = run_cli("caption", str(out), str(picture), "--json", "--max-length", "6")

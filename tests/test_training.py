@@ -64,7 +64,7 @@ def test_same_config_same_losses_and_resume_continues_exactly(precision: str, tm
     assert losses(resumed.history) == {s: v for s, v in losses(full.history).items() if s > 3}
     # The tokenizer came back with the checkpoint rather than being trained again.
     assert (middle / "tokenizer.model").read_bytes() == (tmp_path / "resumed" / "tokenizer.model").read_bytes()
-    final = torch.load(resumed.checkpoint / checkpoint.STATE, weights_only=False)
+    final = checkpoint.read_state(resumed.checkpoint)
     assert final["step"] == 6
 
 
@@ -102,7 +102,7 @@ def test_missing_corrupt_and_empty_samples_are_skipped_and_counted(tmp_path: Pat
         "train.steps": 8, "train.batch_size": 8, "train.checkpoint_every": None,
     })
     result = train(tmp_path, "skips", overrides, registry=registry)
-    state = torch.load(result.checkpoint / checkpoint.STATE, weights_only=False)
+    state = checkpoint.read_state(result.checkpoint)
     skipped = state["skipped"]
     names = {Path(k).name: reason for k, reason in skipped.items()}
     assert names.keys() == {"missing.jpg", "corrupt.jpg", "truncated.png", "001.png"}
@@ -145,7 +145,7 @@ def test_a_crash_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, how: str)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0
     saved = checkpoint.find(run)
-    step = torch.load(saved / checkpoint.STATE, weights_only=False)["step"]
+    step = checkpoint.read_state(saved)["step"]
     assert 0 < step < 400
     if how == "SIGTERM":  # a polite stop checkpoints the step it reached and says how to resume
         assert f"stopped after step {step}; continue with: vlframe train ... --resume {run}" in output
@@ -204,9 +204,8 @@ def test_a_failed_resume_changes_nothing_in_the_folder_it_names(tmp_path: Path) 
     # A folder that is a checkpoint but not a training one (a conversion has no optimiser state).
     conv = tmp_path / "conv"
     (tmp_path / "run" / "checkpoints" / "step_000003").rename(conv)
-    state = torch.load(conv / checkpoint.STATE, weights_only=False)
-    torch.save({"step": 0, "converted_from": {"importer": "x"}, "config_hash": state["config_hash"]},
-               conv / checkpoint.STATE)
+    state = checkpoint.read_state(conv)
+    checkpoint.write_state(conv, {"step": 0, "converted_from": {"importer": "x"}, "config_hash": state["config_hash"]})
     before = {p.name: p.read_bytes() for p in conv.iterdir()}
     result = run_main("train", str(TINY), "--resume", str(conv), *sets(overrides))
     assert result.code == 2 and "not a training checkpoint" in result.err

@@ -65,7 +65,7 @@ def test_a_run_lands_in_the_embedded_store(tmp_path: Path, registry: Registry) -
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "tokenizer.model", "checkpoint"} <= artifacts
     saved = {a.path for a in client.list_artifacts(result.run_id, "checkpoint")}
-    assert {"checkpoint/model.safetensors", "checkpoint/state.pt", "checkpoint/tokenizer.model"} <= saved
+    assert {"checkpoint/model.safetensors", "checkpoint/state.json", "checkpoint/state.safetensors", "checkpoint/tokenizer.model"} <= saved
 
 
 @pytest.mark.slow

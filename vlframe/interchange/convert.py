@@ -2,7 +2,7 @@
 
 ``import_checkpoint`` returns the converted model in memory, ready to caption, embed or evaluate;
 ``convert_checkpoint`` writes it as a vlframe checkpoint folder (config.yaml, model.safetensors,
-tokenizer.model, state.pt at step 0) that ``vlframe eval``, ``vlframe caption``,
+tokenizer.model, a state at step 0) that ``vlframe eval``, ``vlframe caption``,
 :func:`vlframe.inference.trained.load_trained` and ``train.init_from`` (fine-tuning) all accept.
 """
 
@@ -121,10 +121,8 @@ def convert_checkpoint(
 
 def _is_conversion(folder: Path) -> bool:
     """Whether ``folder`` was written by :func:`convert_checkpoint` (so replacing it loses nothing)."""
-    import torch
-
-    try:  # weights_only: a folder someone else made is read without running anything in it
-        state = torch.load(folder / checkpoint.STATE, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - unreadable or absent: not ours to replace
+    try:  # read_state never runs anything a folder someone else made holds
+        state = checkpoint.read_state(folder)
+    except checkpoint.CheckpointError:  # unreadable or absent: not ours to replace
         return False
     return isinstance(state, dict) and "converted_from" in state

@@ -1,14 +1,24 @@
-"""Checkpoints: safetensors weights plus everything needed to continue exactly.
+"""Checkpoints: safetensors weights plus everything needed to continue exactly, none of it code.
 
-A checkpoint is a folder holding ``model.safetensors``, ``state.pt`` (step, and for training
-checkpoints the optimiser, scheduler, RNG states and tracking run id), ``config.yaml`` and the
-tokenizer. :func:`write` is the one writer of checkpoint folders (training's ``step_NNNNNN/``
-and converted models alike): it writes under a temporary name beside the target and renames it
-into place, so a crash mid-write never leaves a half checkpoint where ``--resume`` would look.
+A checkpoint is a folder holding ``model.safetensors`` (the weights), ``state.json`` (step, and
+for training checkpoints the optimiser's settings, the schedule, the RNG states, the data
+position, the tracking run id) with ``state.safetensors`` (the state's tensors: the optimiser's
+moments, torch's RNG state), ``config.yaml`` and the tokenizer. Nothing in it is unpickled: JSON
+and safetensors cannot run code, so a checkpoint from anywhere (a shared tracking server, a
+colleague's folder) is safe to read. Checkpoints of earlier versions (``state.pt``, a pickle)
+are read with ``torch.load(weights_only=True)`` and only the few numpy types their RNG state
+needs; one that holds anything else is refused, naming the file.
+
+:func:`write` is the one writer of checkpoint folders (training's ``step_NNNNNN/`` and converted
+models alike): it writes under a temporary name beside the target and renames it into place, so
+a crash mid-write never leaves a half checkpoint where ``--resume`` would look, and a write that
+fails (a full disk) removes what it wrote and leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import shutil
@@ -17,15 +27,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-STATE = "state.pt"
+from registry import VlframeError
+
+STATE = "state.json"
+STATE_TENSORS = "state.safetensors"
+LEGACY_STATE = "state.pt"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.model"
 #: The folder of a run that holds its checkpoints.
 FOLDER = "checkpoints"
+
+
+class CheckpointError(VlframeError):
+    """A checkpoint that cannot be read (or is refused), or cannot be written."""
+
+
+class DiskFullError(CheckpointError):
+    """No space left where a checkpoint was being written."""
+
+
+# -- RNG state ---------------------------------------------------------------------------------
 
 
 def rng_state() -> dict[str, Any]:
@@ -36,24 +61,122 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# -- the state codec: JSON for structure, safetensors for tensors --------------------------------
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON data; tensors and arrays go to ``tensors`` and are referred to by name."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, np.ndarray):
+        name = f"t{len(tensors)}"
+        tensors[name] = torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value).contiguous()
+        return {"__ndarray__": name, "dtype": str(value.dtype)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint's state")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy().astype(value["dtype"])
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def _legacy_globals() -> list[Any]:
+    """The numpy types an earlier version's ``state.pt`` holds (its numpy RNG state), and no more."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The state of checkpoint ``path``, read without running anything it holds.
+
+    Raises :class:`CheckpointError` naming the file when it is unreadable, truncated, or (an
+    earlier version's pickle) holds objects other than tensors, containers and numbers.
+    """
+    state_file = path / STATE
+    if state_file.is_file():
+        try:
+            data = json.loads(state_file.read_text(encoding="utf-8"))
+            tensors = load_file(str(path / STATE_TENSORS)) if (path / STATE_TENSORS).is_file() else {}
+            state = _decode(data, tensors)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{state_file}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+        except Exception as exc:  # safetensors' own errors for a truncated file
+            raise CheckpointError(f"{path / STATE_TENSORS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{state_file}: not a checkpoint state (a {type(state).__name__})")
+        return state
+    legacy = path / LEGACY_STATE
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_legacy_globals()):
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{legacy}: refused: it holds objects that would run code when loaded, not only "
+                              f"tensors and numbers ({_short(exc)}); vlframe never unpickles such files") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {STATE} (not a vlframe checkpoint)") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or not a pickle at all
+        raise CheckpointError(f"{legacy}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{legacy}: not a checkpoint state (a {type(state).__name__})")
+    return state
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+# -- writing ---------------------------------------------------------------------------------------
 
 
 def write(target: Path, model: nn.Module, state: dict[str, Any], files: dict[str, Path | str]) -> Path:
     """Write the checkpoint folder ``target`` atomically (replacing one already there); return it.
 
     ``files`` maps names to copy in (paths) or to write (text), e.g. the config and tokenizer.
+    A full disk is a :class:`DiskFullError` saying where and how much was needed; what was
+    written is removed and the folder there before (if any) is left as it was.
     """
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         save_model(model, str(tmp / WEIGHTS))  # handles tied weights (saved once)
-        torch.save(state, tmp / STATE)
+        write_state(tmp, state)
         for name, content in files.items():
             if isinstance(content, Path):
                 shutil.copyfile(content, tmp / name)
@@ -62,9 +185,46 @@ def write(target: Path, model: nn.Module, state: dict[str, Any], files: dict[str
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"no space left on the device writing {target}: it needs about "
+                                f"{checkpoint_size(model, state) / 2**20:.0f} MiB, and "
+                                f"{shutil.disk_usage(target.parent).free / 2**20:.0f} MiB are free there; the "
+                                "checkpoints before it are intact") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` into ``folder`` as ``state.json`` + ``state.safetensors`` (its tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, tensors)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE).write_text(json.dumps(encoded, allow_nan=True), encoding="utf-8")
+
+
+def checkpoint_size(model: nn.Module, state: dict[str, Any]) -> int:
+    """Bytes a checkpoint of ``model`` with ``state`` takes, roughly (weights + state tensors)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.state_dict().values():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+
+    def walk(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        return 0
+
+    return total + walk(state)
 
 
 def save(
@@ -87,20 +247,6 @@ def save(
 def step_folder(directory: Path, step: int) -> Path:
     """Where the checkpoint of ``step`` goes in a checkpoints folder: ``step_000300``."""
     return directory / f"step_{step:06d}"
-
-
-def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
-    """Load the weights of checkpoint ``path`` whose names and shapes fit ``model``; return the
-    model's parameters left as they were and the checkpoint's weights not used."""
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path / WEIGHTS))
-    own = model.state_dict()
-    fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(fitting, strict=False)
-    loaded = {own[k].data_ptr() for k in fitting}  # a tied weight is loaded through its twin
-    fresh = [k for k in own if k not in fitting and own[k].data_ptr() not in loaded]
-    return sorted(fresh), sorted(set(saved) - set(fitting))
 
 
 def sweep_partial(directory: Path) -> list[Path]:
@@ -129,13 +275,47 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / WEIGHTS))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {WEIGHTS}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+
+
+def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
+    """Load the weights of checkpoint ``path`` whose names and shapes fit ``model``; return the
+    model's parameters left as they were and the checkpoint's weights not used."""
+    saved = _load_weights(path)
+    own = model.state_dict()
+    fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    loaded = {own[k].data_ptr() for k in fitting}  # a tied weight is loaded through its twin
+    fresh = [k for k in own if k not in fitting and own[k].data_ptr() not in loaded]
+    return sorted(fresh), sorted(set(saved) - set(fitting))
+
+
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
-    """Restore weights (and optimiser/scheduler when given) from a checkpoint folder; return its state."""
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    """Restore weights (and optimiser/scheduler when given) from a checkpoint folder; return its state.
+
+    Raises :class:`CheckpointError` for a checkpoint that cannot be read, ``ValueError`` /
+    ``RuntimeError`` for one that does not fit the model, ``KeyError`` when the optimiser or
+    scheduler state asked for is not there (not a training checkpoint)."""
+    state = read_state(path)  # the state first: a refused or unreadable state touches nothing
+    saved = _load_weights(path)
+    own = model.state_dict()
+    # Tied weights are stored once, under one of their names.
+    missing = [k for k in own if k not in saved and not any(own[k].data_ptr() == own[o].data_ptr() and o in saved
+                                                             for o in own)]
+    unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS} does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    state = read_state(path)
+    model.load_state_dict(saved, strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -144,26 +324,41 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None =
 
 
 def is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a complete checkpoint folder."""
-    return (path / STATE).is_file()
+    """Whether ``path`` is a complete checkpoint folder (of this version or an earlier one)."""
+    return (path / STATE).is_file() or (path / LEGACY_STATE).is_file()
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """The ``state.pt`` of checkpoint ``path``."""
-    return torch.load(path / STATE, map_location="cpu", weights_only=False)
+def candidates(path: Path) -> list[Path]:
+    """The complete checkpoints at ``path`` (itself, or a run folder's), newest first."""
+    if is_checkpoint(path):
+        return [path]
+    folder = path / FOLDER if (path / FOLDER).is_dir() else path
+    return sorted((p for p in folder.glob("step_*") if is_checkpoint(p)), reverse=True)
 
 
 def find(path: Path) -> Path | None:
     """``path`` itself if it is a checkpoint, else the newest checkpoint in a run folder."""
-    if is_checkpoint(path):
-        return path
-    folder = path / FOLDER if (path / FOLDER).is_dir() else path
-    found = sorted(p for p in folder.glob("step_*") if (p / STATE).is_file())
-    return found[-1] if found else None
+    found = candidates(path)
+    return found[0] if found else None
+
+
+def find_readable(path: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint at ``path`` whose weights and state can be read, and a line for each
+    newer one passed over (truncated, corrupt) saying why."""
+    passed: list[str] = []
+    for ckpt in candidates(path):
+        try:
+            read_state(ckpt)
+            _load_weights(ckpt)
+        except CheckpointError as exc:
+            passed.append(f"{ckpt.name} skipped: {exc}")
+            continue
+        return ckpt, passed
+    return None, passed
 
 
 def prune(directory: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
-    found = sorted(p for p in directory.glob("step_*") if (p / STATE).is_file())
+    found = sorted(p for p in directory.glob("step_*") if is_checkpoint(p))
     for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -40,7 +40,7 @@ def main() -> int:
     import torch
 
     from vlframe.config import files as configfile
-    from vlframe.training.trainer import Trainer, default_run_dir
+    from vlframe.training.trainer import Trainer
 
     config_path = ROOT / "configs" / "flickr8k.yaml"
     overrides = [f"train.steps={args.steps}", f"data.train.path={DATA / 'train.jsonl'}",
@@ -50,9 +50,9 @@ def main() -> int:
     print(f"budget: {t.steps} steps x batch {t.batch_size} (one random caption per image per step), "
           f"{t.optimizer} lr {t.lr}, warmup {t.warmup_steps}, {t.schedule}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
-    run_dir = args.run_dir or default_run_dir(config_path, ROOT / "runs")
     began = time.time()
-    result = Trainer(config, registry, run_dir=run_dir).fit()
+    result = Trainer(config, registry, run_dir=args.run_dir, name=config_path.stem).fit()
+    run_dir = result.run_dir
     elapsed = time.time() - began
     val = result.val
     print(f"\nflickr8k val ({elapsed:.0f} s for {result.step} steps, run {run_dir}):")

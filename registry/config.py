@@ -39,9 +39,20 @@ SCHEMA_KIND_KEY = "x-vlframe-kind"
 
 
 class ConfigModel(BaseModel):
-    """Base of every vlframe config model: unknown fields are errors, assignments are validated."""
+    """Base of every vlframe config model: unknown fields are errors, assignments are validated,
+    numbers are finite (``.inf`` and ``.nan`` are refused) and a boolean is not a number (YAML's
+    ``true`` would otherwise be taken as 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            raise_problems(cls.__name__, [((name,), f"expected a number, got a boolean ({str(value).lower()})")
+                                          for name, value in data.items() if isinstance(value, bool)
+                                          and name in cls.model_fields and _numbers_only(cls.model_fields[name].annotation)])
+        return data
 
 
 class ComponentConfig(ConfigModel):
@@ -56,6 +67,20 @@ class ObjectiveConfig(ComponentConfig):
     weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="Multiplier of this loss in the total.")
     #: Model outputs this objective reads (e.g. ``image_embeds``); a model builder checks them.
     requires: ClassVar[frozenset[str]] = frozenset()
+
+
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field's type takes numbers but not booleans (``int``, ``float | None``, ...)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _numbers_only(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(members) and all(_numbers_only(a) for a in members)
+    return annotation in (int, float)
 
 
 def _dispatch(kind: Kind):
@@ -144,6 +169,11 @@ def raise_problems(title: str, problems: Sequence[tuple[tuple[str | int, ...], s
     raise ValidationError.from_exception_data(title, details)
 
 
+#: Bounds on sizes every model shares: past them a config is a typo, not a model (a size a
+#: builder takes may be bounded by its own config; vlframe.api also refuses absurd totals).
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 20
+
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -157,10 +187,10 @@ class ModelConfig(ComponentConfig):
     reaches would sit idle in one process and stop DDP at its second step).
     """
 
-    vocab_size: int = Field(64000, gt=0, description="Token vocabulary of the text side (an upper bound "
-                            "for the tokenizer).")
-    context_length: int = Field(64, gt=1, description="Longest text, in tokens, BOS and EOS included.")
-    pad_id: int = Field(0, ge=0, description="Padding token id, for inputs given without a mask.")
+    vocab_size: int = Field(64000, gt=0, le=MAX_VOCAB, description="Token vocabulary of the text side (an upper "
+                            "bound for the tokenizer).")
+    context_length: int = Field(64, gt=1, le=MAX_CONTEXT, description="Longest text, in tokens, BOS and EOS included.")
+    pad_id: int = Field(0, ge=0, description="Padding token id, for inputs given without a mask (below vocab_size).")
     objectives: dict[str, component(Kind.OBJECTIVE)] = Field(
         description="Losses by name; the total is their weighted sum.")
 
@@ -203,6 +233,8 @@ class ModelConfig(ComponentConfig):
             for need in sorted(needs - produced):
                 hint = f" (set {self.producers[need]})" if need in self.producers else ""
                 problems.append((("objectives", name), f"needs {need}, which this model does not produce{hint}"))
+        if self.pad_id >= self.vocab_size:
+            problems.append((("pad_id",), f"{self.pad_id} is outside the vocabulary (vocab_size {self.vocab_size})"))
         problems += self.wiring_problems()
         if self.objectives and not problems:  # only once the wiring itself is sound
             for part, outputs in self.trained_parts().items():

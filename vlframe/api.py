@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,48 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         counts[group] = sum(counts.get(part, 0) for part in parts)
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+#: Above this a parameter count is a typo in a size, not a model: refused before anything is built.
+MAX_PARAMETERS = 10**12
+#: Bytes per parameter that training holds at least: float32 weights and gradients, and the
+#: optimiser's state (AdamW: two moments; Adafactor: factored, about nothing).
+TRAINING_BYTES_PER_PARAMETER = {"adamw": 16, "adafactor": 8}
+
+
+def check_size(config: VlframeConfig, registry: Registry, *, training: bool = False, device: torch.device | None = None,
+               shards: int = 1) -> int:
+    """Build the model on the meta device (no memory) and refuse it, as a config problem, when
+    its parameter count is absurd, or (``training``) when its weights, gradients and optimiser
+    state alone (``shards``: split over that many ranks) exceed the memory of ``device``.
+    Returns the parameter count."""
+    model = build_model(config, registry=registry, device="meta")
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise ConfigError([Problem("model", f"{count / 1e9:,.0f}B parameters ({count * 4 / 2**40:,.1f} TiB of float32 "
+                                            f"weights): more than any model vlframe builds ({MAX_PARAMETERS / 1e9:.0f}B); "
+                                            "check its sizes (width, layers, vocab_size)")])
+    if training:
+        per = TRAINING_BYTES_PER_PARAMETER.get(config.train.optimizer, 16)
+        need, have = count * per / shards, memory_of(device or torch.device("cpu"))
+        if have and need > have:
+            raise ConfigError([Problem("model", f"{count / 1e6:,.0f}M parameters need {need / 2**30:,.1f} GiB to train "
+                                                f"(float32 weights, gradients and {config.train.optimizer} state, before "
+                                                f"any activation), more than the {have / 2**30:,.1f} GiB of this "
+                                                f"{'GPU' if (device and device.type == 'cuda') else 'machine'}; make the "
+                                                "model smaller")])
+    return count
+
+
+def memory_of(device: torch.device) -> int | None:
+    """Bytes of memory ``device`` has: a GPU's, or this machine's (its cgroup limit where lower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            total = min(total, int(Path(limit).read_text().strip()))
+    return total

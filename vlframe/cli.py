@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (tracked in MLflow); runs under torchrun too")
     p.add_argument("file", type=Path)
     _add_set(p)
-    p.add_argument("--run-dir", type=Path, help="run folder (default: <train.output_dir>/<config>-<time>)")
+    p.add_argument("--run-dir", type=Path, help="run folder (default: a new <train.output_dir>/<config>-<date>-<time>-<hex>)")
     p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
                    help="continue from a checkpoint folder, or the newest checkpoint of a run folder")
     p.set_defaults(func=cmd_train)
@@ -264,17 +264,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    """Validate each file, then build its model on the meta device (no memory), so that
-    settings which only conflict once parts meet (say, heads that do not divide a width) are
-    caught here rather than at training time."""
-    from vlframe.api import build_model
+    """Validate each file, then build its model on the meta device (no memory) and its
+    tokenizer, so that settings which only conflict once parts meet (heads that do not divide a
+    width, a tokenizer with more pieces than the model's vocabulary, an absurd size) are caught
+    here rather than at training time."""
+    from vlframe.api import build_tokenizer, check_size
     from vlframe.config import files as configfile
 
     failed = False
     for path in args.files:
         try:
             config, registry = configfile.load(path, args.overrides)
-            build_model(config, registry=registry, device="meta")
+            check_size(config, registry)
+            if config.tokenizer is not None:
+                build_tokenizer(config, registry)
         except ConfigError as exc:
             failed = True
             for problem in exc.problems:  # a problem without a file (from --set) belongs to this one
@@ -397,23 +400,21 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vlframe.config import files as configfile
-    from vlframe.runs.folder import RunDir
-    from vlframe.training.trainer import Trainer, default_run_dir
+    from vlframe.training.trainer import Trainer
 
     config, registry = configfile.load(args.file, args.overrides)
-    run_dir = args.run_dir
-    if run_dir is None and args.resume is not None:
-        run_dir = RunDir.of(args.resume).path  # continue in the folder it came from
-    run_dir = run_dir or default_run_dir(args.file, config.train.output_dir)
-    result = Trainer(config, registry, run_dir=run_dir, resume=args.resume).fit()
+    result = Trainer(config, registry, run_dir=args.run_dir, resume=args.resume, name=args.file.stem).fit()
     if result.checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps; final checkpoint: {result.checkpoint}")
     return 0
 
 
 def _datasets(config, registry, split: str):
+    from vlframe.data.samples import set_max_image_pixels
+
     if config.data is None:
         raise ConfigError([Problem("data", "this config has no data section")])
+    set_max_image_pixels(config.data.max_image_pixels)
     block = config.data.train if split == "train" else config.data.val
     if block is None:
         raise ConfigError([Problem(f"data.{split}", "not set")])
@@ -440,7 +441,14 @@ def cmd_data_write_shards(args: argparse.Namespace) -> int:
     config, registry = configfile.load(args.file, args.overrides)
     dataset = _datasets(config, registry, args.split)
     paths, written, skipped = write_shards(dataset, args.out, prefix=args.split, shard_size=args.shard_size)
-    print(f"wrote {written} samples to {len(paths)} shard(s) in {args.out} ({skipped} unusable skipped)")
+    built = list(getattr(dataset, "skipped", []))  # set aside when the dataset was built
+    total = len(skipped) + len(built)
+    print(f"wrote {written} samples to {len(paths)} shard(s) in {args.out}; {total} unusable skipped"
+          + (f" ({len(built)} when the dataset was built, {len(skipped)} when read)" if total else ""))
+    for err in [*built, *skipped][:10]:
+        print(f"  skipped {err}")
+    if total > 10:
+        print(f"  ... and {total - 10} more")
     print(f"use them with: data.{args.split}: {{type: shards, urls: {args.out}/{args.split}-{{000000..{len(paths) - 1:06d}}}.tar}}")
     return 0
 

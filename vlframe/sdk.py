@@ -43,6 +43,8 @@ _EXPORTS = {
     "ACTIVATIONS": "vlframe.nn.transformer",
     "init_weights": "vlframe.nn.transformer",
     "TransformerConfig": "vlframe.nn.config",
+    "MAX_WIDTH": "vlframe.nn.config",
+    "MAX_LAYERS": "vlframe.nn.config",
     "KVCache": "vlframe.nn.cache",
     # model builders
     "ModelBase": "vlframe.nn.model",
@@ -110,7 +112,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from vlframe.inference.trained import Trained, frozen
     from vlframe.nn.attention import Attention, check_backend, set_attention_backend
     from vlframe.nn.cache import KVCache
-    from vlframe.nn.config import TransformerConfig
+    from vlframe.nn.config import MAX_LAYERS, MAX_WIDTH, TransformerConfig
     from vlframe.nn.model import ModelBase, ModelBuilderConfig
     from vlframe.nn.outputs import ModelOutput
     from vlframe.nn.transformer import ACTIVATIONS, MLP, Block, QuickGELU, init_weights

@@ -6,7 +6,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry import ComponentConfig, ComponentSpec, hookimpl
-from vlframe.sdk import init_weights
+from vlframe.sdk import MAX_WIDTH, init_weights
 
 
 class LinearConfig(ComponentConfig):
@@ -22,7 +22,7 @@ class Linear(nn.Linear):
 
 
 class MLPConfig(ComponentConfig):
-    hidden_dim: int | None = Field(None, gt=0, description="Hidden size; default in_dim.")
+    hidden_dim: int | None = Field(None, gt=0, le=16 * MAX_WIDTH, description="Hidden size; default in_dim.")
 
 
 class MLPProjection(nn.Sequential):

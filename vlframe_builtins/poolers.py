@@ -21,8 +21,8 @@ from vlframe.sdk import Attention, init_weights
 
 
 class AttentionalPoolerConfig(ComponentConfig):
-    n_query: int = Field(256, gt=0, description="Number of learned queries (tokens out).")
-    heads: int = Field(8, gt=0)
+    n_query: int = Field(256, gt=0, le=65536, description="Number of learned queries (tokens out).")
+    heads: int = Field(8, gt=0, le=1024)
     norm_eps: float = Field(1e-5, gt=0)
     query_norm: bool = Field(False, description="LayerNorm on the learned queries before they attend (open_clip).")
     summary_queries: int = Field(

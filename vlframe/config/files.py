@@ -49,11 +49,18 @@ class _StrictLoader(yaml.SafeLoader):
 def read_yaml(path: Path) -> Data:
     """One YAML file as a mapping; errors name the file (and line, for syntax errors)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError([Problem("", "file not found", str(path))]) from None
     except OSError as exc:
         raise ConfigError([Problem("", f"cannot read: {exc.strerror}", str(path))]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([Problem("", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded "
+                                   "(config files are UTF-8)", f"{path}:{line}:{column}")]) from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -122,8 +129,10 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str] | Mapping[
                 raise ConfigError([Problem("--set", f"expected KEY=VALUE, got '{text}'")])
             try:
                 value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                value = raw  # not YAML: take the text as it is
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise ConfigError([Problem("--set", f"{key.strip()}={raw}: the value is not valid YAML ({problem}); "
+                                           "quote a string that holds YAML syntax, e.g. KEY='\"a: b\"'")]) from None
             items.append((key.strip(), value))
     result = copy.deepcopy(dict(data))
     for key, value in items:

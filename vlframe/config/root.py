@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from registry import ConfigModel, Kind, component, raise_problems
 
@@ -44,6 +44,9 @@ class DataConfig(ConfigModel):
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     val_batches: int | None = Field(None, gt=0, description="Validate on this many batches; default the whole split.")
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Larger images (width x height) are unusable samples, skipped and counted "
+        "like corrupt ones: a decompression bomb never reaches the decoder. Default: PIL's limit.")
 
 
 class TrainConfig(ConfigModel):
@@ -82,6 +85,17 @@ class TrainConfig(ConfigModel):
     init_strict: bool = Field(
         True, description="false: take only the init_from weights whose name and shape fit (an ablation that drops "
         "or resizes parts of a pretrained model); the rest keep their initialisation and the run lists them.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder(cls, path: Path) -> Path:
+        for ancestor in (path, *path.parents):  # the first part that exists must be a folder
+            if ancestor.exists():
+                if not ancestor.is_dir():
+                    raise ValueError(f"{ancestor} is a file, not a folder" if ancestor == path else
+                                     f"{path}: {ancestor} is a file, not a folder")
+                break
+        return path
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:

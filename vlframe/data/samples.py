@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+#: Images with more pixels are unusable samples (a decompression bomb would fill the memory):
+#: PIL's own default, changed with ``data.max_image_pixels`` (:func:`set_max_image_pixels`).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """The largest image (in pixels) :func:`load_image` decodes; larger ones are :class:`SampleError`."""
+    global _max_pixels
+    _max_pixels = int(limit)
+    Image.MAX_IMAGE_PIXELS = max(int(limit), DEFAULT_MAX_IMAGE_PIXELS)  # PIL refuses at 2x this itself
 
 
 @dataclass
@@ -33,13 +46,27 @@ def load_image(path: str | Path, key: str | None = None) -> Image.Image:
     """Open an image file fully decoded as RGB, or raise :class:`SampleError` saying why not."""
     key = key or str(path)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later in a transform
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(path) as img:
+                width, height = img.size  # from the header: nothing decoded yet
+                if width * height > _max_pixels:
+                    raise SampleError(key, _too_large(width, height))
+                img.load()  # decode now: a truncated file fails here, not later in a transform
+                return img.convert("RGB")
     except FileNotFoundError:
         raise SampleError(key, "file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise SampleError(key, f"image too large to decode safely ({exc}); see data.max_image_pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise SampleError(key, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    except MemoryError:
+        raise SampleError(key, "not enough memory to decode the image") from None
+
+
+def _too_large(width: int, height: int) -> str:
+    return (f"image too large ({width} x {height} = {width * height / 1e6:.0f} Mpixels, more than "
+            f"data.max_image_pixels {_max_pixels / 1e6:.0f} M)")
 
 
 def clean_captions(captions: list[str], key: str) -> list[str]:

@@ -25,7 +25,7 @@ from registry import Capability, ConfigError, Problem, Registry, VlframeError
 from vlframe.config import files as configfile
 from vlframe.config.root import DataConfig, VlframeConfig
 from vlframe.data.loading import build_transform
-from vlframe.data.samples import load_image
+from vlframe.data.samples import load_image, set_max_image_pixels
 from vlframe.inference.generation import GenerationConfig, caption
 from vlframe.runs import checkpoint, store, tags
 from vlframe.runs.folder import RunDir
@@ -253,6 +253,7 @@ def load_trained(
 
     ckpt, source_uri = resolve_checkpoint(source, tracking_uri)
     config, registry, missing = read_checkpoint_config(ckpt, registry)
+    set_max_image_pixels((config.data or DataConfig()).max_image_pixels)
     device = torch.device(device)
     model = build_model(config, registry=registry)
     state = checkpoint.load(ckpt, model)

@@ -9,22 +9,24 @@ from typing import Any
 from vlframe.data.samples import SampleError
 
 
-def write_shards(dataset: Any, out: Path, *, prefix: str = "train", shard_size: int = 1000) -> tuple[list[Path], int, int]:
+def write_shards(dataset: Any, out: Path, *, prefix: str = "train",
+                 shard_size: int = 1000) -> tuple[list[Path], int, list[SampleError]]:
     """Write every usable sample of ``dataset`` as ``<key>.jpg`` + ``<key>.txt`` (one caption per line).
 
-    Returns the shard paths, the samples written and the samples skipped as unusable.
+    Returns the shard paths, the samples written and the samples found unusable when read (those
+    the dataset set aside when it was built are its ``skipped``).
     """
     import webdataset as wds
 
     out.mkdir(parents=True, exist_ok=True)
-    written = skipped = 0
+    written, skipped = 0, []
     pattern = str(out / f"{prefix}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
         for index in range(len(dataset)):
             try:
                 sample = dataset[index]
-            except SampleError:
-                skipped += 1
+            except SampleError as err:
+                skipped.append(err)
                 continue
             jpeg = io.BytesIO()
             sample.image.save(jpeg, format="JPEG", quality=95)

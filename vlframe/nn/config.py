@@ -8,13 +8,20 @@ from registry import ComponentConfig, raise_problems
 from vlframe.nn.transformer import ACTIVATIONS
 
 
+# Past these a size is a typo, not a model (the widest published transformers are ~20k wide and
+# ~200 layers deep): refused at validation, before anything is built.
+MAX_WIDTH = 1 << 16
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+
+
 class TransformerConfig(ComponentConfig):
     """Width, depth, heads and MLP of a transformer stack; plugins extend it with their own fields."""
 
-    width: int = Field(512, gt=0)
-    layers: int = Field(6, ge=0)
-    heads: int = Field(8, gt=0)
-    mlp_dim: int | None = Field(None, gt=0, description="MLP hidden size; default 4 x width.")
+    width: int = Field(512, gt=0, le=MAX_WIDTH)
+    layers: int = Field(6, ge=0, le=MAX_LAYERS)
+    heads: int = Field(8, gt=0, le=MAX_HEADS)
+    mlp_dim: int | None = Field(None, gt=0, le=16 * MAX_WIDTH, description="MLP hidden size; default 4 x width.")
     activation: str = Field("gelu", description=f"One of {sorted(ACTIVATIONS)}.")
     norm_eps: float = Field(1e-5, gt=0)
 

@@ -190,7 +190,7 @@ def write(target: Path, model: nn.Module, state: dict[str, Any], files: dict[str
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(f"no space left on the device writing {target}: it needs about "
                                 f"{checkpoint_size(model, state) / 2**20:.0f} MiB, and "
-                                f"{shutil.disk_usage(target.parent).free / 2**20:.0f} MiB are free there; the "
+                                f"{free_space(target.parent) / 2**20:.0f} MiB are free there; the "
                                 "checkpoints before it are intact") from None
         raise
     finally:
@@ -204,6 +204,14 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
     encoded = _encode(state, tensors)
     save_file(tensors, str(folder / STATE_TENSORS))
     (folder / STATE).write_text(json.dumps(encoded, allow_nan=True), encoding="utf-8")
+
+
+def free_space(path: Path) -> int:
+    """Bytes free on the file system holding ``path`` (or its nearest existing parent)."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.is_dir():
+            return shutil.disk_usage(folder).free
+    return 0
 
 
 def checkpoint_size(model: nn.Module, state: dict[str, Any]) -> int:

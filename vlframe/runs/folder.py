@@ -6,11 +6,13 @@
       checkpoints/step_NNNNNN/   a checkpoint (see vlframe.runs.checkpoint)
       tracking/              the MLflow journal: journal.jsonl, delivered.json, run.json
       eval/NAME/             evaluations of the run's checkpoints (each with its own tracking/)
+      .lock                  while a process trains here: which one (see vlframe.runs.lock)
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vlframe.runs import checkpoint, tracking
+from vlframe.runs.lock import FolderLock
 
 
 class RunDir:
@@ -43,8 +46,17 @@ class RunDir:
 
     @classmethod
     def new(cls, output_dir: Path, stem: str) -> RunDir:
-        """A fresh folder name under ``output_dir``: ``<stem>-<date>-<time>``."""
-        return cls(Path(output_dir) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        """A folder of its own under ``output_dir``, created here: ``<stem>-<date>-<time>-<4 hex>``.
+
+        Created exclusively, so two runs started in the same second never share one."""
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        while True:
+            path = Path(output_dir) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return cls(path)
 
     @classmethod
     def of(cls, path: str | Path) -> RunDir:
@@ -80,6 +92,10 @@ class RunDir:
     def create(self) -> RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    def lock(self) -> FolderLock:
+        """The folder's lock (``.lock``), held by the process that trains in it."""
+        return FolderLock(self.path)
 
     def write_config(self, config: BaseModel) -> Path:
         """Write the resolved config (atomically)."""

@@ -8,15 +8,28 @@
 MLflow retries a dead server for minutes by default. vlframe bounds every request it makes
 (:func:`bounded`), for the duration of its own calls only: nothing in the process environment
 changes for good.
+
+An embedded store is created and its schema migrated by whichever process touches it first;
+MLflow does that without a lock, so two runs starting at once could leave it half-migrated for
+good. vlframe serialises the first touch of each store across processes (``mlflow.db.lock``),
+and a store found half-migrated is replaced when it holds no runs (the old file is kept beside
+it), or reported with the command that upgrades it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
+import sqlite3
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from registry import VlframeError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -61,14 +74,93 @@ def bounded(timeout_s: float) -> Iterator[None]:
                 os.environ[name] = value
 
 
+class StoreError(VlframeError):
+    """An embedded MLflow store that cannot be used as it is (and was not safe to replace)."""
+
+
 def client(uri: str) -> MlflowClient:
-    """An MLflow client of ``uri``; an embedded store's folder is created (sqlite creates only the file)."""
+    """An MLflow client of ``uri``; an embedded store is made ready first (see the module's text)."""
     from mlflow import MlflowClient
 
     db = sqlite_path(uri)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite(db)
     return MlflowClient(tracking_uri=uri)
+
+
+_PREPARED: set[Path] = set()
+
+
+def prepare_sqlite(db: Path) -> None:
+    """Create or migrate the embedded store ``db`` holding a lock no other process can hold meanwhile;
+    repair (or report) a store an earlier race or crash left half-migrated. Once per process."""
+    db = db.resolve()
+    if db in _PREPARED:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{db}"
+    with _exclusive(db.with_name(f"{db.name}.lock")):
+        leftover = _leftover_tables(db)
+        problem = f"table {leftover[0]} left by an interrupted schema migration" if leftover else None
+        if problem is None:
+            try:
+                _touch(uri)
+            except Exception as exc:  # noqa: BLE001 - a schema MLflow cannot use, whatever it says
+                problem = " ".join(str(exc).split())[:300]
+        if problem is not None:
+            if _holds_runs(db):
+                raise StoreError(f"the MLflow store {db} is half-migrated ({problem}) and holds runs, so vlframe "
+                                 f"leaves it as it is: back it up, then run `{sys.executable} -m mlflow db upgrade "
+                                 f"{uri}`, or move it away to start a new store")
+            aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(db, aside)
+            _touch(uri)
+            logging.getLogger("vlframe").warning(
+                "the MLflow store %s was half-migrated (%s) and held no runs: a new one replaces it (the old file is "
+                "%s)", db, problem, aside.name)
+    _PREPARED.add(db)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process creates or migrates the store
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _touch(uri: str) -> None:
+    """Open the store (creating and migrating its schema when needed)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+def _tables(db: Path) -> list[str]:
+    if not db.is_file() or db.stat().st_size == 0:
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        return [row[0] for row in con.execute("select name from sqlite_master where type = 'table'")]
+
+
+def _leftover_tables(db: Path) -> list[str]:
+    try:
+        return sorted(t for t in _tables(db) if t.startswith("_alembic_tmp_"))
+    except sqlite3.Error:
+        return []
+
+
+def _holds_runs(db: Path) -> bool:
+    try:
+        tables = _tables(db)
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return any(con.execute(f"select count(*) from {t}").fetchone()[0]  # noqa: S608 - names from the db
+                       for t in tables if t in ("runs", "_alembic_tmp_runs"))
+    except sqlite3.Error:
+        return True  # cannot tell: leave it alone
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:

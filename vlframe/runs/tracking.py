@@ -112,8 +112,11 @@ def _now_ms() -> int:
 def _write_json_atomic(path: Path, data: Any) -> None:
     # A crash mid-write must leave the previous version, never a truncated file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:  # a full disk leaves no partial file behind
+        tmp.unlink(missing_ok=True)
 
 
 class _Journal:
@@ -424,6 +427,7 @@ class Tracker:
         self._active = False  # between start and finish, and only when tracking is enabled
         self._retry_at = 0.0  # time.monotonic() before which no delivery is attempted
         self._last_flush = time.monotonic()
+        self._logged: dict[str, int] = {}  # a resumed run's newest journaled step, by metric key
 
     @classmethod
     def for_config(cls, cfg: TrackingConfig, folder: Path, *, uri: str) -> Tracker:
@@ -469,6 +473,12 @@ class Tracker:
         outbox.journal.write_run(info)
         outbox.load()
         self._active = True
+        if resuming and not attach:
+            # Training resumed from a checkpoint repeats the steps after it: each is logged once.
+            for event in outbox.journal.read(0):
+                if event.get("kind") == "metric":
+                    self._logged[event["key"]] = max(self._logged.get(event["key"], -1), int(event["step"]))
+            outbox.load()
 
         now = _now_ms()
         events = [{"kind": "param", "key": k, "value": str(v)} for k, v in (params or {}).items()]
@@ -483,8 +493,10 @@ class Tracker:
         if not self._active:
             return
         now = _now_ms()
-        self._outbox.record([{"kind": "metric", "key": k, "value": float(v), "step": int(step), "timestamp": now}
-                             for k, v in metrics.items()])
+        events = [{"kind": "metric", "key": k, "value": float(v), "step": int(step), "timestamp": now}
+                  for k, v in metrics.items() if int(step) > self._logged.get(k, -1)]
+        if events:
+            self._outbox.record(events)
         self._flush_if_due()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

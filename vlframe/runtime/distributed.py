@@ -66,6 +66,15 @@ def teardown(*, wait: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def broadcast_object(value: object) -> object:
+    """Rank 0's ``value`` on every rank (itself in a single process)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -9,6 +9,12 @@ over ``grad_accum`` micro-batches. :meth:`Trainer.fit` loops, calling the valida
 checkpointer and the tracker on schedule. Rank 0 alone logs, tracks and writes checkpoints. A
 SIGTERM/SIGINT or an error mid-run still leaves a checkpoint to ``--resume`` from.
 
+What can go wrong ends in one message (a :class:`registry.VlframeError`) and loses nothing: the
+run folder is locked while training (a second writer is refused), a loss or gradient that is no
+longer finite stops the run before the optimiser step (no weight changes, no checkpoint), a full
+disk or exhausted memory is said in words with what to change, and a set-up that fails leaves
+no folder behind it created.
+
 The model is used only through its contract (:class:`registry.protocols.Model`): ``image_size``,
 ``context_length``, ``objectives`` (and their ``metrics()``), ``no_weight_decay()``, ``forward``.
 """
@@ -16,13 +22,18 @@ The model is used only through its contract (:class:`registry.protocols.Model`):
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import gc
+import math
 import random
+import re
+import shutil
 import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+import traceback
 from typing import Any
 
 import numpy as np
@@ -33,10 +44,11 @@ from torch import nn
 
 from registry import ComponentError, ConfigError, Kind, Problem, Registry, VlframeError
 from registry.catalog import one_line
-from vlframe.api import build_model, build_tokenizer
+from vlframe.api import build_model, build_tokenizer, check_size
 from vlframe.config import files as configfile
 from vlframe.config.root import VlframeConfig
 from vlframe.data.loading import Collate, ImageTextSource, SkipLedger, build_transform, train_loader
+from vlframe.data.samples import set_max_image_pixels
 from vlframe.runs import checkpoint, store, tags
 from vlframe.runs.folder import RunDir
 from vlframe.runtime import distributed
@@ -59,16 +71,29 @@ class Interrupted(VlframeError):
     """Training stopped on a signal; a checkpoint was written."""
 
 
+class NumericalError(VlframeError):
+    """The loss or the gradients stopped being finite; training stopped before the optimiser step."""
+
+
+class OutOfMemory(VlframeError):
+    """An allocation failed while training (the message says at which batch size, and what to change)."""
+
+
 class Trainer:
-    def __init__(self, config: VlframeConfig, registry: Registry, *, run_dir: Path, resume: Path | None = None,
-                 console: Console | None = None) -> None:
+    def __init__(self, config: VlframeConfig, registry: Registry, *, run_dir: Path | None = None,
+                 resume: Path | None = None, name: str = "run", console: Console | None = None) -> None:
+        """``run_dir``: the run folder; default the folder ``resume`` names, else a new one
+        ``<train.output_dir>/<name>-<date>-<time>-<hex>``."""
         if config.data is None or config.data.train is None:
             raise ConfigError([Problem("data.train", "training needs a dataset (data.train: {type: ...})")])
         if config.tokenizer is None:
             raise ConfigError([Problem("tokenizer", "training needs a tokenizer (tokenizer: {type: ...}; "
                                        "vlframe plugins list --kind tokenizer shows them)")])
-        self.config, self.registry, self.resume = config, registry, resume
-        self.run = RunDir(run_dir)
+        self.config, self.registry, self.resume, self.name = config, registry, resume, name
+        if run_dir is None and resume is not None:
+            run_dir = RunDir.of(resume).path  # continue in the folder it came from
+        self.run: RunDir | None = RunDir(run_dir) if run_dir is not None else None
+        self._lock, self._created, self._set_up = None, False, False
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.rank, self.step, self.history = 0, 0, []
         self.val_metrics: dict[str, float] = {}
@@ -98,7 +123,16 @@ class Trainer:
             return TrainResult(self.run.path, self.step, final, self.history, self.val_metrics, self.run_id)
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED"
-            self._save_what_was_learnt()
+            translated = self._in_words(exc)
+            if isinstance(translated, OutOfMemory) and exc.__traceback__ is not None:
+                traceback.clear_frames(exc.__traceback__)  # let go of the step's tensors before saving
+                gc.collect()
+            if not isinstance(translated, NumericalError):  # the weights of a blown-up step are not saved
+                self._save_what_was_learnt()
+            else:
+                self._point_to_newest()
+            if translated is not exc:
+                raise translated from exc
             raise
         finally:
             self.close(status)
@@ -121,19 +155,52 @@ class Trainer:
             sums["loss"] += out.loss.detach().float() / t.grad_accum
             for name, value in out.losses.items():
                 sums[f"loss_{name}"] += value.detach().float() / t.grad_accum
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip is not None else None
+            del out
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if t.grad_clip is not None:
+            grad_norm = nn.utils.clip_grad_norm_(params, t.grad_clip)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+        losses = {f"train/{k}": distributed.all_reduce_mean(v).item() for k, v in sums.items()}
+        self._check_finite(losses, float(grad_norm))  # every rank sees the same values: all stop together
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - began
-        metrics = {f"train/{k}": distributed.all_reduce_mean(v).item() for k, v in sums.items()}
+        metrics = dict(losses)
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         metrics["train/images_per_s"] = t.batch_size / elapsed
-        if grad_norm is not None:
+        if t.grad_clip is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         metrics.update(objective_metrics(self.model))
         metrics["train/skipped"] = float(self.ledger.count)
         return metrics
+
+    def _check_finite(self, losses: dict[str, float], grad_norm: float) -> None:
+        if all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm):
+            return
+        shown = ", ".join(f"{k.removeprefix('train/')} {v:.4g}" for k, v in losses.items())
+        what = "the loss" if not all(math.isfinite(v) for v in losses.values()) else "the gradient norm"
+        raise NumericalError(
+            f"step {self.step + 1}: {what} is not finite ({shown}; gradient norm {grad_norm:.4g}): stopped before the "
+            "optimiser step, so no weight changed and no checkpoint was written; lower train.lr, set train.grad_clip "
+            "or use train.precision: fp32, then --resume from the newest checkpoint")
+
+    def _in_words(self, exc: BaseException) -> BaseException:
+        """A full disk or exhausted memory as the message a user can act on (else ``exc`` itself)."""
+        t = self.config.train
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            where = Path(exc.filename or (self.run.path if self.run is not None else t.output_dir))
+            return checkpoint.DiskFullError(f"no space left on the device writing {where} "
+                                            f"({checkpoint.free_space(where) / 2**20:.0f} MiB free there): free some "
+                                            "space, then --resume; the checkpoints written before are intact")
+        if isinstance(exc, RuntimeError) and _out_of_memory(exc):
+            micro = t.batch_size // (self.world * t.grad_accum)
+            return OutOfMemory(
+                f"out of memory at step {self.step + 1} ({_allocation(exc)}) with train.batch_size {t.batch_size} "
+                f"({self.world} rank(s) x {t.grad_accum} micro-batch(es) of {micro}): lower train.batch_size, or keep "
+                f"it and raise train.grad_accum (e.g. {t.grad_accum * 2}) so each micro-batch needs less memory")
+        return exc
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -149,18 +216,22 @@ class Trainer:
         random.seed(t.seed)
         np.random.seed(t.seed)
 
+        set_max_image_pixels(cfg.data.max_image_pixels)
         catalog = self.registry.catalog
-        # The model first: a component that does not build is reported before any work is done.
+        # The model first: a component that does not build (or would not fit) is reported
+        # before any work is done, and before anything is written.
+        check_size(cfg, self.registry, training=True, device=self.device)
         self.model = build_model(cfg, registry=self.registry)
         train_data = catalog.build(Kind.DATASET, cfg.data.train, path="data.train", split="train")
         val_data = (catalog.build(Kind.DATASET, cfg.data.val, path="data.val", split="val")
                     if cfg.data.val is not None else None)
         self.precision = resolve_precision(t.precision, self.device)
         self.autocast = autocast(self.precision, self.device)
+        self.tokenizer = self._saved_tokenizer(ckpt or init)
+        self.run = self._claim_folder()
         self.validator = Validator(cfg, self.registry, self.model, val_data, self.run,
                                    device=self.device, precision=self.precision)
-        self.run.create()
-        self.tokenizer = self._tokenizer(train_data, ckpt or init)
+        self.tokenizer = self._trained_tokenizer(train_data)
         self.validator.tokenizer = self.tokenizer
         if init is not None:
             self._initialise(init)
@@ -182,6 +253,7 @@ class Trainer:
         loader = train_loader(source, collate, cfg.data, global_batch=t.batch_size // t.grad_accum, rank=self.rank,
                               world=self.world, seed=t.seed, start_step=self.step * t.grad_accum)
         self.batches = iter(loader)
+        self._set_up = True
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         self._say(f"{train_data.describe()}; {params:.1f}M parameters; {self.world} rank(s) on {self.device.type}, "
                   f"{self.precision}; run folder {self.run.path}")
@@ -212,33 +284,83 @@ class Trainer:
         """The checkpoint to resume from, or the weights to start from (fine-tuning), or neither."""
         t = self.config.train
         if self.resume is not None:
-            ckpt = checkpoint.find(self.resume)
+            ckpt, passed = checkpoint.find_readable(self.resume)
+            for line in passed:  # a truncated or corrupt newer checkpoint: say so, use the one before
+                self._say(f"note: {line}", markup=False)
             if ckpt is None:
-                raise VlframeError(f"--resume {self.resume}: no checkpoint found there")
+                why = f": {'; '.join(passed)}" if passed else ""
+                raise VlframeError(f"--resume {self.resume}: no {'readable ' if passed else ''}checkpoint there{why}")
             return ckpt, None
         if t.init_from is not None:
-            init = checkpoint.find(t.init_from)
+            init, passed = checkpoint.find_readable(t.init_from)
+            for line in passed:
+                self._say(f"note: {line}", markup=False)
             if init is None:
-                raise ConfigError([Problem("train.init_from", f"{t.init_from}: no checkpoint there (a step_* folder "
-                                                             f"with {checkpoint.STATE}, or a run folder)")])
+                why = "; ".join(passed) or (f"no checkpoint there (a step_* folder with {checkpoint.STATE}, "
+                                            "or a run folder)")
+                raise ConfigError([Problem("train.init_from", f"{t.init_from}: {why}")])
             return None, init
         return None, None
 
-    def _tokenizer(self, train_data: Any, ckpt: Path | None) -> Any:
-        cfg = self.config
-        # A resumed (or fine-tuned) run reads the tokenizer its checkpoint was trained with.
+    def _claim_folder(self) -> RunDir:
+        """The run folder, made (a new one unless named) and locked by rank 0, and known to every rank.
+
+        A fresh run is refused in a folder holding checkpoints (it would mix two runs there)."""
+        path = None
+        if self.rank == 0:
+            run = self.run
+            if run is None:
+                run, self._created = RunDir.new(self.config.train.output_dir, self.name), True
+            else:
+                self._created = not run.path.exists()
+                try:
+                    run.path.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise VlframeError(f"{run.path}: cannot be the run folder (it, or a folder above it, is a "
+                                       "file)") from None
+            self._lock = run.lock()
+            note = self._lock.acquire()
+            if note:
+                self._say(f"note: {note}", markup=False)
+            if self.resume is None:
+                found = checkpoint.find(run.path)
+                if found is not None:
+                    raise VlframeError(f"{run.path} holds the checkpoints of an earlier run (newest {found.name}): "
+                                       f"continue it with --resume {run.path}, or train in another folder")
+                if run.record() is not None:  # an earlier attempt that never reached a checkpoint
+                    old = run.tracking.with_name(f"{run.tracking.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                    run.tracking.rename(old)
+                    self._say(f"note: starting over in {run.path}: the tracking journal of an earlier attempt "
+                              f"(no checkpoint) moved to {old.name}/", markup=False)
+            path = str(run.path)
+        return RunDir(distributed.broadcast_object(path))
+
+    def _saved_tokenizer(self, ckpt: Path | None) -> Any:
+        """The config's tokenizer; a resumed (or fine-tuned) run's is the one its checkpoint holds."""
         saved = ckpt / checkpoint.TOKENIZER if ckpt is not None else None
-        own_path = getattr(cfg.tokenizer, "path", None)
-        tokenizer = build_tokenizer(cfg, self.registry, saved if saved is not None and saved.is_file()
-                                    and own_path is None else None)
+        own_path = getattr(self.config.tokenizer, "path", None)
+        return build_tokenizer(self.config, self.registry, saved if saved is not None and saved.is_file()
+                               and own_path is None else None)
+
+    def _trained_tokenizer(self, train_data: Any) -> Any:
+        """The tokenizer, trained on the training captions when it is not yet; saved in the run folder."""
+        tokenizer = self.tokenizer
         if not tokenizer.trained:
             target = self.run.tokenizer_file
             if self.rank == 0:
                 self._say(f"training the tokenizer on the training captions -> {target}")
-                tokenizer.train(train_data.captions(), self.run.path)
+                try:
+                    tokenizer.train(train_data.captions(), self.run.path)
+                except (VlframeError, OSError):
+                    raise
+                except Exception as exc:  # the plugin's word on why: one line naming it
+                    raise ComponentError(f"tokenizer ({self.config.tokenizer.type}): training failed: "
+                                         f"{one_line(exc)}") from exc
             distributed.barrier()
             if self.rank != 0:
-                tokenizer = build_tokenizer(cfg, self.registry, target)
+                tokenizer = build_tokenizer(self.config, self.registry, target)
+        # Saved once: every checkpoint copies this file.
+        self.tokenizer_file = tokenizer.save(self.run.path) if self.rank == 0 else self.run.tokenizer_file
         return tokenizer
 
     def _initialise(self, init: Path) -> None:
@@ -298,7 +420,7 @@ class Trainer:
                       tags=run_tags, run_id=run_id)
         if run_id is None:
             tracker.log_artifact(self.run.config_file)
-            tracker.log_artifact(self.tokenizer.save(self.run.path))
+            tracker.log_artifact(self.tokenizer_file)
         return tracker
 
     # -- pieces of the loop ----------------------------------------------------------------
@@ -331,12 +453,15 @@ class Trainer:
         """Checkpoint this step (rank 0 writes; every rank waits for it)."""
         path = checkpoint.step_folder(self.run.checkpoints, self.step)
         if self.rank == 0:
+            bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is not None:  # never over the last good checkpoint
+                raise NumericalError(f"step {self.step}: the weight {bad} is not finite: not checkpointed")
             path = checkpoint.save(
                 self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
                 extra={"run_id": self.run_id, "skipped": dict(self.ledger.reasons), "config_hash": self.config_hash,
                        "plugins": self.plugins},
                 files={checkpoint.CONFIG: configfile.to_yaml(self.config),
-                       checkpoint.TOKENIZER: self.tokenizer.save(self.run.path)},
+                       checkpoint.TOKENIZER: self.tokenizer_file},
             )
             checkpoint.prune(self.run.checkpoints, self.config.train.keep_checkpoints)
             if final and self.tracker is not None:
@@ -352,7 +477,10 @@ class Trainer:
         if self.step > self.last_saved and self.step > 0:
             with contextlib.suppress(Exception):
                 self.save()
-        latest = checkpoint.find(self.run.path)
+        self._point_to_newest()
+
+    def _point_to_newest(self) -> None:
+        latest = checkpoint.find(self.run.path) if getattr(self, "batches", None) is not None else None
         if latest is not None:
             self._say(f"stopped after step {self.step}; continue with: vlframe train ... --resume {self.run.path} "
                       f"(newest checkpoint: {latest.name})", markup=False)
@@ -364,9 +492,18 @@ class Trainer:
             self._say(f"data: {self.ledger.report()}", markup=False)
         tracker = getattr(self, "tracker", None)
         if tracker is not None:
-            tracker.set_tags({tags.SKIPPED_SAMPLES: str(self.ledger.count)})
-            for line in tracker.finish(status):
-                self._say(line, markup=False)  # paths and server errors may hold [brackets]
+            try:
+                tracker.set_tags({tags.SKIPPED_SAMPLES: str(self.ledger.count)})
+                for line in tracker.finish(status):
+                    self._say(line, markup=False)  # paths and server errors may hold [brackets]
+            except OSError as exc:  # a full disk: the journal could not take the run's end
+                self._say(f"the end of the run ({status}) could not be journaled in {self.run.tracking} "
+                          f"({exc.strerror}); once there is space, resume or: vlframe tracking sync {self.run.path}",
+                          markup=False)
+        if self._lock is not None:
+            self._lock.release()
+        if not self._set_up and self._created and tracker is None and checkpoint.find(self.run.path) is None:
+            shutil.rmtree(self.run.path, ignore_errors=True)  # a set-up that failed leaves nothing behind
         # After a finished run every rank waits for the others before leaving the group (gloo
         # aborts a process that leaves while another still talks); a failed one leaves at once.
         distributed.teardown(wait=status == "FINISHED")
@@ -412,8 +549,21 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def default_run_dir(config_path: Path | None, output_dir: Path) -> Path:
-    return RunDir.new(output_dir, config_path.stem if config_path is not None else "run").path
+def _out_of_memory(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
-__all__ = ["Interrupted", "TrainResult", "Trainer", "default_run_dir"]
+def _allocation(exc: RuntimeError) -> str:
+    """What could not be allocated, from the allocator's message."""
+    text = str(exc)
+    found = re.search(r"tried to allocate (\d+) bytes", text)
+    if found:
+        return f"the CPU allocator could not get {int(found.group(1)) / 2**30:.2f} GiB more"
+    found = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", text)
+    if found:
+        return f"the GPU could not give {found.group(1)} more"
+    return " ".join(text.split())[:200]
+
+
+__all__ = ["Interrupted", "NumericalError", "OutOfMemory", "TrainResult", "Trainer"]

@@ -12,6 +12,7 @@ several captions separated by ``caption_separator``. Image paths are relative to
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -40,33 +41,53 @@ class ManifestConfig(DatasetConfig):
         return None
 
 
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
+    out = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                out.append((number, raw.decode("utf-8")))
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); manifests are UTF-8") from None
+    return out
+
+
 def _read_jsonl(cfg: ManifestConfig) -> list[tuple[str, list[str]]]:
     rows = []
-    with cfg.path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                image = record[cfg.image_key]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{cfg.path}:{number}: not a JSON object with '{cfg.image_key}': {exc}") from None
-            captions = record.get(cfg.caption_key, [])
-            rows.append((str(image), [captions] if isinstance(captions, str) else list(captions)))
+    for number, line in _lines(cfg.path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image = record[cfg.image_key]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{cfg.path}:{number}: not a JSON object with '{cfg.image_key}': {exc}") from None
+        captions = record.get(cfg.caption_key, [])
+        if isinstance(captions, str):
+            captions = [captions]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{cfg.path}:{number}: '{cfg.caption_key}' must be a string or a list of strings, "
+                             f"got {json.dumps(captions)[:80]}")
+        if not isinstance(image, str):
+            raise ValueError(f"{cfg.path}:{number}: '{cfg.image_key}' must be a path (a string), "
+                             f"got {json.dumps(image)[:80]}")
+        rows.append((image, captions))
     return rows
 
 
 def _read_csv(cfg: ManifestConfig) -> list[tuple[str, list[str]]]:
     grouped: OrderedDict[str, list[str]] = OrderedDict()
-    with cfg.path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {cfg.image_key, cfg.caption_key} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{cfg.path}: no column {', '.join(sorted(missing))}; columns: {reader.fieldnames}")
-        for row in reader:
-            cell = row[cfg.caption_key] or ""
-            parts = cell.split(cfg.caption_separator) if cfg.caption_separator else [cell]
-            grouped.setdefault(row[cfg.image_key], []).extend(parts)
+    text = "".join(line for _, line in _lines(cfg.path))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {cfg.image_key, cfg.caption_key} - set(reader.fieldnames or [])
+    if missing:
+        raise ValueError(f"{cfg.path}: no column {', '.join(sorted(missing))}; columns: {reader.fieldnames}")
+    for row in reader:
+        cell = row[cfg.caption_key] or ""
+        parts = cell.split(cfg.caption_separator) if cfg.caption_separator else [cell]
+        grouped.setdefault(row[cfg.image_key], []).extend(parts)
     return list(grouped.items())
 
 

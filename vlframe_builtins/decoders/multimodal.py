@@ -10,11 +10,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry import ComponentSpec, hookimpl
-from vlframe.sdk import Block, KVCache, TransformerConfig, init_weights
+from vlframe.sdk import MAX_LAYERS, Block, KVCache, TransformerConfig, init_weights
 
 
 class MultimodalDecoderConfig(TransformerConfig):
-    layers: int = Field(6, gt=0, description="Multimodal layers (the paper's n_multi).")
+    layers: int = Field(6, gt=0, le=MAX_LAYERS, description="Multimodal layers (the paper's n_multi).")
     cross_mlp: bool = Field(
         False, description="A second MLP after each cross-attention: self-attention, MLP, cross-attention, MLP "
         "(open_clip's CoCa); false: self-attention, cross-attention, MLP.")

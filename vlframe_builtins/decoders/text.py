@@ -15,11 +15,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry import ComponentSpec, hookimpl
-from vlframe.sdk import Block, KVCache, TransformerConfig, init_weights
+from vlframe.sdk import MAX_LAYERS, Block, KVCache, TransformerConfig, init_weights
 
 
 class TextDecoderConfig(TransformerConfig):
-    layers: int = Field(6, ge=0, description="Unimodal layers (the paper's n_uni).")
+    layers: int = Field(6, ge=0, le=MAX_LAYERS, description="Unimodal layers (the paper's n_uni).")
     embedding: Literal["cls", "mean"] = Field(
         "cls", description="Contrastive text embedding: appended CLS token, or mean of the tokens."
     )

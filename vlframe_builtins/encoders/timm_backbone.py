@@ -21,7 +21,7 @@ class TimmConfig(ComponentConfig):
     pretrained_path: ExistingFile | None = Field(
         None, description="Local weights (.safetensors, .pth, .bin); never fetched from a hub."
     )
-    image_size: int | None = Field(None, gt=0, description="Passed as img_size to models that take one.")
+    image_size: int | None = Field(None, gt=0, le=8192, description="Passed as img_size to models that take one.")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model arguments.")
 
     @field_validator("model_kwargs")

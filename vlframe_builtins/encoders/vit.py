@@ -11,15 +11,17 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry import ComponentSpec, hookimpl
-from vlframe.sdk import Block, TransformerConfig, init_weights
+from vlframe.sdk import MAX_LAYERS, MAX_WIDTH, Block, TransformerConfig, init_weights
+
+MAX_IMAGE_SIZE = 8192
 
 
 class ViTConfig(TransformerConfig):
-    image_size: int = Field(224, gt=0, description="Input height and width in pixels.")
-    patch_size: int = Field(16, gt=0)
-    width: int = Field(768, gt=0)
-    layers: int = Field(12, gt=0)
-    heads: int = Field(12, gt=0)
+    image_size: int = Field(224, gt=0, le=MAX_IMAGE_SIZE, description="Input height and width in pixels.")
+    patch_size: int = Field(16, gt=0, le=MAX_IMAGE_SIZE)
+    width: int = Field(768, gt=0, le=MAX_WIDTH)
+    layers: int = Field(12, gt=0, le=MAX_LAYERS)
+    heads: int = Field(12, gt=0, le=1024)
     class_token: bool = Field(False, description="Prepend a learned class token (for the 'cls' pooler).")
     patch_bias: bool = Field(True, description="Bias in the patch embedding (CLIP/open_clip towers have none).")
     final_norm: bool = Field(

@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry import Capability, Catalog, ComponentSpec, Kind, component, hookimpl
-from vlframe.sdk import KVCache, ModelBase, ModelBuilderConfig, ModelOutput
+from vlframe.sdk import MAX_WIDTH, KVCache, ModelBase, ModelBuilderConfig, ModelOutput
 
 # How a missing model output can be produced, for error messages.
 _PRODUCERS = {
@@ -35,7 +35,7 @@ _CAPTION_OUTPUTS = {"caption_states", "logits", "lm_head"}
 
 
 class CoCaConfig(ModelBuilderConfig):
-    embed_dim: int = Field(512, gt=0, description="Size of the shared contrastive embedding.")
+    embed_dim: int = Field(512, gt=0, le=MAX_WIDTH, description="Size of the shared contrastive embedding.")
     image_encoder: component(Kind.IMAGE_ENCODER)
     text_decoder: component(Kind.TEXT_DECODER)
     caption_pooler: component(Kind.POOLER) | None = None
@@ -115,6 +115,11 @@ class CoCaConfig(ModelBuilderConfig):
                              "use parallel for a contrastive pooler on the image tokens"))
         if self.caption_pooler is not None and not captioning and not (contrastive and cascade):
             problems.append((("caption_pooler",), "nothing reads the caption_pooler (no multimodal_decoder)"))
+        text = self.text_decoder
+        if contrastive and getattr(text, "layers", None) == 0 and getattr(text, "embedding", None) == "cls":
+            problems.append((("text_decoder", "layers"), "0 layers with a CLS text embedding: the CLS token never "
+                             "sees the caption, so the text embedding cannot learn; use at least 1 layer, or "
+                             "embedding: mean"))
         return problems
 
 

@@ -167,8 +167,11 @@ class ClipBPETokenizer:
         target = directory / FILENAME
         if target.resolve() != self.path.resolve():
             tmp = target.with_suffix(f".tmp{os.getpid()}")
-            shutil.copyfile(self.path, tmp)
-            os.replace(tmp, target)
+            try:
+                shutil.copyfile(self.path, tmp)
+                os.replace(tmp, target)
+            finally:  # a full disk leaves no partial file behind
+                tmp.unlink(missing_ok=True)
         return target
 
     def load(self, path: Path) -> None:

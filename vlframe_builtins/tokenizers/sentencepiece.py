@@ -20,6 +20,8 @@ from torch import Tensor
 from registry import ComponentConfig, ComponentSpec, ExistingFile, hookimpl
 
 FILENAME = "tokenizer.model"
+#: Smallest vocabulary worth training: the reserved pieces plus the lower-case letters and digits.
+MIN_VOCAB = 48
 
 
 class SentencePieceConfig(ComponentConfig):
@@ -37,6 +39,10 @@ class SentencePieceTokenizer:
     pad_id, bos_id, eos_id, unk_id, cls_id = 0, 1, 2, 3, 4
 
     def __init__(self, cfg: SentencePieceConfig, *, vocab_size: int) -> None:
+        if cfg.path is None and min(cfg.vocab_size or vocab_size, vocab_size) < MIN_VOCAB:
+            raise ValueError(f"a vocabulary of {min(cfg.vocab_size or vocab_size, vocab_size)} is too small to train: "
+                             f"SentencePiece needs at least {MIN_VOCAB} pieces (5 reserved, the rest for the "
+                             "captions' characters); raise model.vocab_size")
         self.cfg = cfg
         self.max_vocab = vocab_size
         self._sp = None
@@ -77,20 +83,26 @@ class SentencePieceTokenizer:
 
         target = min(self.cfg.vocab_size or self.max_vocab, self.max_vocab)
         model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=(self._normalise(t) for t in texts if t and t.strip()),
-            model_writer=model,
-            vocab_size=target,
-            hard_vocab_limit=False,  # a small corpus (synthetic captions) has fewer pieces: fine
-            model_type=self.cfg.model_type,
-            character_coverage=self.cfg.character_coverage,
-            input_sentence_size=self.cfg.max_sentences,
-            shuffle_input_sentence=True,
-            pad_id=self.pad_id, bos_id=self.bos_id, eos_id=self.eos_id, unk_id=self.unk_id,
-            user_defined_symbols=["<cls>"],
-            num_threads=1,  # one thread: the same captions always give the same vocabulary
-            minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(self._normalise(t) for t in texts if t and t.strip()),
+                model_writer=model,
+                vocab_size=target,
+                hard_vocab_limit=False,  # a small corpus (synthetic captions) has fewer pieces: fine
+                model_type=self.cfg.model_type,
+                character_coverage=self.cfg.character_coverage,
+                input_sentence_size=self.cfg.max_sentences,
+                shuffle_input_sentence=True,
+                pad_id=self.pad_id, bos_id=self.bos_id, eos_id=self.eos_id, unk_id=self.unk_id,
+                user_defined_symbols=["<cls>"],
+                num_threads=1,  # one thread: the same captions always give the same vocabulary
+                minloglevel=2,
+            )
+        except RuntimeError as exc:  # its messages are one line naming the setting to change
+            text = " ".join(str(exc).split())
+            why = text.rpartition("] ")[2] if "] " in text else text  # drop the C++ assertion
+            raise ValueError(f"SentencePiece could not train a {target}-piece vocabulary on these captions: {why} "
+                             "(the settings: model.vocab_size, tokenizer.character_coverage)") from None
         self._sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
         return self.save(directory)
 
@@ -99,8 +111,11 @@ class SentencePieceTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / FILENAME
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(self._processor().serialized_model_proto())
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(self._processor().serialized_model_proto())
+            os.replace(tmp, path)
+        finally:  # a full disk leaves no partial file behind
+            tmp.unlink(missing_ok=True)
         return path
 
     def encode(self, texts: Sequence[str], context_length: int) -> tuple[Tensor, Tensor]:

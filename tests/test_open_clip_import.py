@@ -293,7 +293,7 @@ def test_convert_then_caption_and_embed_from_the_command_line(tmp_path: Path) ->
     assert result.code == 2 and f"use --set train.init_from={out}" in result.err
     result = run_cli("convert", "open-clip", "--model", "coca_ViT-B-32", "--checkpoint", str(tmp_path / "nope.pt"),
                      "--out", str(tmp_path / "x"))
-    assert result.code == 2 and f"{tmp_path / 'nope.pt'}: no such checkpoint file" in result.err
+    assert result.code == 2 and f"{tmp_path / 'nope.pt'}: no such file" in result.err
 
 
 def test_coca_vit_l_14_maps_every_weight_to_its_vlframe_shape(registry: Registry) -> None:

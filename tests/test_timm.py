@@ -98,7 +98,7 @@ def test_arguments_a_model_does_not_take_are_build_errors(tmp_path: Path, regist
     )
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a tensor file")
-    with pytest.raises(BuildError, match="cannot read weights from .*junk.safetensors"):
+    with pytest.raises(BuildError, match="junk.safetensors: not a readable weights file"):
         build_model(CONFIGS / "coca_tiny.yaml", [TIMM_VIT, f"model.image_encoder.pretrained_path={junk}"],
                     registry=registry)
     with pytest.raises(ConfigError) as cfg_err:

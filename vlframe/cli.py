@@ -402,8 +402,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlframe.config import files as configfile
     from vlframe.training.trainer import Trainer
 
-    config, registry = configfile.load(args.file, args.overrides)
-    result = Trainer(config, registry, run_dir=args.run_dir, resume=args.resume, name=args.file.stem).fit()
+    from registry import BuildError
+
+    try:
+        config, registry = configfile.load(args.file, args.overrides)
+        result = Trainer(config, registry, run_dir=args.run_dir, resume=args.resume, name=args.file.stem).fit()
+    except ConfigError as exc:  # the problem is in this file (or its --set)
+        raise ConfigError([p if p.file else replace(p, file=str(args.file)) for p in exc.problems]) from exc
+    except BuildError as exc:  # a component of this file's config does not build
+        raise BuildError(f"{args.file}: {exc}") from exc
     if result.checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps; final checkpoint: {result.checkpoint}")
     return 0
@@ -468,7 +475,10 @@ def cmd_data_match_pairs(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     from vlframe.inference.trained import load_trained
 
-    return load_trained(args.source, device=args.device, precision=args.precision, tracking_uri=args.tracking_uri)
+    trained = load_trained(args.source, device=args.device, precision=args.precision, tracking_uri=args.tracking_uri)
+    for line in trained.passed_over:
+        print(f"note: {line}", file=sys.stderr)
+    return trained
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -83,6 +83,8 @@ _EXPORTS = {
     "frozen": "vlframe.inference.trained",
     "GenerationConfig": "vlframe.inference.generation",
     "generate": "vlframe.inference.generation",
+    # importers and pretrained weights
+    "read_weights_file": "vlframe.interchange.weights",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -109,6 +111,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from vlframe.evaluation.tasks import EvalResult, TaskContext
     from vlframe.evaluation.zeroshot import PROMPT_TEMPLATES, classify, zero_shot_classifier
     from vlframe.inference.generation import GenerationConfig, generate
+    from vlframe.interchange.weights import read_weights_file
     from vlframe.inference.trained import Trained, frozen
     from vlframe.nn.attention import Attention, check_backend, set_attention_backend
     from vlframe.nn.cache import KVCache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,11 @@ def load_image(path: str | Path, key: str | None = None) -> Image.Image:
                 return img.convert("RGB")
     except FileNotFoundError:
         raise SampleError(key, "file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise SampleError(key, f"image too large to decode safely ({exc}); see data.max_image_pixels") from None
+    except Image.DecompressionBombError as exc:  # PIL's own check, at twice its limit, came first
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{_pixels(int(found.group(1)))}, " if found else ""
+        raise SampleError(key, f"image too large ({size}more than data.max_image_pixels "
+                               f"{_pixels(_max_pixels)})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise SampleError(key, f"cannot decode image ({type(exc).__name__}: {exc})") from None
     except MemoryError:
@@ -65,8 +69,12 @@ def load_image(path: str | Path, key: str | None = None) -> Image.Image:
 
 
 def _too_large(width: int, height: int) -> str:
-    return (f"image too large ({width} x {height} = {width * height / 1e6:.0f} Mpixels, more than "
-            f"data.max_image_pixels {_max_pixels / 1e6:.0f} M)")
+    return (f"image too large ({width} x {height} = {_pixels(width * height)}, more than "
+            f"data.max_image_pixels {_pixels(_max_pixels)})")
+
+
+def _pixels(count: int) -> str:
+    return f"{count / 1e6:.0f} Mpixels" if count >= 10**6 else f"{count:,} pixels"
 
 
 def clean_captions(captions: list[str], key: str) -> list[str]:

@@ -10,7 +10,6 @@ through a journal, so that nothing is lost while the store is unreachable.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,8 +161,9 @@ def run_task(trained: Trained, config: TaskConfig, *, name: str | None = None, o
 
 
 def default_out_dir(trained: Trained, task: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return trained.run.eval_dir(f"{task}-{trained.checkpoint.name}-{stamp}")
+    from vlframe.runs.folder import unique_name
+
+    return trained.run.eval_dir(unique_name(f"{task}-{trained.checkpoint.name}"))
 
 
 def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *, uri: str | None = None,

@@ -59,6 +59,8 @@ class Trained:
     #: Config entries that named files no longer there (the training data, a tokenizer or weights
     #: file): the model does not need them, but "the run's validation split" is then unknown.
     missing_files: tuple[str, ...] = ()
+    #: Newer checkpoints of the run folder passed over (truncated, corrupt), each with why.
+    passed_over: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.run is None:
@@ -181,18 +183,22 @@ def _checkpoint_from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Path
     return found, uri
 
 
-def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> tuple[Path, str | None]:
-    """A checkpoint folder from a run folder, a checkpoint folder, or an MLflow run id (and the
-    store it came from, for a run id)."""
+def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> tuple[Path, str | None, list[str]]:
+    """A checkpoint folder from a run folder, a checkpoint folder, or an MLflow run id; the store
+    it came from (for a run id); and the newer checkpoints of a run folder passed over because
+    they could not be read, each with why."""
     path = Path(source)
     if path.exists():
-        found = checkpoint.find(path)
+        if checkpoint.is_checkpoint(path):  # named itself: used as it is (an unreadable one is an error)
+            return path, None, []
+        found, passed = checkpoint.find_readable(path)  # a run folder: its newest readable checkpoint
         if found is None:
-            raise LoadError(f"{path}: no checkpoint here (expected a step_* folder with {checkpoint.STATE}, "
-                            "or a run folder holding checkpoints/)")
-        return found, None
+            why = f" ({'; '.join(passed)})" if passed else ""
+            raise LoadError(f"{path}: no {'readable ' if passed else ''}checkpoint here{why} (expected a step_* "
+                            f"folder with {checkpoint.STATE}, or a run folder holding checkpoints/)")
+        return found, None, passed
     if _RUN_ID.match(str(source)):
-        return _checkpoint_from_mlflow(str(source), tracking_uri)
+        return (*_checkpoint_from_mlflow(str(source), tracking_uri), [])
     raise LoadError(f"{source}: neither a run folder, a checkpoint folder nor an MLflow run id")
 
 
@@ -251,7 +257,7 @@ def load_trained(
     """
     from vlframe.api import build_model, build_tokenizer
 
-    ckpt, source_uri = resolve_checkpoint(source, tracking_uri)
+    ckpt, source_uri, passed = resolve_checkpoint(source, tracking_uri)
     config, registry, missing = read_checkpoint_config(ckpt, registry)
     set_max_image_pixels((config.data or DataConfig()).max_image_pixels)
     device = torch.device(device)
@@ -262,7 +268,8 @@ def load_trained(
     # A run trained offline has no id in its checkpoints; its folder's record has one once synced.
     run_id = state.get("run_id") or RunDir.of(ckpt).run_id
     return Trained(model, tokenizer, config, registry, device, resolve_precision(precision, device), checkpoint=ckpt,
-                   run_id=run_id, step=int(state.get("step", 0)), source_uri=source_uri, missing_files=missing)
+                   run_id=run_id, step=int(state.get("step", 0)), source_uri=source_uri, missing_files=missing,
+                   passed_over=tuple(passed))
 
 
 @contextmanager

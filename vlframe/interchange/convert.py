@@ -67,8 +67,9 @@ def _import(importer: str, architecture: str | Path, checkpoint_file: str | Path
     model = build_model(config, registry=registry)
     try:
         weights = imp.convert(imp.read(Path(checkpoint_file)), architecture)
-    except ValueError as exc:
-        raise ConversionError(f"{checkpoint_file}: {exc}") from None
+    except ValueError as exc:  # the importer's word; named after the file unless it names it itself
+        text = str(exc)
+        raise ConversionError(text if text.startswith(str(checkpoint_file)) else f"{checkpoint_file}: {text}") from None
     expected = model.state_dict()
     problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
                 for k, v in weights.items() if k in expected and v.shape != expected[k].shape]

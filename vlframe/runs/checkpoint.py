@@ -146,8 +146,9 @@ def read_state(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_legacy_globals()):
             state = torch.load(legacy, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{legacy}: refused: it holds objects that would run code when loaded, not only "
-                              f"tensors and numbers ({_short(exc)}); vlframe never unpickles such files") from None
+        from vlframe.interchange.weights import refusal
+
+        raise CheckpointError(f"{legacy}: refused: {refusal(exc)}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {STATE} (not a vlframe checkpoint)") from None
     except Exception as exc:  # noqa: BLE001 - truncated or not a pickle at all
@@ -185,9 +186,9 @@ def write(target: Path, model: nn.Module, state: dict[str, Any], files: dict[str
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except OSError as exc:
+    except Exception as exc:  # OSError, or safetensors' own error for the same thing
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        if no_space(exc):
             raise DiskFullError(f"no space left on the device writing {target}: it needs about "
                                 f"{checkpoint_size(model, state) / 2**20:.0f} MiB, and "
                                 f"{free_space(target.parent) / 2**20:.0f} MiB are free there; the "
@@ -204,6 +205,12 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
     encoded = _encode(state, tensors)
     save_file(tensors, str(folder / STATE_TENSORS))
     (folder / STATE).write_text(json.dumps(encoded, allow_nan=True), encoding="utf-8")
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full (an ``OSError``, or a library's error wrapping one)."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "os error 28" in str(exc) \
+        or "No space left on device" in str(exc)
 
 
 def free_space(path: Path) -> int:

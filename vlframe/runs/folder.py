@@ -23,6 +23,12 @@ from vlframe.runs import checkpoint, tracking
 from vlframe.runs.lock import FolderLock
 
 
+def unique_name(stem: str) -> str:
+    """``<stem>-<date>-<time>-<4 hex>``: a folder name that two processes starting in the same
+    second do not share (create it exclusively where that must be certain)."""
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
 class RunDir:
     """A run's folder (which need not exist yet)."""
 
@@ -51,7 +57,7 @@ class RunDir:
         Created exclusively, so two runs started in the same second never share one."""
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         while True:
-            path = Path(output_dir) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            path = Path(output_dir) / unique_name(stem)
             try:
                 path.mkdir()
             except FileExistsError:

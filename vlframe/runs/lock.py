@@ -28,9 +28,10 @@ class FolderBusy(VlframeError):
 class FolderLock:
     """The lock of ``folder`` (which must exist); :meth:`acquire` then :meth:`release`."""
 
-    def __init__(self, folder: Path, *, what: str = "training") -> None:
+    def __init__(self, folder: Path, *, what: str = "training",
+                 hint: str = "or use another folder (--run-dir)") -> None:
         self.path = Path(folder) / NAME
-        self.what = what
+        self.what, self.hint = what, hint
         self._fd: int | None = None
 
     def acquire(self) -> str | None:
@@ -45,7 +46,7 @@ class FolderLock:
                 holder = _describe(_read(fd))
                 os.close(fd)
                 raise FolderBusy(f"{self.path.parent} is in use: {holder} is {self.what} there; wait for it to "
-                                 "finish (or stop it), or use another folder (--run-dir)") from None
+                                 f"finish (or stop it), {self.hint}") from None
             # The holder before us may have removed the file between our open and our lock: then
             # we hold a lock nobody else can see, so open it again.
             try:

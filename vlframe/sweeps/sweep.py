@@ -36,7 +36,8 @@ from registry import ConfigError, ConfigModel, Problem, Registry, TaskConfig, Vl
 from vlframe.config import files as configfile
 from vlframe.config.root import VlframeConfig
 from vlframe.runs import store, tags
-from vlframe.runs.folder import RunDir
+from vlframe.runs.folder import RunDir, unique_name
+from vlframe.runs.lock import FolderLock
 
 
 class SweepEvaluation(ConfigModel):
@@ -272,7 +273,7 @@ def evaluate_variant(run_dir: Path, blocks: dict[str, Any] | None, uri: str,
     else:
         tasks = {name: task_config(catalog, block, f"evaluation.tasks.{name}") for name, block in blocks.items()}
     skipped = {name: why for name, task in tasks.items() if (why := why_not(task, capabilities))}
-    folder = trained.run.eval_dir(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = trained.run.eval_dir(unique_name("sweep"))
     results, failed = [], {}
     for name, task in tasks.items():
         if name in skipped:
@@ -302,6 +303,13 @@ def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | No
     blocks = sweep.evaluation.tasks
     scored = eval_hash(tasks, registry)
     uri, experiment = tracking_target(sweep, cli_sets)
+    sweep_folder(sweep).mkdir(parents=True, exist_ok=True)
+    with FolderLock(sweep_folder(sweep), what="running this sweep", hint="then run it again"):  # one process per sweep folder
+        return _run_sweep(sweep, sweep_file, variants, blocks, scored, uri, experiment, say)
+
+
+def _run_sweep(sweep: SweepConfig, sweep_file: Path, variants: list[Variant], blocks: dict[str, Any] | None,
+               scored: str, uri: str, experiment: str, say: Any) -> tuple[str, list[Outcome]]:
     parent = open_parent(sweep, sweep_file, uri, experiment)
     parent_id = parent.run_id
     say(f"sweep {sweep.name}: {len(variants)} variant(s); MLflow parent run {parent_id} at {uri}")
@@ -386,7 +394,7 @@ def _variant_folder(sweep: SweepConfig, variant: Variant) -> Path:
     from vlframe.runs import checkpoint
 
     folder = sweep_folder(sweep) / _safe(variant.name)
-    found = checkpoint.find(folder) if folder.is_dir() else None
+    found = checkpoint.find_readable(folder)[0] if folder.is_dir() else None
     if found is None or variant.hash is None or checkpoint.read_state(found).get("config_hash") == variant.hash:
         return folder
     return folder.with_name(f"{folder.name}-{variant.hash[:8]}")

@@ -22,7 +22,6 @@ The model is used only through its contract (:class:`registry.protocols.Model`):
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import math
 import random
@@ -189,12 +188,12 @@ class Trainer:
     def _in_words(self, exc: BaseException) -> BaseException:
         """A full disk or exhausted memory as the message a user can act on (else ``exc`` itself)."""
         t = self.config.train
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            where = Path(exc.filename or (self.run.path if self.run is not None else t.output_dir))
+        if not isinstance(exc, VlframeError) and checkpoint.no_space(exc):
+            where = Path(getattr(exc, "filename", None) or (self.run.path if self.run is not None else t.output_dir))
             return checkpoint.DiskFullError(f"no space left on the device writing {where} "
                                             f"({checkpoint.free_space(where) / 2**20:.0f} MiB free there): free some "
                                             "space, then --resume; the checkpoints written before are intact")
-        if isinstance(exc, RuntimeError) and _out_of_memory(exc):
+        if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _out_of_memory(exc)):
             micro = t.batch_size // (self.world * t.grad_accum)
             return OutOfMemory(
                 f"out of memory at step {self.step + 1} ({_allocation(exc)}) with train.batch_size {t.batch_size} "
@@ -285,20 +284,20 @@ class Trainer:
         t = self.config.train
         if self.resume is not None:
             ckpt, passed = checkpoint.find_readable(self.resume)
-            for line in passed:  # a truncated or corrupt newer checkpoint: say so, use the one before
-                self._say(f"note: {line}", markup=False)
             if ckpt is None:
                 why = f": {'; '.join(passed)}" if passed else ""
                 raise VlframeError(f"--resume {self.resume}: no {'readable ' if passed else ''}checkpoint there{why}")
+            for line in passed:  # a truncated or corrupt newer checkpoint: say so, use the one before
+                self._say(f"note: {line}", markup=False)
             return ckpt, None
         if t.init_from is not None:
             init, passed = checkpoint.find_readable(t.init_from)
-            for line in passed:
-                self._say(f"note: {line}", markup=False)
             if init is None:
                 why = "; ".join(passed) or (f"no checkpoint there (a step_* folder with {checkpoint.STATE}, "
                                             "or a run folder)")
                 raise ConfigError([Problem("train.init_from", f"{t.init_from}: {why}")])
+            for line in passed:
+                self._say(f"note: {line}", markup=False)
             return None, init
         return None, None
 
@@ -549,14 +548,16 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _out_of_memory(exc: RuntimeError) -> bool:
+def _out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
-def _allocation(exc: RuntimeError) -> str:
+def _allocation(exc: BaseException) -> str:
     """What could not be allocated, from the allocator's message."""
     text = str(exc)
+    if isinstance(exc, MemoryError):
+        return "Python could not allocate memory"
     found = re.search(r"tried to allocate (\d+) bytes", text)
     if found:
         return f"the CPU allocator could not get {int(found.group(1)) / 2**30:.2f} GiB more"

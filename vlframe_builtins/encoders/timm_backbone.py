@@ -74,17 +74,9 @@ class TimmBackbone(nn.Module):
             self._load(cfg.pretrained_path)
 
     def _load(self, path: Path) -> None:
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+        from vlframe.sdk import read_weights_file
 
-                state = load_file(str(path))
-            else:
-                import torch
-
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # a truncated, foreign or non-weights file
-            raise ValueError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from exc
+        state = read_weights_file(path)  # nothing in it runs: a pickle holding code is refused
         if isinstance(state, dict) and not any(hasattr(v, "shape") for v in state.values()):
             state = state.get("state_dict", state.get("model", state))  # a training checkpoint
         if not isinstance(state, dict):

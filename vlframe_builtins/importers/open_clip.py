@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from registry import ComponentConfig, ComponentSpec, hookimpl
+from vlframe.sdk import read_weights_file
 
 # open_clip's model configs for its CoCa weights (model_configs/coca_*.json in open-clip-torch 3.3).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -306,17 +307,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     """An open_clip checkpoint file: a state dict (.bin/.pt/.pth) or .safetensors, or a training
     checkpoint ``{"state_dict": ...}`` whose keys may carry DDP's ``module.`` prefix."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            weights: Any = load_file(str(path))
-        else:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every reader failure means "not a checkpoint we can read"
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    weights: Any = read_weights_file(path)  # nothing in it runs: a pickle holding code is refused
     if isinstance(weights, Mapping) and isinstance(weights.get("state_dict"), Mapping):
         weights = weights["state_dict"]
     if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):

@@ -1,0 +1,180 @@
+"""Concurrent runs never mix: unique run folders, a lock per folder, a serialised store creation,
+and each step logged once across a resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import clean_env, run_main
+from hardening import popen_vlframe
+from training_configs import TINY, micro, sets
+from vlframe.runs import store
+
+
+def _tracked(tmp_path: Path, **extra) -> dict:
+    return micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              **extra})
+
+
+def _points(uri: str, key: str = "train/loss") -> dict[str, list[int]]:
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=uri)
+    runs = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()])
+    return {r.info.run_id: sorted(m.step for m in mlflow.get_metric_history(r.info.run_id, key)) for r in runs}
+
+
+def test_two_runs_started_together_get_their_own_folders_and_mlflow_runs(tmp_path: Path) -> None:
+    """Both start in the same second on a store neither has created yet."""
+    args = ["train", str(TINY), *sets(_tracked(tmp_path, **{"train.steps": 12, "train.checkpoint_every": 6}))]
+    procs = [popen_vlframe(*args, cwd=tmp_path) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    folders = sorted((tmp_path / "runs").glob("coca_tiny-*"))
+    assert len(folders) == 2 and all((f / "checkpoints" / "step_000012").is_dir() for f in folders)
+    points = _points(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(points) == 2 and all(steps == list(range(1, 13)) for steps in points.values()), points
+    assert not any((f / ".lock").exists() for f in folders)  # released at the end
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = sets(micro(tmp_path, **{"train.steps": 100000, "train.checkpoint_every": 5}))
+    first = popen_vlframe("train", str(TINY), "--run-dir", str(run), *overrides)
+    try:
+        deadline = time.time() + 300
+        while not list(run.glob("checkpoints/step_*")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, first.communicate()[0]
+        holder = json.loads((run / ".lock").read_text())
+        assert holder["pid"] == first.pid
+        for args in (["--run-dir", str(run)], ["--resume", str(run)]):
+            result = run_main("train", str(TINY), *args, *overrides)
+            assert result.code == 2, result.err
+            assert f"{run} is in use: process {first.pid}" in result.err and "is training there" in result.err
+            assert result.err.count("\n") == 1  # one line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out = first.communicate(timeout=120)[0]
+    stopped = int(re.search(r"stopped after step (\d+)", out).group(1))
+    assert not (run / ".lock").exists()
+    # Once the first has gone, the folder is free again.
+    result = run_main("train", str(TINY), "--resume", str(run),
+                      *sets(micro(tmp_path, **{"train.steps": stopped + 2, "train.checkpoint_every": 5})))
+    assert result.code == 0, result.err
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:06d}'} at step {stopped}" in result.err + result.out
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_saying_so(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": "here", "since": time.time() - 60,
+                                           "command": "vlframe train old.yaml"}))
+    result = run_main("train", str(TINY), "--run-dir", str(run), *sets(micro(tmp_path, **{"train.steps": 2})))
+    assert result.code == 0, result.err
+    assert f"took over {run / '.lock'} from process {dead.pid}" in result.err + result.out
+    assert not (run / ".lock").exists()
+
+
+def test_a_fresh_run_is_refused_in_a_folder_holding_checkpoints(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = sets(micro(tmp_path, **{"train.steps": 3}))
+    assert run_main("train", str(TINY), "--run-dir", str(run), *overrides).code == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    result = run_main("train", str(TINY), "--run-dir", str(run), *overrides)
+    assert result.code == 2
+    assert f"{run} holds the checkpoints of an earlier run (newest step_000003): continue it with --resume" in result.err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+STORE_USER = """
+import sys
+from vlframe.runs import store
+mlflow = store.client(sys.argv[1])
+run = mlflow.create_run(store.experiment_id(mlflow, "race"))
+mlflow.log_metric(run.info.run_id, "x", 1.0)
+print("ok")
+"""
+
+
+def test_a_fresh_store_created_by_four_processes_at_once_is_whole(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", STORE_USER, uri], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=clean_env()) for _ in range(4)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outputs
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        tables = {row[0] for row in con.execute("select name from sqlite_master where type = 'table'")}
+        assert "runs" in tables and not [t for t in tables if t.startswith("_alembic_tmp_")]
+        assert con.execute("select count(*) from runs").fetchone()[0] == 4
+
+
+BREAK_STORE = """
+import sqlite3, sys
+from mlflow import MlflowClient
+mlflow = MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}")
+if sys.argv[2] == "with-run":
+    mlflow.create_run(mlflow.create_experiment("kept"))
+else:
+    mlflow.search_experiments()
+with sqlite3.connect(sys.argv[1]) as con:  # what an interrupted batch migration leaves
+    con.execute("create table _alembic_tmp_experiments (experiment_id integer)")
+"""
+
+
+def _half_migrated(db: Path, with_run: bool) -> None:
+    """A store another process left half-migrated (this one never opened it)."""
+    subprocess.run([sys.executable, "-c", BREAK_STORE, str(db), "with-run" if with_run else "empty"], check=True,
+                   env=clean_env(), capture_output=True)
+
+
+def test_a_half_migrated_store_without_runs_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "mlflow.db"
+    _half_migrated(db, with_run=False)
+    monkeypatch.setattr(store, "_PREPARED", set())
+    mlflow = store.client(f"sqlite:///{db}")
+    mlflow.create_run(store.experiment_id(mlflow, "fresh"))
+    assert "was half-migrated (table _alembic_tmp_experiments left by an interrupted schema migration) and held " \
+           "no runs" in caplog.text
+    assert len(list(tmp_path.glob("mlflow.db.broken-*"))) == 1
+
+
+def test_a_half_migrated_store_with_runs_is_left_alone_with_the_command_that_repairs_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "mlflow.db"
+    _half_migrated(db, with_run=True)
+    before = db.read_bytes()
+    monkeypatch.setattr(store, "_PREPARED", set())
+    with pytest.raises(store.StoreError, match=r"half-migrated .* holds runs, so vlframe leaves it as it is: back it "
+                                               r"up, then run `.* -m mlflow db upgrade sqlite:///"):
+        store.client(f"sqlite:///{db}")
+    assert db.read_bytes() == before
+    # A run pointed at it trains anyway (tracking waits in its journal) and says why.
+    result = run_main("train", str(TINY), "--run-dir", str(tmp_path / "run"),
+                      *sets(micro(tmp_path, **{"train.steps": 2, "tracking.enabled": True,
+                                               "tracking.uri": f"sqlite:///{db}"})))
+    assert result.code == 0, result.err
+    assert "half-migrated" in result.err + result.out and "vlframe tracking sync" in result.err + result.out
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = _tracked(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 3})
+    assert run_main("train", str(TINY), "--run-dir", str(run), *sets(overrides)).code == 0
+    # As after a crash at step 6: steps 4 to 6 were logged, the newest checkpoint is step 3.
+    result = run_main("train", str(TINY), "--resume", str(run / "checkpoints" / "step_000003"), *sets(overrides))
+    assert result.code == 0, result.err
+    points = _points(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert list(points.values()) == [[1, 2, 3, 4, 5, 6]], points

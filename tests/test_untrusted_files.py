@@ -124,3 +124,16 @@ def test_a_truncated_or_foreign_state_is_a_clear_error(good: Path, tmp_path: Pat
     (broken / "state.json").write_bytes(b"\x00\xffnot json")
     result = run_main("caption", str(broken), str(tmp_path / "x.png"))
     assert result.code == 2 and "state.json: unreadable" in result.err and "Traceback" not in result.err
+
+
+def test_a_code_running_pretrained_file_is_refused_by_the_timm_encoder(tmp_path: Path, registry) -> None:
+    from conftest import CONFIGS
+    from registry import BuildError
+    from vlframe.api import build_model
+
+    marker = tmp_path / "MARKER"
+    weights = write_evil_pickle(tmp_path / "vit.pth", marker)
+    encoder = "model.image_encoder={type: timm, model_name: test_vit, image_size: 64, pretrained_path: %s}" % weights
+    with pytest.raises(BuildError, match=r"vit.pth: refused: it holds exec, which would run code"):
+        build_model(CONFIGS / "coca_tiny.yaml", [encoder], registry=registry)
+    assert not marker.exists()

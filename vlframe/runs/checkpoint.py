@@ -132,7 +132,7 @@ def read_state(path: Path) -> dict[str, Any]:
             data = json.loads(state_file.read_text(encoding="utf-8"))
             tensors = load_file(str(path / STATE_TENSORS)) if (path / STATE_TENSORS).is_file() else {}
             state = _decode(data, tensors)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CheckpointError(f"{state_file}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
         except Exception as exc:  # safetensors' own errors for a truncated file
             raise CheckpointError(f"{path / STATE_TENSORS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None

@@ -321,6 +321,8 @@ class Trainer:
             note = self._lock.acquire()
             if note:
                 self._say(f"note: {note}", markup=False)
+            if run.checkpoints.is_dir():
+                checkpoint.sweep_partial(run.checkpoints)  # a writer killed mid-save: free its space now
             if self.resume is None:
                 found = checkpoint.find(run.path)
                 if found is not None:
@@ -388,16 +390,20 @@ class Trainer:
         except KeyError as exc:
             raise VlframeError(f"--resume {ckpt}: not a training checkpoint (no {exc} state); to start from "
                                f"its weights use --set train.init_from={ckpt}") from None
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, TypeError, IndexError) as exc:
             why = " ".join(str(exc).split())[:500]  # torch's message spans lines: one problem, one line
             raise VlframeError(f"--resume {ckpt}: cannot continue this config from it: {why}") from exc
         if state.get("config_hash") not in (None, self.config_hash):
             self._say(f"note: the config (or a plugin it uses) differs from the one {ckpt.name} was trained with "
                       f"(see {ckpt / checkpoint.CONFIG})", markup=False)
-        self.step = state["step"]
-        checkpoint.set_rng_state(state["rng"])
-        for key, reason in state.get("skipped", {}).items():
-            self.ledger.reasons.setdefault(key, reason)
+        try:
+            self.step = int(state["step"])
+            checkpoint.set_rng_state(state["rng"])
+            for key, reason in dict(state.get("skipped", {})).items():
+                self.ledger.reasons.setdefault(str(key), str(reason))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise VlframeError(f"--resume {ckpt}: its state is malformed ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]})") from None
         self._say(f"resumed from {ckpt} at step {self.step}")
         return state.get("run_id")
 

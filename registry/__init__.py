@@ -15,6 +15,7 @@ from registry.config import (
     ModelConfig,
     ObjectiveConfig,
     TaskConfig,
+    TokenizerConfig,
     component,
     raise_problems,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "Problem",
     "Registry",
     "TaskConfig",
+    "TokenizerConfig",
     "UnknownComponentError",
     "VlframeError",
     "component",

@@ -154,6 +154,15 @@ ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
 
 
+class TokenizerConfig(ComponentConfig):
+    """Base of tokenizer configs: ``path`` is the tokenizer's file, the one its ``save`` writes
+    (the engine points it at a checkpoint's copy to load a trained run's tokenizer)."""
+
+    path: ExistingFile | None = Field(
+        None, description="The trained tokenizer's file; none: one to train on the training captions (or the "
+        "tokenizer's own default).")
+
+
 def raise_problems(title: str, problems: Sequence[tuple[tuple[str | int, ...], str]]) -> None:
     """Raise a ValidationError with one line per ``(location, message)``.
 
@@ -279,3 +288,4 @@ KIND_CONFIG_BASE: dict[Kind, type[ComponentConfig]] = {kind: ComponentConfig for
 KIND_CONFIG_BASE[Kind.OBJECTIVE] = ObjectiveConfig
 KIND_CONFIG_BASE[Kind.MODEL] = ModelConfig
 KIND_CONFIG_BASE[Kind.TASK] = TaskConfig
+KIND_CONFIG_BASE[Kind.TOKENIZER] = TokenizerConfig

@@ -10,7 +10,7 @@ each hook, and must return an object following the kind's protocol in
 :mod:`registry.protocols` (the catalog checks it and names a missing member). Masks passed to
 components are boolean with ``True`` marking a real (attendable) token. Each kind's config must
 subclass the base in ``registry.config.KIND_CONFIG_BASE`` (``ComponentConfig``, or
-``ObjectiveConfig``, ``ModelConfig``, ``TaskConfig``).
+``ObjectiveConfig``, ``ModelConfig``, ``TokenizerConfig``, ``TaskConfig``).
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ def vlframe_models() -> list[ComponentSpec]:
 def vlframe_tokenizers() -> list[ComponentSpec]:
     """Return the tokenizers this plugin provides.
 
-    Factory: ``factory(config, vocab_size=int)`` (the model's vocabulary, an upper bound); it
-    loads a trained tokenizer when the config names a file. Returns a
+    Configs subclass :class:`~registry.config.TokenizerConfig`: its ``path`` names the
+    tokenizer's file. Factory: ``factory(config, vocab_size=int)`` (the model's vocabulary, an
+    upper bound); it loads the trained tokenizer ``path`` names. Returns a
     :class:`registry.protocols.Tokenizer`.
     """
 

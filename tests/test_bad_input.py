@@ -210,3 +210,23 @@ def test_write_shards_counts_rows_set_aside_when_the_dataset_was_built(tmp_path:
     assert "wrote 5 samples" in result.out
     assert "2 unusable skipped (2 when the dataset was built, 0 when read)" in result.out
     assert "gone.png: file not found" in result.out and "000.png: no non-empty caption" in result.out
+
+
+def test_bad_captions_in_a_shard_are_unusable_samples_named_by_shard_and_key(tmp_path: Path, registry: Registry) -> None:
+    import webdataset as wds
+
+    picture = _manifest(tmp_path / "data", 1, []).parent / "000.png"
+    tar = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(tar)) as sink:
+        sink.write({"__key__": "a", "png": picture.read_bytes(), "json": b'{"captions": 5}'})
+        sink.write({"__key__": "b", "png": picture.read_bytes(), "json": b'{"captions": ["caf\xe9"]}'})
+        sink.write({"__key__": "c", "png": picture.read_bytes(), "json": b'["not", "a", "record"]'})
+        sink.write({"__key__": "d", "png": picture.read_bytes(), "json": b'{"captions": ["a square"]}'})
+    entry = registry.catalog.get(Kind.DATASET, "shards")
+    shards = entry.spec.factory(registry.validate(entry.spec.config, {"type": "shards", "urls": str(tar),
+                                                                      "caption_ext": "json"}), split="train")
+    for i, says in ((0, "caption JSON must be"), (1, r"not UTF-8 text \(byte 0xe9"), (2, "caption JSON must be")):
+        with pytest.raises(SampleError, match=says) as err:
+            shards[i]
+        assert str(err.value).startswith(f"{tar}:")
+    assert shards[3].captions == ["a square"] and list(shards.captions()) == ["a square"]

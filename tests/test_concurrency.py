@@ -147,7 +147,7 @@ def test_a_half_migrated_store_without_runs_is_replaced(tmp_path: Path, monkeypa
     mlflow = store.client(f"sqlite:///{db}")
     mlflow.create_run(store.experiment_id(mlflow, "fresh"))
     assert "was half-migrated (table _alembic_tmp_experiments left by an interrupted schema migration) and held " \
-           "no runs" in caplog.text
+           "nothing" in caplog.text
     assert len(list(tmp_path.glob("mlflow.db.broken-*"))) == 1
 
 
@@ -157,8 +157,8 @@ def test_a_half_migrated_store_with_runs_is_left_alone_with_the_command_that_rep
     _half_migrated(db, with_run=True)
     before = db.read_bytes()
     monkeypatch.setattr(store, "_PREPARED", set())
-    with pytest.raises(store.StoreError, match=r"half-migrated .* holds runs, so vlframe leaves it as it is: back it "
-                                               r"up, then run `.* -m mlflow db upgrade sqlite:///"):
+    with pytest.raises(store.StoreError, match=r"half-migrated .* holds runs or experiments, so vlframe leaves it as "
+                                               r"it is: back it up, then run `.* -m mlflow db upgrade sqlite:///"):
         store.client(f"sqlite:///{db}")
     assert db.read_bytes() == before
     # A run pointed at it trains anyway (tracking waits in its journal) and says why.
@@ -178,3 +178,63 @@ def test_a_resumed_run_logs_each_step_once(tmp_path: Path) -> None:
     assert result.code == 0, result.err
     points = _points(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert list(points.values()) == [[1, 2, 3, 4, 5, 6]], points
+
+
+def test_a_resume_with_another_config_logs_the_repeated_steps_again(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = _tracked(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 3})
+    assert run_main("train", str(TINY), "--run-dir", str(run), *sets(overrides)).code == 0
+    changed = {**overrides, "train.lr": 1e-4}
+    result = run_main("train", str(TINY), "--resume", str(run / "checkpoints" / "step_000003"), *sets(changed))
+    assert result.code == 0, result.err
+    assert "steps already logged after it are logged again with the new values" in result.err + result.out
+    assert list(_points(f"sqlite:///{tmp_path / 'mlflow.db'}").values()) == [[1, 2, 3, 4, 4, 5, 5, 6, 6]]
+    # the checkpoints of the branch left behind were moved aside, not pruned over or resumed from
+    assert (run / "checkpoints" / "step_000006").is_dir()
+    assert [p.name for p in (run / "checkpoints").glob("superseded-*/*")] == ["step_000006"]
+
+
+def test_a_run_resumed_into_another_folder_logs_each_step_once(tmp_path: Path) -> None:
+    overrides = _tracked(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 3})
+    assert run_main("train", str(TINY), "--run-dir", str(tmp_path / "first"), *sets(overrides)).code == 0
+    result = run_main("train", str(TINY), "--resume", str(tmp_path / "first" / "checkpoints" / "step_000003"),
+                      "--run-dir", str(tmp_path / "second"), *sets(overrides))
+    assert result.code == 0, result.err
+    assert list(_points(f"sqlite:///{tmp_path / 'mlflow.db'}").values()) == [[1, 2, 3, 4, 5, 6]]
+
+
+def test_two_runs_racing_for_one_new_folder_leave_the_winners_run_whole(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(TINY), "--run-dir", str(run), *sets(micro(tmp_path, **{"train.steps": 20}))]
+    procs = [popen_vlframe(*args) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outputs
+    loser = outputs[[p.returncode for p in procs].index(2)]
+    assert "is in use: process" in loser or "holds the checkpoints of an earlier run" in loser, loser
+    assert checkpoint_steps(run) == [18, 20]  # keep_checkpoints 2: the winner's, intact
+    assert (run / "config.yaml").is_file() and not (run / ".lock").exists()
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    from vlframe.runs import checkpoint
+
+    return sorted(checkpoint.step_of(p) for p in checkpoint.candidates(run))
+
+
+def test_under_torchrun_a_refusal_or_a_blow_up_stops_every_rank_with_the_message(tmp_path: Path) -> None:
+    from test_distributed import torchrun
+
+    run = tmp_path / "run"
+    overrides = micro(tmp_path, **{"train.steps": 3})
+    assert run_main("train", str(TINY), "--run-dir", str(run), *sets(overrides)).code == 0
+    proc = torchrun(2, "-m", "vlframe", "train", str(TINY), "--run-dir", str(run), *sets(overrides))
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: {run} holds the checkpoints of an earlier run") == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("torch/distributed/elastic")[0], proc.stderr[-3000:]  # torchrun's own follows
+    blow_up = micro(tmp_path, **{"train.lr": 1e30, "train.grad_clip": None, "train.steps": 6, "train.warmup_steps": 0,
+                                 "train.checkpoint_every": 1})
+    proc = torchrun(2, "-m", "vlframe", "train", str(TINY), "--run-dir", str(tmp_path / "nan"), *sets(blow_up))
+    assert proc.returncode != 0
+    assert proc.stderr.count("the loss is not finite") == 2, proc.stderr[-3000:]
+    assert checkpoint_steps(tmp_path / "nan") == [1]

@@ -45,6 +45,23 @@ def test_the_new_format_holds_no_pickle(good: Path) -> None:
     assert isinstance(state["rng"]["numpy"][1], __import__("numpy").ndarray)
 
 
+def _as_numpy1_pickled(path: Path) -> None:
+    """Rewrite a torch file as numpy 1.x pickles arrays (``numpy.core.multiarray``, not numpy 2's
+    ``numpy._core``): a state.pt written by an earlier vlframe under numpy 1."""
+    import io
+    import zipfile
+
+    original = path.read_bytes()
+    source = zipfile.ZipFile(io.BytesIO(original))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            out.writestr(item, data)
+
+
 @pytest.mark.parametrize("reader", ["resume", "init_from", "eval", "caption", "embed"])
 def test_a_code_running_state_is_refused_by_every_reader(reader: str, good: Path, tmp_path: Path) -> None:
     marker = tmp_path / "MARKER"
@@ -76,13 +93,16 @@ def test_a_code_running_weights_file_is_refused_by_convert(tmp_path: Path) -> No
     assert f"{weights}: refused" in result.err and not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_of_the_earlier_format_still_resumes(good: Path, tmp_path: Path) -> None:
-    """state.pt written by torch.save (the earlier format): read with weights_only and the numpy
-    types its RNG state needs, and the run continues from it."""
+@pytest.mark.parametrize("numpy_major", [1, 2])
+def test_a_checkpoint_of_the_earlier_format_still_resumes(numpy_major: int, good: Path, tmp_path: Path) -> None:
+    """state.pt written by torch.save (the earlier format), under numpy 1 or 2: read with
+    weights_only and the numpy types its RNG state needs, and the run continues from it."""
     run = tmp_path / "run"
     legacy = run / "checkpoints" / "step_000003"
     shutil.copytree(good, legacy)
     torch.save(checkpoint.read_state(good), legacy / "state.pt")
+    if numpy_major == 1:
+        _as_numpy1_pickled(legacy / "state.pt")
     for name in ("state.json", "state.safetensors"):
         (legacy / name).unlink()
     assert checkpoint.read_state(legacy)["step"] == 3

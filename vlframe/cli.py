@@ -637,6 +637,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Downstream commands: a dataset or file that does not suit the task (the message names it).
         _report(exc)
         return EXIT_USAGE
+    except Exception as exc:
+        problem = _resource_problem(exc)
+        if problem is None:
+            raise  # a bug: the traceback says where
+        _report(VlframeError(problem))
+        return EXIT_USAGE
+
+
+def _resource_problem(exc: BaseException) -> str | None:
+    """A full disk, or a file the system refuses, in one line (None for anything else)."""
+    from vlframe.runs.checkpoint import free_space, no_space
+
+    where = getattr(exc, "filename", None)
+    if no_space(exc):
+        place = f" writing {where}" if where else ""
+        free = f" ({free_space(Path(where)) / 2**20:.0f} MiB free there)" if where else ""
+        return f"no space left on the device{place}{free}: free some space and run the command again"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {where or exc}"
+    if isinstance(exc, OSError) and where:
+        return f"{where}: {exc.strerror or exc}"
+    return None
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        # A machine with fewer GPUs than the one that saved (one GPU to debug on) takes the first ones.
+        for index, gpu_state in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
 
 
 # -- the state codec: JSON for structure, safetensors for tensors --------------------------------
@@ -77,7 +79,10 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """``value`` as JSON data; tensors and arrays go to ``tensors`` and are referred to by name."""
     if isinstance(value, torch.Tensor):
         name = f"t{len(tensors)}"
-        tensors[name] = value.detach().cpu().contiguous()
+        tensor = value.detach().cpu().contiguous()
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
+            tensor = tensor.clone()  # safetensors stores no two tensors sharing memory
+        tensors[name] = tensor
         return {"__tensor__": name}
     if isinstance(value, np.ndarray):
         name = f"t{len(tensors)}"
@@ -115,9 +120,13 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _legacy_globals() -> list[Any]:
-    """The numpy types an earlier version's ``state.pt`` holds (its numpy RNG state), and no more."""
+    """The numpy types an earlier version's ``state.pt`` holds (its numpy RNG state), and no more,
+    under the module names of numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) alike."""
     core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    reconstruct, uint32 = core.multiarray._reconstruct, type(np.dtype(np.uint32))
+    named = [(reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy.core", "numpy._core")]
+    named += [(uint32, f"numpy.dtypes.{uint32.__name__}")]
+    return [*named, np.ndarray, np.dtype]
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -343,12 +352,19 @@ def is_checkpoint(path: Path) -> bool:
     return (path / STATE).is_file() or (path / LEGACY_STATE).is_file()
 
 
+def step_of(path: Path) -> int:
+    """The step of a ``step_NNNNNN`` folder (-1 for another name)."""
+    number = path.name.removeprefix("step_")
+    return int(number) if number.isdigit() else -1
+
+
 def candidates(path: Path) -> list[Path]:
     """The complete checkpoints at ``path`` (itself, or a run folder's), newest first."""
     if is_checkpoint(path):
         return [path]
     folder = path / FOLDER if (path / FOLDER).is_dir() else path
-    return sorted((p for p in folder.glob("step_*") if is_checkpoint(p)), reverse=True)
+    return sorted((p for p in folder.glob("step_*") if step_of(p) >= 0 and is_checkpoint(p)), key=step_of,
+                  reverse=True)
 
 
 def find(path: Path) -> Path | None:
@@ -357,14 +373,36 @@ def find(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def check(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless checkpoint ``path`` looks whole: its JSON parses and
+    its safetensors files' headers fit their sizes (a truncated file fails), without reading
+    the tensors themselves."""
+    from safetensors import safe_open
+
+    if not (path / STATE).is_file():
+        read_state(path)  # an earlier version's state.pt: small, read whole
+    else:
+        try:
+            json.loads((path / STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{path / STATE}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+    for name in (STATE_TENSORS, WEIGHTS) if (path / STATE).is_file() else (WEIGHTS,):
+        try:
+            with safe_open(str(path / name), "pt") as handle:
+                handle.keys()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path / name}: unreadable (the file is missing)") from None
+        except Exception as exc:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file
+            raise CheckpointError(f"{path / name}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+
+
 def find_readable(path: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint at ``path`` whose weights and state can be read, and a line for each
     newer one passed over (truncated, corrupt) saying why."""
     passed: list[str] = []
     for ckpt in candidates(path):
         try:
-            read_state(ckpt)
-            _load_weights(ckpt)
+            check(ckpt)
         except CheckpointError as exc:
             passed.append(f"{ckpt.name} skipped: {exc}")
             continue
@@ -374,6 +412,6 @@ def find_readable(path: Path) -> tuple[Path | None, list[str]]:
 
 def prune(directory: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
-    found = sorted(p for p in directory.glob("step_*") if is_checkpoint(p))
+    found = sorted((p for p in directory.glob("step_*") if step_of(p) >= 0 and is_checkpoint(p)), key=step_of)
     for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

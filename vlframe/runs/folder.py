@@ -109,8 +109,11 @@ class RunDir:
 
         self.create()
         tmp = self.config_file.with_name(f".{self.CONFIG}.tmp")
-        tmp.write_text(to_yaml(config), encoding="utf-8")
-        tmp.replace(self.config_file)
+        try:
+            tmp.write_text(to_yaml(config), encoding="utf-8")
+            tmp.replace(self.config_file)
+        finally:  # a full disk leaves no partial file behind
+            tmp.unlink(missing_ok=True)
         return self.config_file
 
     def newest_checkpoint(self) -> Path | None:

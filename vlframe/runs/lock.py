@@ -35,7 +35,8 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> str | None:
-        """Take the lock; return a line about the dead holder it was taken from (None if none).
+        """Take the lock; return a line to show about it (the dead holder it was taken from, or a
+        file system that cannot lock), None otherwise.
 
         Raises :class:`FolderBusy` naming the process that holds it."""
         while True:
@@ -47,6 +48,10 @@ class FolderLock:
                 os.close(fd)
                 raise FolderBusy(f"{self.path.parent} is in use: {holder} is {self.what} there; wait for it to "
                                  f"finish (or stop it), {self.hint}") from None
+            except OSError as exc:  # a file system without locks (some NFS or Lustre mounts)
+                os.close(fd)
+                return (f"cannot lock {self.path} ({exc.strerror}): on this file system a second process "
+                        f"{self.what} in {self.path.parent} would not be detected")
             # The holder before us may have removed the file between our open and our lock: then
             # we hold a lock nobody else can see, so open it again.
             try:
@@ -69,9 +74,11 @@ class FolderLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        # Removed while still held: a process that opened it meanwhile sees another inode and retries.
+        # Removed while still held (a process that opened it meanwhile sees another inode and
+        # retries), and only if the file there is still ours (the folder may have been removed).
         try:
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -91,44 +91,70 @@ def client(uri: str) -> MlflowClient:
 _PREPARED: set[Path] = set()
 
 
+#: What an interrupted (or raced) schema migration leaves, as SQLite words it.
+_HALF_MIGRATED = ("already exists", "duplicate column name", "no such table", "no such column")
+
+
 def prepare_sqlite(db: Path) -> None:
     """Create or migrate the embedded store ``db`` holding a lock no other process can hold meanwhile;
-    repair (or report) a store an earlier race or crash left half-migrated. Once per process."""
+    repair (or report) a store an earlier race or crash left half-migrated. Once per process.
+
+    Only a store that is half-migrated (tables an interrupted migration leaves, or the errors
+    one causes) and holds nothing (no run, no experiment but the default one) is ever moved
+    aside; any other failure (a locked or read-only store, a newer schema) is a
+    :class:`StoreError` that says what it is and leaves the store as it was."""
     db = db.resolve()
     if db in _PREPARED:
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{db}"
-    with _exclusive(db.with_name(f"{db.name}.lock")):
-        leftover = _leftover_tables(db)
-        problem = f"table {leftover[0]} left by an interrupted schema migration" if leftover else None
-        if problem is None:
-            try:
-                _touch(uri)
-            except Exception as exc:  # noqa: BLE001 - a schema MLflow cannot use, whatever it says
-                problem = " ".join(str(exc).split())[:300]
-        if problem is not None:
-            if _holds_runs(db):
-                raise StoreError(f"the MLflow store {db} is half-migrated ({problem}) and holds runs, so vlframe "
-                                 f"leaves it as it is: back it up, then run `{sys.executable} -m mlflow db upgrade "
-                                 f"{uri}`, or move it away to start a new store")
-            aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(db, aside)
-            _touch(uri)
-            logging.getLogger("vlframe").warning(
-                "the MLflow store %s was half-migrated (%s) and held no runs: a new one replaces it (the old file is "
-                "%s)", db, problem, aside.name)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(db.with_name(f"{db.name}.lock")):
+            _prepare_locked(db, uri)
+    except OSError as exc:
+        raise StoreError(f"the MLflow store {db} cannot be opened ({exc.strerror or exc})") from None
     _PREPARED.add(db)
+
+
+def _prepare_locked(db: Path, uri: str) -> None:
+    leftover = _leftover_tables(db)
+    problem = f"table {leftover[0]} left by an interrupted schema migration" if leftover else None
+    if problem is None:
+        try:
+            _touch(uri)
+            return
+        except Exception as exc:  # noqa: BLE001 - sorted out below by what it says
+            text = " ".join(str(exc).split())
+            if not any(words in text for words in _HALF_MIGRATED):
+                raise StoreError(f"the MLflow store {db} cannot be used: {text[:300]}") from None
+            problem = text[:300]
+    if _holds_data(db):
+        raise StoreError(f"the MLflow store {db} is half-migrated ({problem}) and holds runs or experiments, so "
+                         f"vlframe leaves it as it is: back it up, then run `{sys.executable} -m mlflow db upgrade "
+                         f"{uri}`, or move it away to start a new store")
+    aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(db, aside)
+    try:
+        _touch(uri)
+    except Exception as exc:  # noqa: BLE001 - even a new store fails: a full disk, a read-only folder
+        raise StoreError(f"the MLflow store {db} was half-migrated and a new one could not be made there "
+                         f"({' '.join(str(exc).split())[:200]}); the old file is {aside.name}") from None
+    logging.getLogger("vlframe").warning(
+        "the MLflow store %s was half-migrated (%s) and held nothing: a new one replaces it (the old file is %s)",
+        db, problem, aside.name)
 
 
 @contextlib.contextmanager
 def _exclusive(lock_file: Path) -> Iterator[None]:
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process creates or migrates the store
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process creates or migrates the store
+        except OSError as exc:  # a file system without locks (some NFS, Lustre mounts): go on unguarded
+            logging.getLogger("vlframe").warning("cannot lock %s (%s): creating the store unguarded", lock_file,
+                                                 exc.strerror)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
@@ -153,14 +179,21 @@ def _leftover_tables(db: Path) -> list[str]:
         return []
 
 
-def _holds_runs(db: Path) -> bool:
+def _holds_data(db: Path) -> bool:
+    """Whether the store holds a run, or an experiment besides the default one (or cannot tell)."""
     try:
         tables = _tables(db)
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            return any(con.execute(f"select count(*) from {t}").fetchone()[0]  # noqa: S608 - names from the db
-                       for t in tables if t in ("runs", "_alembic_tmp_runs"))
+            for table in tables:
+                name = table.removeprefix("_alembic_tmp_")
+                if name in ("runs", "registered_models") and con.execute(f"select count(*) from {table}").fetchone()[0]:
+                    return True  # noqa: S608 - table names from the database itself
+                if name == "experiments" and con.execute(
+                        f"select count(*) from {table} where experiment_id != 0").fetchone()[0]:
+                    return True
     except sqlite3.Error:
         return True  # cannot tell: leave it alone
+    return False
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:

@@ -449,13 +449,19 @@ class Tracker:
         return len(self._outbox.pending)
 
     def start(self, *, run_name: str, params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None,
-              run_id: str | None = None, attach: bool = False, local_id: str | None = None) -> str | None:
+              run_id: str | None = None, attach: bool = False, local_id: str | None = None,
+              once_per_step: bool = True, logged_in: Sequence[Path] = ()) -> str | None:
         """Opens the MLflow run (a new one, or ``run_id`` reopened); None while MLflow is unreachable.
 
         ``local_id``: the run is the one another journal with that id opened (an evaluation of a run
         trained offline: both journals deliver to one MLflow run, whichever syncs first creates it).
         A folder whose run was tracked in another store starts over in this one: its whole journal
         is replayed into a new run there.
+
+        ``once_per_step``: a metric at a step this folder's journal (or those of ``logged_in``, the
+        folder a run resumed from) already holds is not logged again: a run resumed from a
+        checkpoint repeats the steps after it, with the same values. False (a run resumed with
+        another config) logs them again, and MLflow keeps both values at those steps.
         """
         if not self.enabled:
             return None
@@ -473,11 +479,11 @@ class Tracker:
         outbox.journal.write_run(info)
         outbox.load()
         self._active = True
-        if resuming and not attach:
-            # Training resumed from a checkpoint repeats the steps after it: each is logged once.
-            for event in outbox.journal.read(0):
-                if event.get("kind") == "metric":
-                    self._logged[event["key"]] = max(self._logged.get(event["key"], -1), int(event["step"]))
+        if once_per_step and not attach:
+            for journal in (outbox.journal, *(_Journal(Path(f) / FOLDER) for f in logged_in)):
+                for event in journal.read(0):
+                    if event.get("kind") == "metric":
+                        self._logged[event["key"]] = max(self._logged.get(event["key"], -1), int(event["step"]))
             outbox.load()
 
         now = _now_ms()

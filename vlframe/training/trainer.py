@@ -227,7 +227,7 @@ class Trainer:
         self.precision = resolve_precision(t.precision, self.device)
         self.autocast = autocast(self.precision, self.device)
         self.tokenizer = self._saved_tokenizer(ckpt or init)
-        self.run = self._claim_folder()
+        self.run = self._claim_folder(ckpt)
         self.validator = Validator(cfg, self.registry, self.model, val_data, self.run,
                                    device=self.device, precision=self.precision)
         self.tokenizer = self._trained_tokenizer(train_data)
@@ -244,6 +244,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t)
         self.config_hash = configfile.config_hash(cfg, self.plugins)
         run_id = self._restore(ckpt) if ckpt is not None else None
+        self._resumed_from = ckpt
         if self.rank == 0:  # only once resuming succeeded: a failed --resume changes nothing
             self.run.write_config(cfg)
         self.last_saved = self.step if ckpt is not None else -1
@@ -301,47 +302,74 @@ class Trainer:
             return None, init
         return None, None
 
-    def _claim_folder(self) -> RunDir:
+    def _claim_folder(self, resumed: Path | None) -> RunDir:
         """The run folder, made (a new one unless named) and locked by rank 0, and known to every rank.
 
-        A fresh run is refused in a folder holding checkpoints (it would mix two runs there)."""
-        path = None
+        A fresh run is refused in a folder holding checkpoints (it would mix two runs there); a
+        run resumed from ``resumed`` moves the checkpoints newer than it aside (a branch it leaves,
+        or checkpoints that could not be read), so that neither resuming nor pruning picks them."""
+        path, problem = None, None
         if self.rank == 0:
-            run = self.run
-            if run is None:
-                run, self._created = RunDir.new(self.config.train.output_dir, self.name), True
-            else:
-                self._created = not run.path.exists()
-                try:
-                    run.path.mkdir(parents=True, exist_ok=True)
-                except (FileExistsError, NotADirectoryError):
-                    raise VlframeError(f"{run.path}: cannot be the run folder (it, or a folder above it, is a "
-                                       "file)") from None
-            self._lock = run.lock()
-            note = self._lock.acquire()
-            if note:
-                self._say(f"note: {note}", markup=False)
-            if run.checkpoints.is_dir():
-                checkpoint.sweep_partial(run.checkpoints)  # a writer killed mid-save: free its space now
-            if self.resume is None:
-                found = checkpoint.find(run.path)
-                if found is not None:
-                    raise VlframeError(f"{run.path} holds the checkpoints of an earlier run (newest {found.name}): "
-                                       f"continue it with --resume {run.path}, or train in another folder")
-                if run.record() is not None:  # an earlier attempt that never reached a checkpoint
-                    old = run.tracking.with_name(f"{run.tracking.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                    run.tracking.rename(old)
-                    self._say(f"note: starting over in {run.path}: the tracking journal of an earlier attempt "
-                              f"(no checkpoint) moved to {old.name}/", markup=False)
-            path = str(run.path)
-        return RunDir(distributed.broadcast_object(path))
+            try:
+                path = str(self._claim_on_rank0(resumed).path)
+            except VlframeError as exc:
+                problem = exc
+        # Every rank learns the outcome: an error on rank 0 alone would leave the others waiting.
+        path, message = distributed.broadcast_object((path, None if problem is None else " ".join(problem.lines())))
+        if problem is not None:
+            raise problem
+        if message is not None:  # rank 0's error, said by this rank too
+            raise VlframeError(message)
+        return RunDir(path)
+
+    def _claim_on_rank0(self, resumed: Path | None) -> RunDir:
+        run = self.run
+        if run is None:
+            run, self._created = RunDir.new(self.config.train.output_dir, self.name), True
+        else:
+            try:
+                run.path.parent.mkdir(parents=True, exist_ok=True)
+                run.path.mkdir()  # exclusive: only a folder this process made is ever removed by it
+                self._created = True
+            except FileExistsError:
+                if not run.path.is_dir():
+                    raise VlframeError(f"{run.path}: cannot be the run folder: it is a file") from None
+            except OSError as exc:
+                raise VlframeError(f"{run.path}: cannot be the run folder ({exc.strerror})") from None
+        lock = run.lock()
+        note = lock.acquire()
+        self._lock = lock
+        if note:
+            self._say(f"note: {note}", markup=False)
+        if run.checkpoints.is_dir():
+            checkpoint.sweep_partial(run.checkpoints)  # a writer killed mid-save: free its space now
+        if self.resume is None:
+            found = checkpoint.find(run.path)
+            if found is not None:
+                raise VlframeError(f"{run.path} holds the checkpoints of an earlier run (newest {found.name}): "
+                                   f"continue it with --resume {run.path}, or train in another folder")
+            if run.record() is not None:  # an earlier attempt that never reached a checkpoint
+                old = run.tracking.with_name(f"{run.tracking.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                run.tracking.rename(old)
+                self._say(f"note: starting over in {run.path}: the tracking journal of an earlier attempt "
+                          f"(no checkpoint) moved to {old.name}/", markup=False)
+        elif resumed is not None and resumed.parent.resolve() == run.checkpoints.resolve():
+            newer = [c for c in checkpoint.candidates(run.path) if checkpoint.step_of(c) > checkpoint.step_of(resumed)]
+            if newer:
+                aside = run.checkpoints / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+                aside.mkdir()
+                for ckpt in newer:
+                    ckpt.rename(aside / ckpt.name)
+                self._say(f"note: {', '.join(c.name for c in newer)} (newer than {resumed.name}) moved to "
+                          f"{aside.relative_to(run.path)}/: this run goes on from {resumed.name}", markup=False)
+        return run
 
     def _saved_tokenizer(self, ckpt: Path | None) -> Any:
         """The config's tokenizer; a resumed (or fine-tuned) run's is the one its checkpoint holds."""
         saved = ckpt / checkpoint.TOKENIZER if ckpt is not None else None
-        own_path = getattr(self.config.tokenizer, "path", None)
+        own_file = self.config.tokenizer.path  # registry.TokenizerConfig: the config names its own file
         return build_tokenizer(self.config, self.registry, saved if saved is not None and saved.is_file()
-                               and own_path is None else None)
+                               and own_file is None else None)
 
     def _trained_tokenizer(self, train_data: Any) -> Any:
         """The tokenizer, trained on the training captions when it is not yet; saved in the run folder."""
@@ -393,9 +421,11 @@ class Trainer:
         except (ValueError, RuntimeError, TypeError, IndexError) as exc:
             why = " ".join(str(exc).split())[:500]  # torch's message spans lines: one problem, one line
             raise VlframeError(f"--resume {ckpt}: cannot continue this config from it: {why}") from exc
-        if state.get("config_hash") not in (None, self.config_hash):
+        self._same_config = state.get("config_hash") in (None, self.config_hash)
+        if not self._same_config:
             self._say(f"note: the config (or a plugin it uses) differs from the one {ckpt.name} was trained with "
-                      f"(see {ckpt / checkpoint.CONFIG})", markup=False)
+                      f"(see {ckpt / checkpoint.CONFIG}): steps already logged after it are logged again with the "
+                      "new values", markup=False)
         try:
             self.step = int(state["step"])
             checkpoint.set_rng_state(state["rng"])
@@ -421,8 +451,10 @@ class Trainer:
         commit = _git_commit()
         if commit:
             run_tags[tags.GIT_COMMIT] = commit
+        resumed = getattr(self, "_resumed_from", None)
         tracker.start(run_name=cfg.tracking.run_name or self.run.path.name, params=flatten(configfile.dump(cfg)),
-                      tags=run_tags, run_id=run_id)
+                      tags=run_tags, run_id=run_id, once_per_step=getattr(self, "_same_config", True),
+                      logged_in=[RunDir.of(resumed).path] if resumed is not None else [])
         if run_id is None:
             tracker.log_artifact(self.run.config_file)
             tracker.log_artifact(self.tokenizer_file)
@@ -457,10 +489,11 @@ class Trainer:
     def save(self, *, final: bool = False) -> Path:
         """Checkpoint this step (rank 0 writes; every rank waits for it)."""
         path = checkpoint.step_folder(self.run.checkpoints, self.step)
+        # Every rank checks (their weights are the same): all stop together, none waits alone.
+        bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:  # never over the last good checkpoint
+            raise NumericalError(f"step {self.step}: the weight {bad} is not finite: not checkpointed")
         if self.rank == 0:
-            bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
-            if bad is not None:  # never over the last good checkpoint
-                raise NumericalError(f"step {self.step}: the weight {bad} is not finite: not checkpointed")
             path = checkpoint.save(
                 self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
                 extra={"run_id": self.run_id, "skipped": dict(self.ledger.reasons), "config_hash": self.config_hash,
@@ -506,9 +539,11 @@ class Trainer:
                           f"({exc.strerror}); once there is space, resume or: vlframe tracking sync {self.run.path}",
                           markup=False)
         if self._lock is not None:
+            # A set-up that failed leaves nothing behind: a folder this process made and still
+            # holds, with no checkpoint or journal in it, goes (before the lock does).
+            if not self._set_up and self._created and tracker is None and checkpoint.find(self.run.path) is None:
+                shutil.rmtree(self.run.path, ignore_errors=True)
             self._lock.release()
-        if not self._set_up and self._created and tracker is None and checkpoint.find(self.run.path) is None:
-            shutil.rmtree(self.run.path, ignore_errors=True)  # a set-up that failed leaves nothing behind
         # After a finished run every rank waits for the others before leaving the group (gloo
         # aborts a process that leaves while another still talks); a failed one leaves at once.
         distributed.teardown(wait=status == "FINISHED")

@@ -94,13 +94,23 @@ class ShardDataset:
             return handle.read(size)
 
     def _captions(self, shard: int, members: dict[str, tuple[int, int]], name: str) -> list[str]:
-        raw = self._read(shard, members[self.cfg.caption_ext]).decode("utf-8", errors="replace")
+        data = self._read(shard, members[self.cfg.caption_ext])
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SampleError(name, f"caption .{self.cfg.caption_ext} is not UTF-8 text (byte 0x{data[exc.start]:02x} "
+                                    f"at offset {exc.start})") from None
         if self.cfg.caption_ext == "json":
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise SampleError(name, f"bad caption JSON: {exc}") from None
-            captions = record.get("captions") or [record.get("caption", "")]
+            captions = (record.get("captions") or [record.get("caption", "")]) if isinstance(record, dict) else None
+            if isinstance(captions, str):
+                captions = [captions]
+            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise SampleError(name, "caption JSON must be {\"captions\": [strings]} or {\"caption\": string}, "
+                                        f"got {raw[:80]}")
         else:
             captions = raw.splitlines()
         return clean_captions(captions, name)

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from registry import ComponentConfig, ComponentSpec, ExistingFile, hookimpl
+from registry import ComponentSpec, ExistingFile, TokenizerConfig, hookimpl
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 FILENAME = "tokenizer.model"  # the name a run and its checkpoints keep a tokenizer under
@@ -34,7 +34,7 @@ START, END = "<start_of_text>", "<end_of_text>"
 PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-class ClipBPEConfig(ComponentConfig):
+class ClipBPEConfig(TokenizerConfig):
     path: ExistingFile | None = Field(
         None, description=f"The {VOCAB_FILE} vocabulary; default: the copy inside the installed open-clip-torch.")
     pad_to_context: bool = Field(

@@ -17,14 +17,14 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from registry import ComponentConfig, ComponentSpec, ExistingFile, hookimpl
+from registry import ComponentSpec, ExistingFile, TokenizerConfig, hookimpl
 
 FILENAME = "tokenizer.model"
 #: Smallest vocabulary worth training: the reserved pieces plus the lower-case letters and digits.
 MIN_VOCAB = 48
 
 
-class SentencePieceConfig(ComponentConfig):
+class SentencePieceConfig(TokenizerConfig):
     path: ExistingFile | None = Field(
         None, description="A trained tokenizer.model; without one, `vlframe train` trains it on the training captions."
     )

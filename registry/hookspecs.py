@@ -109,7 +109,8 @@ def vlframe_datasets() -> list[ComponentSpec]:
     """Return the image-text datasets this plugin provides.
 
     Factory: ``factory(config, split="train" | "val")``. Returns a
-    :class:`registry.protocols.MapDataset`. A
+    :class:`registry.protocols.MapDataset`, or a :class:`registry.protocols.StreamingDataset`
+    (``streaming = True``; training only). A
     config subclassing :class:`~registry.config.DatasetConfig` may say which paths it reads
     (``from_path``), so that ``--data PATH`` finds it.
     """

@@ -315,6 +315,21 @@ class MapDataset(Dataset, Protocol):
 
 
 @runtime_checkable
+class StreamingDataset(Dataset, Protocol):
+    """Samples read front to back (shards behind a URL, a pipe; data larger than one pass).
+
+    ``stream(slot, slots, epoch, seed)`` yields this slot's share of one epoch, each sample once
+    across the ``slots`` (rank x loader worker), ``vlframe.sdk.Sample`` or, for an unusable one,
+    the ``vlframe.sdk.SampleError`` saying why (counted like a map dataset's). It may be endless
+    (resampling). ``streaming = True`` marks the kind. Training reads it; evaluation tasks need
+    a :class:`MapDataset`."""
+
+    streaming: bool
+
+    def stream(self, slot: int, slots: int, epoch: int, seed: int) -> Iterator[Any]: ...
+
+
+@runtime_checkable
 class Importer(Protocol):
     """Another framework's weights into vlframe.
 
@@ -435,6 +450,8 @@ def conformance_problems(kind: Kind, obj: Any) -> list[str]:
     problems = []
     if kind in MODULE_KINDS and not _is_module(obj):
         problems.append(f"is a {type(obj).__name__}, not a torch.nn.Module (it becomes part of a model)")
+    if kind is Kind.DATASET and getattr(obj, "streaming", False) is True:
+        protocol = StreamingDataset  # the other way to be a dataset
     missing = missing_members(obj, protocol)
     if missing:
         problems.append(f"lacks {', '.join(missing)} (registry.protocols.{protocol.__name__})")
@@ -467,6 +484,7 @@ __all__ = [
     "KIND_PROTOCOLS",
     "MODULE_KINDS",
     "MapDataset",
+    "StreamingDataset",
     "Model",
     "ModelOutputLike",
     "MultimodalDecoder",

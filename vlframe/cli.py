@@ -251,6 +251,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export", help="a checkpoint (e.g. a sharded one of train.parallel: fsdp) as one "
+                                      "model.safetensors folder every command loads")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a checkpoint folder, or a run folder (its newest)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the checkpoint folder to write (new)")
+    p.set_defaults(func=cmd_export)
+
     tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = tracking.add_parser("sync", help="deliver a folder's journaled events that never reached MLflow")
@@ -533,6 +539,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({args.importer} {args.model} from {args.checkpoint})")
     print(f"caption: vlframe caption {out} IMAGE ...   evaluate: vlframe eval {out} --task TASK --data DATA")
     print(f"fine-tune: vlframe train CONFIG.yaml --set train.init_from={out}  (start from {out / checkpoint.CONFIG})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlframe.interchange.convert import export_checkpoint
+
+    out, source = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out / 'model.safetensors'} (whole weights of {source}); caption: vlframe caption {out} IMAGE ...")
     return 0
 
 

@@ -16,7 +16,13 @@ class LinearConfig(ComponentConfig):
 class Linear(nn.Linear):
     def __init__(self, cfg: LinearConfig, *, in_dim: int, out_dim: int, tie_to: nn.Embedding | None = None) -> None:
         super().__init__(in_dim, out_dim, bias=cfg.bias)
-        nn.init.normal_(self.weight, std=in_dim**-0.5)
+        self._built = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not getattr(self, "_built", False):  # nn.Linear's own call while constructing
+            return super().reset_parameters()
+        nn.init.normal_(self.weight, std=self.in_features**-0.5)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -29,6 +35,9 @@ class MLPProjection(nn.Sequential):
     def __init__(self, cfg: MLPConfig, *, in_dim: int, out_dim: int, tie_to: nn.Embedding | None = None) -> None:
         hidden = cfg.hidden_dim or in_dim
         super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim, bias=False))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         self.apply(init_weights)
 
 
@@ -50,7 +59,11 @@ class LMHead(nn.Module):
                     f"width ({tie_to.weight.shape[1]})"
                 )
             self.proj.weight = tie_to.weight
-        else:
+        self.tied = cfg.tied
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.tied:  # a tied weight is the token embedding's, initialised there
             init_weights(self.proj)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -36,9 +36,13 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, cfg: ContrastiveConfig) -> None:
         super().__init__()
         # Learn log(1/T): positive by construction and well scaled for the optimiser.
-        value = torch.tensor(math.log(1.0 / cfg.init_temperature))
-        self.log_inv_temperature = nn.Parameter(value, requires_grad=cfg.learn_temperature)
+        self.init_log_inv = math.log(1.0 / cfg.init_temperature)
+        self.log_inv_temperature = nn.Parameter(torch.tensor(self.init_log_inv), requires_grad=cfg.learn_temperature)
         self.max_log_inv = math.log(1.0 / cfg.min_temperature)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.log_inv_temperature.fill_(self.init_log_inv)
 
     @property
     def temperature(self) -> Tensor:

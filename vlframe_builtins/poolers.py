@@ -51,6 +51,13 @@ class AttentionalPooler(nn.Module):
         self.norm = nn.LayerNorm(out_dim, eps=cfg.norm_eps)
         self.attn.apply(init_weights)
 
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.queries, std=self.out_dim**-0.5)
+        for norm in (self.norm_queries, self.norm_tokens, self.norm):
+            if norm is not None:
+                norm.reset_parameters()
+        self.attn.apply(init_weights)
+
     def no_weight_decay(self) -> set[str]:
         return {"queries"}
 

@@ -302,17 +302,23 @@ def _concrete(annotation: Any, node: Any, catalog: Catalog | None) -> Any:
     return getattr(annotation, "__origin__", annotation) if get_origin(annotation) is Annotated else annotation
 
 
+_HOW_IT_RUNS = ("parallel", "fsdp", "activation_checkpointing", "compile", "output_dir")
+
+
 def config_hash(config: BaseModel, plugins: Mapping[str, str] | None = None) -> str:
     """A short hash of what a config trains: equal hashes, the same training.
 
     Where a run is tracked and what it is called (``tracking``, ``description``) are left out:
-    they change no weight. ``plugins`` (``Registry.fingerprint``: each plugin's distribution,
+    they change no weight; so are the output folder, DDP or FSDP, activation checkpointing and compile (the same
+    arithmetic, up to float rounding), so a run resumes under another strategy as itself. ``plugins`` (``Registry.fingerprint``: each plugin's distribution,
     version and source digest) enter it when given, so that a fixed plugin is trained again.
     """
     import hashlib
     import json
 
     data = {k: v for k, v in dump(config).items() if k not in ("tracking", "description")}
+    if isinstance(data.get("train"), dict):  # how the step is spread and scheduled, not what it computes
+        data["train"] = {k: v for k, v in data["train"].items() if k not in _HOW_IT_RUNS}
     if plugins:
         data["__plugins__"] = dict(plugins)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))

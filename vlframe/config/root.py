@@ -49,6 +49,23 @@ class DataConfig(ConfigModel):
         "like corrupt ones: a decompression bomb never reaches the decoder. Default: PIL's limit.")
 
 
+class FSDPConfig(ConfigModel):
+    """How ``train.parallel: fsdp`` shards the model (``torch.distributed.fsdp.fully_shard``, FSDP2)."""
+
+    reshard_after_forward: bool = Field(
+        True, description="Free each block's gathered parameters after its forward and gather them again for "
+        "backward (ZeRO-3); false keeps them until backward (ZeRO-2: more memory, one all-gather less per block).")
+    replicate: int = Field(
+        1, gt=0, description="Hybrid sharding (HSDP): ranks form a (replicate x shard) mesh; each group of "
+        "world/replicate ranks (e.g. one node) shards the model and the groups replicate it. 1: shard over all ranks.")
+    param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Dtype the gathered parameters compute in; gradients are reduced in float32. auto: "
+        "bfloat16 on CUDA when train.precision resolves to bf16, else float32 (CPU ranks use autocast instead).")
+    cpu_offload: bool = Field(
+        False, description="Keep the sharded parameters, gradients and optimiser state in CPU memory, copied to "
+        "the GPU block by block (FSDP2's CPUOffloadPolicy): fits larger models at the cost of speed. GPUs only.")
+
+
 class TrainConfig(ConfigModel):
     """The optimisation: steps, batch, optimiser, schedule, precision, checkpoints."""
 
@@ -82,6 +99,16 @@ class TrainConfig(ConfigModel):
     init_from: Path | None = Field(
         None, description="Start from these weights (a checkpoint or run folder, e.g. from `vlframe convert`): "
         "fine-tuning. Its tokenizer is used unless tokenizer.path is set; optimiser and step start afresh.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Across ranks (torchrun): ddp replicates the model on every rank; fsdp shards "
+        "parameters, gradients and optimiser state over the ranks (FSDP2, per block the model names), builds "
+        "the model on the meta device, and writes sharded checkpoints (torch.distributed.checkpoint).")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="Recompute activations in backward instead of keeping them: full: every block; "
+        "selective: every other block (half the saving, half the recompute).")
+    compile: bool = Field(False, description="torch.compile each block (then the rest runs eager); the compile "
+                                             "time is reported once.")
     init_strict: bool = Field(
         True, description="false: take only the init_from weights whose name and shape fit (an ablation that drops "
         "or resizes parts of a pretrained model); the rest keep their initialisation and the run lists them.")

@@ -5,6 +5,12 @@ the same data: the sample order of epoch ``e`` is a permutation seeded by ``(see
 ``s`` takes the ``s``-th slice of ``global_batch`` indices and rank ``r`` its ``r``-th part; the
 caption picked for an image and its random augmentation are seeded by ``(seed, epoch, index)``.
 A data position is therefore just the step.
+
+A streaming dataset (:class:`registry.protocols.StreamingDataset`) has no indices: each rank and
+loader worker reads its own slot of the stream, epoch after epoch, endlessly; the caption and
+augmentation are seeded by ``(seed, epoch, key)``. Its position on resume is deterministic by
+seed: each worker passes over (reads, without training on) the usable samples it had used before
+the step resumed from: exact while world size and worker count stay the same, approximate otherwise.
 """
 
 from __future__ import annotations
@@ -159,8 +165,62 @@ class Collate:
         )
 
 
+def is_streaming(dataset: Any) -> bool:
+    return getattr(dataset, "streaming", False) is True
+
+
+class StreamSource(torch.utils.data.IterableDataset):
+    """A streaming dataset's samples as training items, endless, this rank's and worker's slot.
+
+    DataLoader takes whole batches from its workers in turn, so worker ``w`` makes batches
+    ``w, w + workers, ...``: resuming at ``start_step``, it passes over the samples of its
+    batches before that.
+    """
+
+    def __init__(self, source: ImageTextSource, *, rank: int, world: int, local_batch: int, start_step: int) -> None:
+        self.source, self.rank, self.world = source, rank, world
+        self.local_batch, self.start_step = local_batch, start_step
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world * workers
+        src = self.source
+        passed = len(range(worker, self.start_step, workers)) * self.local_batch
+        pending: list[tuple[str, str]] = []
+        epoch = 0
+        while True:
+            read = 0
+            for item in src.dataset.stream(slot, slots, epoch, src.seed):
+                read += 1
+                if passed:  # read before the resumed step (its unusable ones are in the ledger already)
+                    passed -= not isinstance(item, SampleError)
+                    continue
+                if isinstance(item, SampleError):
+                    pending.append((item.key, item.reason))
+                    continue
+                rng = random.Random(_seed(src.seed, epoch, item.key))
+                caption = rng.choice(item.captions) if src.random_caption else item.captions[0]
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_seed(src.seed, epoch, item.key, "transform"))
+                    image = src.transform(item.image)
+                yield {"image": image, "caption": caption, "captions": item.captions, "key": item.key, "index": -1,
+                       "skipped": pending}
+                pending = []
+            if not read:
+                raise DataError(f"streaming data: rank {self.rank}, loader worker {worker} got no samples in epoch "
+                                f"{epoch}: the data has fewer shards than ranks x workers ({slots}); write more, "
+                                "smaller shards, lower data.num_workers, or set resampled: true")
+            epoch += 1
+
+
 def train_loader(source: ImageTextSource, collate: Collate, cfg: DataConfig, *, global_batch: int, rank: int,
                  world: int, seed: int, start_step: int) -> DataLoader:
+    if is_streaming(source.dataset):
+        local = global_batch // world
+        stream = StreamSource(source, rank=rank, world=world, local_batch=local, start_step=start_step)
+        return DataLoader(stream, batch_size=local, collate_fn=collate, num_workers=cfg.num_workers,
+                          persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
     sampler = StepSampler(len(source), global_batch, rank=rank, world=world, seed=seed, start_step=start_step)
     return DataLoader(source, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                       persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
@@ -181,6 +241,9 @@ class _Ordered(Sampler[list[tuple[int, int]]]):
 
 def eval_loader(source: ImageTextSource, collate: Collate, cfg: DataConfig, *, batch: int) -> DataLoader:
     """Every sample once, in order, first caption (the same batches every time)."""
+    if is_streaming(source.dataset):
+        raise DataError("a streaming dataset cannot be evaluated (evaluation reads each sample once, by index): "
+                        "validate on local shards (indexed) or another dataset")
     return DataLoader(source, batch_sampler=_Ordered(len(source), batch, cfg.val_batches), collate_fn=collate,
                       num_workers=cfg.num_workers)
 
@@ -188,12 +251,18 @@ def eval_loader(source: ImageTextSource, collate: Collate, cfg: DataConfig, *, b
 class SkipLedger:
     """Unusable samples seen so far; stops the run past the configured fraction."""
 
+    #: A stream's fraction is judged once this many samples have been read (no length to judge by).
+    STREAM_MIN = 1000
+
     def __init__(self, dataset: Any, max_fraction: float) -> None:
-        self.size = len(dataset) + len(getattr(dataset, "skipped", []))
+        self.streaming = is_streaming(dataset)
+        self.size = 0 if self.streaming else len(dataset) + len(getattr(dataset, "skipped", []))
         self.max_fraction = max_fraction
         self.reasons: dict[str, str] = {err.key: err.reason for err in getattr(dataset, "skipped", [])}
 
-    def add(self, skipped: Sequence[tuple[str, str]]) -> None:
+    def add(self, skipped: Sequence[tuple[str, str]], seen: int = 0) -> None:
+        if self.streaming:
+            self.size += seen + len(skipped)
         for key, reason in skipped:
             self.reasons.setdefault(key, reason)
         self.check()
@@ -203,6 +272,8 @@ class SkipLedger:
         return len(self.reasons)
 
     def check(self) -> None:
+        if self.streaming and self.size < self.STREAM_MIN:
+            return
         if self.size and self.count / self.size > self.max_fraction:
             names = "; ".join(f"{k} ({r})" for k, r in list(self.reasons.items())[:10])
             more = f" and {self.count - 10} more" if self.count > 10 else ""

@@ -127,3 +127,28 @@ def _is_conversion(folder: Path) -> bool:
     except checkpoint.CheckpointError:  # unreadable or absent: not ours to replace
         return False
     return isinstance(state, dict) and "converted_from" in state
+
+
+def export_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Write checkpoint ``source`` (sharded or not; a run folder: its newest) as a folder with one
+    ``model.safetensors``, its config, tokenizer and a state at its step; return (out, source).
+
+    The whole model is assembled in this process (no process group), so exporting needs the
+    memory of the weights once; ``out`` must not exist yet.
+    """
+    from vlframe.inference.trained import load_trained
+
+    out = Path(out)
+    if out.exists():
+        raise ConversionError(f"--out {out}: exists; choose a new folder")
+    ckpt, passed = checkpoint.find_readable(Path(source))
+    if ckpt is None:
+        why = "; ".join(passed) or "no checkpoint there"
+        raise ConversionError(f"{source}: {why}")
+    trained = load_trained(ckpt)
+    state = checkpoint.read_state(ckpt)
+    keep = {k: state[k] for k in ("step", "run_id", "config_hash", "plugins") if k in state}
+    files = {checkpoint.CONFIG: ckpt / checkpoint.CONFIG, checkpoint.TOKENIZER: ckpt / checkpoint.TOKENIZER}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write(out, trained.model, {**keep, "exported_from": str(ckpt.resolve())}, files)
+    return out, ckpt

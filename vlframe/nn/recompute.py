@@ -52,7 +52,9 @@ def recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor) -> T
     in its input's dtype), its output is cast to the autocast dtype, and the linear runs in that
     dtype; the Function itself runs with autocast off, on those explicit dtypes.
     """
-    if not torch.is_grad_enabled():
+    # Compiled, the plain composition: inductor's partitioner already recomputes cheap ops like
+    # these in backward, and the Function's inner autograd.grad would break the graph.
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return linear(fn(x, *fn_params))
     device = x.device.type
     if not torch.is_autocast_enabled(device):

@@ -303,6 +303,13 @@ def _alive(pid: int) -> bool:
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from vlframe.runs import sharded
+
+    if sharded.is_sharded(path) and not (path / WEIGHTS).is_file():
+        try:
+            return sharded.read_weights(path)
+        except Exception as exc:  # noqa: BLE001 - a truncated shard, or a foreign file
+            raise CheckpointError(f"{path / sharded.SHARDS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
     try:
         return load_file(str(path / WEIGHTS))
     except FileNotFoundError:
@@ -311,15 +318,34 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path / WEIGHTS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
 
 
+def _is_sharded_model(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _apply(model: nn.Module, weights: dict[str, torch.Tensor], *, strict: bool) -> None:
+    """Load whole tensors into ``model``, whole or sharded (each rank keeps its shards)."""
+    if not _is_sharded_model(model):
+        model.load_state_dict(weights, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}  # a DTensor's shape is the whole one
+
+
 def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
     """Load the weights of checkpoint ``path`` whose names and shapes fit ``model``; return the
     model's parameters left as they were and the checkpoint's weights not used."""
     saved = _load_weights(path)
-    own = model.state_dict()
-    fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(fitting, strict=False)
-    loaded = {own[k].data_ptr() for k in fitting}  # a tied weight is loaded through its twin
-    fresh = [k for k in own if k not in fitting and own[k].data_ptr() not in loaded]
+    own, shapes = model.state_dict(), _shapes(model)
+    fitting = {k: v for k, v in saved.items() if k in shapes and shapes[k] == tuple(v.shape)}
+    _apply(model, fitting, strict=False)
+    loaded = {id(own[k]) for k in fitting} | {own[k].data_ptr() for k in fitting if own[k].data_ptr()}
+    fresh = [k for k in own if k not in fitting and id(own[k]) not in loaded
+             and (not own[k].data_ptr() or own[k].data_ptr() not in loaded)]
     return sorted(fresh), sorted(set(saved) - set(fitting))
 
 
@@ -329,17 +355,23 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None =
     Raises :class:`CheckpointError` for a checkpoint that cannot be read, ``ValueError`` /
     ``RuntimeError`` for one that does not fit the model, ``KeyError`` when the optimiser or
     scheduler state asked for is not there (not a training checkpoint)."""
+    from vlframe.runs import sharded
+
+    if sharded.is_sharded(path) and not (path / WEIGHTS).is_file():  # written under train.parallel: fsdp
+        return sharded.load(path, model, optimizer, scheduler)
     state = read_state(path)  # the state first: a refused or unreadable state touches nothing
+    if optimizer is not None and _is_sharded_model(model):
+        raise ValueError("it was written without train.parallel: fsdp and resumes only without it; to go on "
+                         "sharded, start from its weights with train.init_from")
     saved = _load_weights(path)
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)
     # Tied weights are stored once, under one of their names.
-    missing = [k for k in own if k not in saved and not any(own[k].data_ptr() == own[o].data_ptr() and o in saved
-                                                             for o in own)]
+    missing = [k for k in own if k not in saved and not any(own[k] is own[o] and o in saved for o in own)]
     unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS} does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(saved, strict=False)
+    _apply(model, saved, strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -386,7 +418,13 @@ def check(path: Path) -> None:
             json.loads((path / STATE).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{path / STATE}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
-    for name in (STATE_TENSORS, WEIGHTS) if (path / STATE).is_file() else (WEIGHTS,):
+    from vlframe.runs import sharded
+
+    names = (STATE_TENSORS, WEIGHTS) if (path / STATE).is_file() else (WEIGHTS,)
+    if sharded.is_sharded(path) and not (path / WEIGHTS).is_file():
+        sharded.check(path)
+        names = (STATE_TENSORS,)
+    for name in names:
         try:
             with safe_open(str(path / name), "pt") as handle:
                 handle.keys()

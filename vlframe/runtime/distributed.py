@@ -43,18 +43,29 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def setup_from_env() -> torch.device:
+def setup_from_env(*, group: bool = False) -> torch.device:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); return this rank's device.
 
-    CUDA ranks use NCCL and their ``LOCAL_RANK`` GPU; CPU ranks use gloo.
+    CUDA ranks use NCCL and their ``LOCAL_RANK`` GPU; CPU ranks use gloo. ``group``: a group
+    even for one process (FSDP needs one), on a free loopback port when torchrun gave none.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    backend = "nccl" if use_cuda else "gloo"
+    if (world > 1 or group) and not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        else:  # a plain single process
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                    timeout=timedelta(minutes=30))
     return device
 
 

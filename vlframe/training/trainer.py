@@ -48,9 +48,10 @@ from vlframe.config import files as configfile
 from vlframe.config.root import VlframeConfig
 from vlframe.data.loading import Collate, ImageTextSource, SkipLedger, build_transform, train_loader
 from vlframe.data.samples import set_max_image_pixels
-from vlframe.runs import checkpoint, store, tags
+from vlframe.runs import checkpoint, sharded, store, tags
 from vlframe.runs.folder import RunDir
 from vlframe.runtime import distributed
+from vlframe.runtime.parallel import gather_names, spread
 from vlframe.runtime.precision import autocast, resolve_precision
 from vlframe.training.optim import build_optimizer, build_scheduler
 from vlframe.training.validation import Validator
@@ -126,7 +127,11 @@ class Trainer:
             if isinstance(translated, OutOfMemory) and exc.__traceback__ is not None:
                 traceback.clear_frames(exc.__traceback__)  # let go of the step's tensors before saving
                 gc.collect()
-            if not isinstance(translated, NumericalError):  # the weights of a blown-up step are not saved
+            # The weights of a blown-up step are not saved. A sharded save needs every rank: only
+            # a signal (which reaches them all) is sure to find them all here.
+            collective = getattr(getattr(self, "parallel", None), "sharded", False)
+            if not isinstance(translated, NumericalError) and (
+                    not collective or isinstance(exc, (Interrupted, KeyboardInterrupt))):
                 self._save_what_was_learnt()
             else:
                 self._point_to_newest()
@@ -145,21 +150,19 @@ class Trainer:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         for micro in range(t.grad_accum):
             batch = next(self.batches)
-            self.ledger.add(batch.skipped)
+            self.ledger.add(batch.skipped, seen=len(batch.keys))
             last = micro == t.grad_accum - 1
-            sync = self.wrapped.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
-            with sync, self.autocast:
-                out = self.wrapped(batch.images.to(device), batch.text.to(device), batch.text_mask.to(device))
-            (out.loss / t.grad_accum).backward()
+            with self.parallel.accumulating(last):
+                with self.autocast:
+                    out = self.wrapped(batch.images.to(device), batch.text.to(device), batch.text_mask.to(device))
+                (out.loss / t.grad_accum).backward()
             sums["loss"] += out.loss.detach().float() / t.grad_accum
             for name, value in out.losses.items():
                 sums[f"loss_{name}"] += value.detach().float() / t.grad_accum
             del out
+        self.parallel.finish_backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if t.grad_clip is not None:
-            grad_norm = nn.utils.clip_grad_norm_(params, t.grad_clip)
-        else:
-            grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = self.parallel.clip(params, t.grad_clip)
         losses = {f"train/{k}": distributed.all_reduce_mean(v).item() for k, v in sums.items()}
         self._check_finite(losses, float(grad_norm))  # every rank sees the same values: all stop together
         self.optimizer.step()
@@ -205,7 +208,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, t = self.config, self.config.train
-        self.device = distributed.setup_from_env()
+        self.device = distributed.setup_from_env(group=t.parallel == "fsdp")
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if t.batch_size % (self.world * t.grad_accum):
             raise ConfigError([Problem("train.batch_size", f"{t.batch_size} does not split into {self.world} rank(s) "
@@ -219,22 +222,23 @@ class Trainer:
         catalog = self.registry.catalog
         # The model first: a component that does not build (or would not fit) is reported
         # before any work is done, and before anything is written.
-        check_size(cfg, self.registry, training=True, device=self.device)
-        self.model = build_model(cfg, registry=self.registry)
+        check_size(cfg, self.registry, training=True, device=self.device,
+                   shards=self.world if t.parallel == "fsdp" else 1)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.model, self.parallel = spread(lambda device: build_model(cfg, registry=self.registry, device=device),
+                                           t, self.device, world=self.world, precision=self.precision)
         train_data = catalog.build(Kind.DATASET, cfg.data.train, path="data.train", split="train")
         val_data = (catalog.build(Kind.DATASET, cfg.data.val, path="data.val", split="val")
                     if cfg.data.val is not None else None)
-        self.precision = resolve_precision(t.precision, self.device)
         self.autocast = autocast(self.precision, self.device)
         self.tokenizer = self._saved_tokenizer(ckpt or init)
         self.run = self._claim_folder(ckpt)
-        self.validator = Validator(cfg, self.registry, self.model, val_data, self.run,
-                                   device=self.device, precision=self.precision)
+        self.validator = Validator(cfg, self.registry, self.model, val_data, self.run, device=self.device,
+                                   precision=self.precision, collective=self.parallel.sharded)
         self.tokenizer = self._trained_tokenizer(train_data)
         self.validator.tokenizer = self.tokenizer
         if init is not None:
             self._initialise(init)
-        self.model.to(self.device)
         collate = Collate(self.tokenizer, self.model.context_length)
         source = ImageTextSource(train_data, build_transform(cfg.data, self.model.image_size, train=True),
                                  seed=t.seed, random_caption=True)
@@ -248,15 +252,19 @@ class Trainer:
         if self.rank == 0:  # only once resuming succeeded: a failed --resume changes nothing
             self.run.write_config(cfg)
         self.last_saved = self.step if ckpt is not None else -1
-        self.wrapped = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.wrapped = self.parallel.module
         self.tracker = self._start_tracking(run_id) if self.rank == 0 and cfg.tracking.enabled else None
         loader = train_loader(source, collate, cfg.data, global_batch=t.batch_size // t.grad_accum, rank=self.rank,
                               world=self.world, seed=t.seed, start_step=self.step * t.grad_accum)
         self.batches = iter(loader)
         self._set_up = True
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        if self.parallel.sharded:
+            params = sum(p.numel() for p in self.model.parameters()) / 1e6  # DTensors count whole
         self._say(f"{train_data.describe()}; {params:.1f}M parameters; {self.world} rank(s) on {self.device.type}, "
                   f"{self.precision}; run folder {self.run.path}")
+        for note in self.parallel.notes:
+            self._say(note, markup=False)
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.progress = Progress(
             TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -490,17 +498,25 @@ class Trainer:
         """Checkpoint this step (rank 0 writes; every rank waits for it)."""
         path = checkpoint.step_folder(self.run.checkpoints, self.step)
         # Every rank checks (their weights are the same): all stop together, none waits alone.
-        bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
-        if bad is not None:  # never over the last good checkpoint
-            raise NumericalError(f"step {self.step}: the weight {bad} is not finite: not checkpointed")
-        if self.rank == 0:
-            path = checkpoint.save(
-                self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
-                extra={"run_id": self.run_id, "skipped": dict(self.ledger.reasons), "config_hash": self.config_hash,
-                       "plugins": self.plugins},
-                files={checkpoint.CONFIG: configfile.to_yaml(self.config),
-                       checkpoint.TOKENIZER: self.tokenizer_file},
-            )
+        bad = [name for name, p in self.model.named_parameters()
+               if not torch.isfinite(p.to_local() if self.parallel.sharded and hasattr(p, "to_local") else p).all()]
+        if self.parallel.sharded:  # each rank sees its shards only
+            bad = gather_names(bad)
+        if bad:  # never over the last good checkpoint
+            raise NumericalError(f"step {self.step}: the weight {bad[0]} is not finite: not checkpointed")
+        extra = {"run_id": self.run_id, "skipped": dict(self.ledger.reasons), "config_hash": self.config_hash,
+                 "plugins": self.plugins}
+        files = {checkpoint.CONFIG: configfile.to_yaml(self.config), checkpoint.TOKENIZER: self.tokenizer_file}
+        if self.parallel.sharded:  # every rank writes its shards
+            path = sharded.save(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
+                                extra=extra, files=files)
+            if self.rank == 0:
+                checkpoint.prune(self.run.checkpoints, self.config.train.keep_checkpoints)
+                if final and self.tracker is not None:
+                    self.tracker.log_artifact(path, "checkpoint")
+        elif self.rank == 0:
+            path = checkpoint.save(self.run.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
+                                   extra=extra, files=files)
             checkpoint.prune(self.run.checkpoints, self.config.train.keep_checkpoints)
             if final and self.tracker is not None:
                 self.tracker.log_artifact(path, "checkpoint")

@@ -16,7 +16,7 @@ from torch import nn
 
 from registry import ConfigError, Problem, Registry
 from vlframe.config.root import VlframeConfig
-from vlframe.data.loading import Collate, ImageTextSource, build_transform, eval_loader
+from vlframe.data.loading import Collate, ImageTextSource, build_transform, eval_loader, is_streaming
 from vlframe.evaluation.tasks import periodic_tasks, run_task, why_not
 from vlframe.inference.trained import Trained
 from vlframe.runs.folder import RunDir
@@ -25,11 +25,19 @@ from vlframe.runtime.precision import autocast
 
 
 class Validator:
-    """Validates the model being trained (on rank 0; the other ranks wait)."""
+    """Validates the model being trained (on rank 0, the other ranks wait; or on all in step when sharded)."""
 
     def __init__(self, config: VlframeConfig, registry: Registry, model: nn.Module, val_data: Any,
-                 run: RunDir, *, device: torch.device, precision: str, tokenizer: Any = None) -> None:
+                 run: RunDir, *, device: torch.device, precision: str, tokenizer: Any = None,
+                 collective: bool = False) -> None:
+        """``collective``: every rank runs the validation in step (a sharded model's forward needs
+        them all); rank 0 alone reports it."""
         self.config, self.registry, self.model, self.tokenizer = config, registry, model, tokenizer
+        self.collective = collective
+        if val_data is not None and is_streaming(val_data):
+            raise ConfigError([Problem("data.val", "a streaming dataset cannot be evaluated (evaluation reads each "
+                                                   "sample once, by index): validate on local shards (indexed) or "
+                                                   "another dataset")])
         self.val_data, self.run, self.device, self.precision = val_data, run, device, precision
         capabilities = getattr(model, "capabilities", frozenset())
         wanted = config.train.val_tasks
@@ -46,7 +54,7 @@ class Validator:
     @torch.no_grad()
     def __call__(self, step: int, run_id: str | None) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if distributed.rank() == 0 and self.val_data is not None:
+        if (distributed.rank() == 0 or self.collective) and self.val_data is not None:
             self.model.eval()
             with distributed.local_only():
                 metrics.update(self._losses())
@@ -57,7 +65,7 @@ class Validator:
                     metrics.update({f"val/{name}/{k}": v for k, v in result.metrics.items()})
             self.model.train()
         distributed.barrier()
-        return metrics
+        return metrics if distributed.rank() == 0 else {}
 
     def _losses(self) -> dict[str, float]:
         cfg = self.config

@@ -44,6 +44,9 @@ class MultimodalDecoder(nn.Module):
             for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         self.apply(init_weights)
 
     def forward(self, states: Tensor, mask: Tensor | None, context: Tensor | None,

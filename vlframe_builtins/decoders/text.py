@@ -45,6 +45,10 @@ class TextDecoder(nn.Module):
             for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if self.mode else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every weight (also on a model built on the meta device, e.g. for FSDP)."""
         self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.01)
         if self.cls_token is not None:

@@ -70,8 +70,21 @@ class TimmBackbone(nn.Module):
         self.image_size = cfg.image_size or int(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
         # Feature maps come channels-first (B, C, H, W) unless the model says NHWC (e.g. Swin).
         self.channels_last = str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC"
+        self.pretrained_path = cfg.pretrained_path
         if cfg.pretrained_path is not None:
             self._load(cfg.pretrained_path)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as timm does (a model built on the meta device, e.g. for FSDP), then the
+        pretrained weights when there are any and the parameters are whole tensors."""
+        init = getattr(self.model, "init_weights", None)
+        if callable(init):
+            init()
+        if self.pretrained_path is not None:
+            if any(type(p).__name__ == "DTensor" for p in self.parameters()):
+                raise ValueError("pretrained_path cannot be read into a sharded model: convert the weights into a "
+                                 "vlframe checkpoint and start from it with train.init_from")
+            self._load(self.pretrained_path)
 
     def _load(self, path: Path) -> None:
         from vlframe.sdk import read_weights_file

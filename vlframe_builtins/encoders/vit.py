@@ -51,6 +51,9 @@ class VisionTransformer(nn.Module):
             for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.class_token is not None:

@@ -178,7 +178,11 @@ class Model(Protocol):
       ``metrics()`` is logged while training;
     - ``no_weight_decay() -> set[str]``: parameter names weight decay must not shrink;
     - ``blocks() -> list[nn.Module]``: the repeated blocks, each a unit for activation
-      checkpointing and sharding.
+      checkpointing, ``torch.compile`` and FSDP sharding.
+
+    Under ``train.parallel: fsdp`` the model is built on the meta device and initialised by
+    every module's ``reset_parameters()`` (children first, then parents, as construction runs):
+    a part with parameters of its own initialises them there (``torch.nn`` layers already do).
 
     Optional: ``summary_groups() -> dict[str, list[str]]``, sums of top-level parts that
     ``vlframe model summary`` reports (e.g. ``{"decoder": ["text_decoder", "lm_head"]}``).

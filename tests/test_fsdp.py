@@ -143,7 +143,7 @@ def _branch(run: Path, where: Path, step: int) -> Path:
 def test_a_two_rank_sharded_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path: Path, parallel: str) -> None:
     run, uninterrupted = two_rank_run
     ckpt = run / "checkpoints" / "step_000003"
-    assert sorted(p.name for p in (ckpt / "shards").iterdir()) == [
+    assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [
         "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
     assert not (ckpt / "model.safetensors").exists()
     branch = _branch(run, tmp_path / "branch", 3)
@@ -168,7 +168,7 @@ def test_a_one_rank_sharded_checkpoint_resumes_on_two_ranks(tmp_path: Path) -> N
     assert sorted(resumed) == [4, 5, 6]
     for step, loss in resumed.items():
         assert abs(loss - uninterrupted[step]) <= 2e-3, (step, loss, uninterrupted[step])
-    assert len(list((branch / "checkpoints" / "step_000006" / "shards").iterdir())) == 2
+    assert len(list((branch / "checkpoints" / "step_000006" / "sharded").iterdir())) == 2
 
 
 def test_export_writes_one_model_file_that_every_command_loads(two_rank_run, tmp_path: Path) -> None:
@@ -181,7 +181,7 @@ def test_export_writes_one_model_file_that_every_command_loads(two_rank_run, tmp
     proc = subprocess.run([*vlf, "export", str(run), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (out / "model.safetensors").is_file() and not (out / "shards").exists()
+    assert (out / "model.safetensors").is_file() and not (out / "sharded").exists()
     weights = load_file(str(out / "model.safetensors"))
     assert "text_decoder.token_embedding.weight" in weights and weights["text_decoder.token_embedding.weight"].shape[0] == 512
     image = tmp_path / "red.png"
@@ -205,7 +205,7 @@ def test_a_pickle_beside_the_shards_is_never_read(two_rank_run, tmp_path: Path) 
     # DCP's default reader would pickle.load this file: a plain pickle that runs code.
     evil = ("import pickle, sys\nclass Evil:\n    def __reduce__(self):\n        return (exec, (\"open(%r, 'w')"
             ".write('code ran')\" % sys.argv[2],))\nopen(sys.argv[1], 'wb').write(pickle.dumps(Evil()))\n")
-    target = branch / "checkpoints" / "step_000003" / "shards" / ".metadata"
+    target = branch / "checkpoints" / "step_000003" / "sharded" / ".metadata"
     subprocess.run([sys.executable, "-c", evil, str(target), str(marker)], check=True, env=clean_env())
     assert target.stat().st_size > 0 and not marker.exists()
     proc = _train(tmp_path, 0, branch, "--resume", str(branch))
@@ -239,7 +239,7 @@ def test_a_kill_mid_save_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
     assert not list((run / "checkpoints").glob(".step_*"))  # the partial one was swept
-    assert (run / "checkpoints" / "step_000008" / "shards").is_dir()
+    assert (run / "checkpoints" / "step_000008" / "sharded").is_dir()
 
 
 def test_settings_that_cannot_work_are_one_line(tmp_path: Path) -> None:

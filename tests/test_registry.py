@@ -40,7 +40,7 @@ def test_catalog_lists_every_built_in_component_with_its_source(registry: Regist
     catalog = registry.catalog
     assert catalog.names(Kind.IMAGE_ENCODER) == ["timm", "vit"]
     assert catalog.names(Kind.POOLER) == ["attentional", "cls", "mean", "none"]
-    assert catalog.names(Kind.OBJECTIVE) == ["captioning", "contrastive"]
+    assert catalog.names(Kind.OBJECTIVE) == ["captioning", "contrastive", "sigmoid"]
     assert catalog.names(Kind.MODEL) == ["coca"]
     assert {"causal_text"} <= set(catalog.names(Kind.TEXT_DECODER))
     assert catalog.get(Kind.POOLER, "mean").plugin == "poolers"

@@ -14,7 +14,8 @@ Building blocks
 Model builders
     ``ModelBase`` and ``ModelBuilderConfig`` (see :mod:`vlframe.nn.model`), ``ModelOutput``.
 Objectives
-    ``gather_with_grad`` (all-gather keeping gradients), ``all_reduce_sum``, ``rank``,
+    ``gather_with_grad`` (all-gather keeping gradients), ``ring_shift_with_grad`` (the previous
+    rank's tensor, gradients flowing back), ``all_reduce_sum``, ``rank``,
     ``world_size``.
 Datasets
     ``Sample``, ``SampleError``, ``FileDataset``, ``load_image``, ``clean_captions``.
@@ -46,12 +47,14 @@ _EXPORTS = {
     "MAX_WIDTH": "vlframe.nn.config",
     "MAX_LAYERS": "vlframe.nn.config",
     "KVCache": "vlframe.nn.cache",
+    "bidirectional": "vlframe.nn.attention",
     # model builders
     "ModelBase": "vlframe.nn.model",
     "ModelBuilderConfig": "vlframe.nn.model",
     "ModelOutput": "vlframe.nn.outputs",
     # objectives
     "gather_with_grad": "vlframe.runtime.distributed",
+    "ring_shift_with_grad": "vlframe.runtime.distributed",
     "all_reduce_sum": "vlframe.runtime.distributed",
     "rank": "vlframe.runtime.distributed",
     "world_size": "vlframe.runtime.distributed",
@@ -113,10 +116,10 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from vlframe.inference.generation import GenerationConfig, generate
     from vlframe.interchange.weights import read_weights_file
     from vlframe.inference.trained import Trained, frozen
-    from vlframe.nn.attention import Attention, check_backend, set_attention_backend
+    from vlframe.nn.attention import Attention, bidirectional, check_backend, set_attention_backend
     from vlframe.nn.cache import KVCache
     from vlframe.nn.config import MAX_LAYERS, MAX_WIDTH, TransformerConfig
     from vlframe.nn.model import ModelBase, ModelBuilderConfig
     from vlframe.nn.outputs import ModelOutput
     from vlframe.nn.transformer import ACTIVATIONS, MLP, Block, QuickGELU, init_weights
-    from vlframe.runtime.distributed import all_reduce_sum, gather_with_grad, rank, world_size
+    from vlframe.runtime.distributed import all_reduce_sum, gather_with_grad, rank, ring_shift_with_grad, world_size

@@ -382,6 +382,14 @@ def _model(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
     names = {name for name, _ in model.named_parameters()}
     spared = set(model.no_weight_decay())
     problems += [f"no_weight_decay(): {name} is not a parameter" for name in sorted(spared - names)]
+    from vlframe.runtime.parallel import uninitialised
+
+    with torch.device("meta"):  # train.parallel: fsdp builds it so, then resets every part
+        meta = _build(catalog, Kind.MODEL, cfg, catalog=catalog)
+    missing = uninitialised(meta)
+    if missing:
+        problems.append(f"built on the meta device (train.parallel: fsdp), no reset_parameters() initialises "
+                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     modules = {id(m) for m in model.modules()}
     blocks = model.blocks()
     if any(id(b) not in modules for b in blocks):
@@ -496,6 +504,8 @@ def _dataset(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
                     items.append(dataset[i])
                 except SampleError:
                     continue
+        elif getattr(dataset, "streaming", False) is True:
+            items = [item for _, item in zip(range(8), dataset.stream(0, 1, 0, 0)) if not isinstance(item, SampleError)]
         else:
             items = [item for _, item in zip(range(8), iter(dataset)) if not isinstance(item, SampleError)]
         if not items:

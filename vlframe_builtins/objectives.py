@@ -1,4 +1,4 @@
-"""Training objectives: CoCa's contrastive loss and captioning loss."""
+"""Training objectives: CoCa's contrastive loss and captioning loss, and SigLIP's sigmoid loss."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from registry import ComponentSpec, ObjectiveConfig, hookimpl
-from vlframe.sdk import all_reduce_sum, gather_with_grad, rank, world_size
+from vlframe.sdk import all_reduce_sum, gather_with_grad, rank, ring_shift_with_grad, world_size
 
 
 class ContrastiveConfig(ObjectiveConfig):
@@ -66,6 +66,63 @@ class ContrastiveLoss(nn.Module):
         return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels))
 
 
+class SigmoidConfig(ObjectiveConfig):
+    requires: ClassVar[frozenset[str]] = frozenset({"image_embeds", "text_embeds"})
+    init_scale: float = Field(10.0, gt=0, description="Logit scale at initialisation (learned as its log: log 10).")
+    init_bias: float = Field(-10.0, description="Logit bias at initialisation (SigLIP: -10, so that the many "
+                                                "negatives start near probability 0).")
+    learn_scale: bool = True
+    learn_bias: bool = True
+
+
+class SigmoidLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (arXiv 2303.15343): every image-text pair is its own binary
+    problem, positive on the diagonal; ``-sum log sigmoid(label * (scale * x.y + bias)) / batch``.
+
+    Under torchrun the global ``B x B`` logits never exist on one rank: each rank scores its images
+    against its own texts, then against every other rank's texts as they come round a ring
+    (point-to-point, one neighbour's block at a time, gradients sent back the same way), so a
+    rank's loss memory is ``local x local`` whatever the number of ranks. Each rank divides by its
+    local batch; with DDP/FSDP averaging over ranks this is the gradient of the global loss.
+    """
+
+    def __init__(self, cfg: SigmoidConfig) -> None:
+        super().__init__()
+        self.init_log_scale, self.init_bias = math.log(cfg.init_scale), cfg.init_bias
+        self.log_scale = nn.Parameter(torch.tensor(self.init_log_scale), requires_grad=cfg.learn_scale)
+        self.bias = nn.Parameter(torch.tensor(float(cfg.init_bias)), requires_grad=cfg.learn_bias)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.log_scale.fill_(self.init_log_scale)
+            self.bias.fill_(self.init_bias)
+
+    def metrics(self) -> dict[str, float]:
+        return {"scale": float(self.log_scale.detach().exp()), "bias": float(self.bias.detach())}
+
+    def _pairs(self, image: Tensor, text: Tensor, positives: bool) -> Tensor:
+        logits = self.log_scale.exp().to(image.dtype) * image @ text.t() + self.bias.to(image.dtype)
+        labels = -torch.ones_like(logits)
+        if positives:
+            labels = labels + 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype)
+        return -F.logsigmoid(labels * logits).sum()
+
+    def forward(self, outputs: dict[str, Tensor]) -> Tensor:
+        dtype = torch.promote_types(outputs["image_embeds"].dtype, torch.float32)  # float32, or float64 if given
+        image, text = outputs["image_embeds"].to(dtype), outputs["text_embeds"].to(dtype)
+        total = self._pairs(image, text, positives=True)
+        visiting = text
+        for _ in range(world_size() - 1):  # the other ranks' texts, one neighbour at a time: negatives
+            visiting = ring_shift_with_grad(visiting)
+            # Recomputed in backward: only the visiting features (local x dim) are kept, not each
+            # block's local x local logits, so memory does not grow with the number of ranks.
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._pairs, image, visiting, False, use_reentrant=False)
+            else:
+                total = total + self._pairs(image, visiting, positives=False)
+        return total / image.shape[0]
+
+
 class CaptioningConfig(ObjectiveConfig):
     requires: ClassVar[frozenset[str]] = frozenset({"caption_states", "lm_head", "text", "text_mask"})
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -117,6 +174,9 @@ def vlframe_objectives() -> list[ComponentSpec]:
     return [
         ComponentSpec("contrastive", ContrastiveConfig, ContrastiveLoss,
                       "Symmetric InfoNCE with a learned, clamped temperature (init 0.07)."),
+        ComponentSpec("sigmoid", SigmoidConfig, SigmoidLoss,
+                      "SigLIP's pairwise sigmoid loss, learned scale and bias (init 10, -10); a ring exchange "
+                      "across ranks, never the global logits on one rank."),
         ComponentSpec("captioning", CaptioningConfig, CaptioningLoss,
                       "Next-token NLL over the caption, padding ignored, optional label smoothing."),
     ]

@@ -105,8 +105,8 @@ class TrainConfig(ConfigModel):
         "the model on the meta device, and writes sharded checkpoints (torch.distributed.checkpoint).")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
-        "none", description="Recompute activations in backward instead of keeping them: full: every block; "
-        "selective: every other block (half the saving, half the recompute).")
+        "none", description="Recompute activations in backward instead of keeping them: full: all of every "
+        "block's; selective: keep each block's matmul, attention and convolution outputs, recompute the rest.")
     compile: bool = Field(False, description="torch.compile each block (then the rest runs eager); the compile "
                                              "time is reported once.")
     init_strict: bool = Field(

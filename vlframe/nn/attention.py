@@ -11,9 +11,11 @@ reference) and ``triton`` (vlframe's fused kernels, the GPU hot path; on the CPU
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from types import MappingProxyType
 
 import torch
@@ -138,6 +140,20 @@ def check_backend(name: str) -> str:
     return name
 
 
+# Inside bidirectional(), causal self-attention attends both ways (CapPa's parallel prediction).
+_BIDIRECTIONAL: ContextVar[bool] = ContextVar("vlframe_bidirectional", default=False)
+
+
+@contextlib.contextmanager
+def bidirectional() -> Iterator[None]:
+    """Self-attention without its causal mask (padding still hidden) for the code run inside."""
+    token = _BIDIRECTIONAL.set(True)
+    try:
+        yield
+    finally:
+        _BIDIRECTIONAL.reset(token)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate query and key/value inputs.
 
@@ -217,7 +233,8 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.extend(self, k, v)
         # A single query is the newest position: causality hides nothing from it.
-        out = BACKENDS[self._backend](q, k, v, key_mask, self.causal and lq > 1)
+        causal = self.causal and lq > 1 and not (_BIDIRECTIONAL.get() and not self.is_cross)
+        out = BACKENDS[self._backend](q, k, v, key_mask, causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, self.dim))
 
 

@@ -340,12 +340,11 @@ def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
     """Load the weights of checkpoint ``path`` whose names and shapes fit ``model``; return the
     model's parameters left as they were and the checkpoint's weights not used."""
     saved = _load_weights(path)
-    own, shapes = model.state_dict(), _shapes(model)
+    own, shapes = model.state_dict(keep_vars=True), _shapes(model)
     fitting = {k: v for k, v in saved.items() if k in shapes and shapes[k] == tuple(v.shape)}
     _apply(model, fitting, strict=False)
-    loaded = {id(own[k]) for k in fitting} | {own[k].data_ptr() for k in fitting if own[k].data_ptr()}
-    fresh = [k for k in own if k not in fitting and id(own[k]) not in loaded
-             and (not own[k].data_ptr() or own[k].data_ptr() not in loaded)]
+    loaded = {id(own[k]) for k in fitting}  # a tied weight is one Parameter: loaded through its twin
+    fresh = [k for k in own if k not in fitting and id(own[k]) not in loaded]
     return sorted(fresh), sorted(set(saved) - set(fitting))
 
 

@@ -2,7 +2,7 @@
 
 Layout of ``step_NNNNNN/`` (the same folder as an unsharded checkpoint, minus ``model.safetensors``):
 
-    shards/shard-0000R-model-00001-of-00001.safetensors   each rank's shards of the weights and of
+    sharded/shard-0000R-model-00001-of-00001.safetensors   each rank's shards of the weights and of
                                                           the optimiser's tensors (DCP's safetensors
                                                           storage: offsets in the JSON header)
     state.json + state.safetensors                        step, schedule, RNG, optimiser hyper-parameters,
@@ -30,7 +30,7 @@ from torch import nn
 from vlframe.runs import checkpoint
 from vlframe.runtime import distributed
 
-SHARDS = "shards"
+SHARDS = "sharded"
 FORMAT = "sharded"
 
 
@@ -70,15 +70,21 @@ def save(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Op
     """
     target = checkpoint.step_folder(directory, step)
     rank0 = not _group() or dist.get_rank() == 0
-    tmp_name = None
+    tmp_name, setup_error = None, None
     if rank0:
-        directory.mkdir(parents=True, exist_ok=True)
-        checkpoint.sweep_partial(directory)
-        tmp = directory / f".{target.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        tmp_name = tmp.name
-    tmp = directory / str(distributed.broadcast_object(tmp_name) if _group() else tmp_name)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            checkpoint.sweep_partial(directory)
+            tmp = directory / f".{target.name}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            tmp_name = tmp.name
+        except OSError as exc:  # said on every rank below: none is left waiting
+            setup_error = f"cannot write {target}: {exc.strerror or exc}"
+    tmp_name, setup_error = distributed.broadcast_object((tmp_name, setup_error)) if _group() else (tmp_name, setup_error)
+    if setup_error is not None:
+        raise checkpoint.CheckpointError(f"{setup_error}; the checkpoints before it are intact")
+    tmp = directory / str(tmp_name)
     tensors, plain = _split(model, optimizer)
     problem = None
     try:
@@ -88,7 +94,9 @@ def save(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Op
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True),
                  no_dist=not _group())
         if rank0:
-            state = {"step": step, "format": FORMAT, "world": dist.get_world_size() if _group() else 1,
+            world = dist.get_world_size() if _group() else 1
+            state = {"step": step, "format": FORMAT, "world": world,
+                     "shard_files": sorted(p.name for p in (tmp / SHARDS).glob("*.safetensors")),
                      "optimizer_plain": plain, "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
                      **extra}
             checkpoint.write_state(tmp, state)
@@ -192,6 +200,16 @@ def check(path: Path) -> None:
     files = sorted((path / SHARDS).glob("*.safetensors"))
     if not files:
         raise checkpoint.CheckpointError(f"{path / SHARDS}: no shard files")
+    try:
+        import json
+
+        listed = json.loads((path / checkpoint.STATE).read_text(encoding="utf-8")).get("shard_files") or []
+    except (OSError, ValueError):
+        listed = []
+    missing = sorted(set(listed) - {f.name for f in files}) if isinstance(listed, list) else []
+    if missing:  # a lost rank's file would leave its part of every tensor unread
+        raise checkpoint.CheckpointError(f"{path / SHARDS}: {len(missing)} of {len(listed)} shard files missing "
+                                         f"({', '.join(missing[:3])})")
     for file in files:
         try:
             with safe_open(str(file), "pt") as handle:

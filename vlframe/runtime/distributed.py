@@ -1,4 +1,4 @@
-"""Process-group helpers for ``torchrun``: setup, rank queries, and a gradient-keeping all-gather.
+"""Process-group helpers for ``torchrun``: setup, rank queries, a gradient-keeping all-gather and ring shift.
 
 Everything here works unchanged in a single process (world size 1), so the training loop and
 the objectives never branch on whether they run distributed.
@@ -54,7 +54,9 @@ def setup_from_env(*, group: bool = False) -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    backend = "nccl" if use_cuda else "gloo"
+    # GPU ranks get gloo beside NCCL: CPU tensors (FSDP's CPU offload, whole 0-d parameters
+    # kept there) can then be reduced too.
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
     if (world > 1 or group) and not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
@@ -84,6 +86,15 @@ def broadcast_object(value: object) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agreed_signal(local: int | None) -> int | None:
+    """A stop signal any rank received (the same answer on every rank), else None."""
+    if not is_distributed():
+        return local
+    flag = torch.tensor([local or 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def barrier() -> None:
@@ -116,6 +127,34 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: Tensor) -> Tensor:
     """Rows of ``x`` from every rank, concatenated in rank order; gradients flow back to each."""
     return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+class _RingShift(torch.autograd.Function):
+    """Send ``x`` to the next rank and receive the previous rank's; backward sends each gradient
+    back to the rank the rows came from (the reverse shift). Point-to-point, gloo and NCCL."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return _shift(x.contiguous(), +1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return _shift(grad.contiguous(), -1)
+
+
+def _shift(x: Tensor, direction: int) -> Tensor:
+    world, me = dist.get_world_size(), dist.get_rank()
+    out = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, (me + direction) % world), dist.P2POp(dist.irecv, out, (me - direction) % world)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return out
+
+
+def ring_shift_with_grad(x: Tensor) -> Tensor:
+    """The previous rank's ``x`` (this rank's goes to the next), gradients flowing back to it:
+    applied ``k`` times, rank ``r`` holds rank ``r - k``'s rows. Itself in a single process."""
+    return _RingShift.apply(x) if is_distributed() else x
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:

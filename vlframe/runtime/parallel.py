@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +137,9 @@ def materialise(model: nn.Module, device: torch.device, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(math.nan)
+        for b in model.buffers():  # to_empty leaves them uninitialised: a reset must set them too
+            if b.is_floating_point():
+                b.fill_(math.nan)
     import warnings
 
     state = torch.random.get_rng_state()
@@ -147,9 +149,14 @@ def materialise(model: nn.Module, device: torch.device, seed: int) -> None:
         # seeded generator is what is wanted here.
         warnings.filterwarnings("ignore", message="DTensor random operators")
         _reset_all(model, state)
-    missing = [name for name, p in model.named_parameters()
-               if bool(torch.isnan(p.to_local() if _is_dtensor(p) else p).any())]
+    missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()]
+               if p.is_floating_point() and bool(torch.isnan(p.to_local() if _is_dtensor(p) else p).any())]
     missing = gather_names(missing)
+    if not missing and dist.get_world_size() > 1:  # whole (unsharded) parameters: rank 0's everywhere
+        with torch.no_grad():
+            for p in model.parameters():
+                if not _is_dtensor(p):
+                    dist.broadcast(p.data, src=0)
     if missing:
         owner = dict(model.named_modules())
         first = missing[0]
@@ -158,6 +165,17 @@ def materialise(model: nn.Module, device: torch.device, seed: int) -> None:
             f"train.parallel: fsdp builds the model on the meta device, and no reset_parameters() initialised "
             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: give {type(module).__name__} (or a part "
             "above it) a reset_parameters() that initialises it, as its constructor does")
+
+
+def uninitialised(model: nn.Module) -> list[str]:
+    """The parameters of a meta-built ``model`` that no ``reset_parameters()`` initialises (the
+    model is materialised on the CPU, whole, for the check: for the conformance kit)."""
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(math.nan)
+    _reset_all(model, torch.random.get_rng_state())
+    return [name for name, p in model.named_parameters() if bool(torch.isnan(p).any())]
 
 
 def _reset_all(model: nn.Module, rng_state: Tensor) -> None:
@@ -283,10 +301,8 @@ def spread(build: Callable[[str | None], nn.Module], train: Any, device: torch.d
             raise ComponentError(f"train.parallel: fsdp shards per block, and {type(model).__name__}.blocks() "
                                  "names none: the whole model would be one unit (no memory saved)")
     if train.compile:
-        began = time.perf_counter()
         count = compile_blocks(model)
-        notes.append(f"torch.compile: {count} blocks (compiled on first use, {time.perf_counter() - began:.1f} s "
-                     "to set up)")
+        notes.append(f"torch.compile: {count} blocks, compiled during the first step")
     if train.activation_checkpointing != "none":
         count = checkpoint_blocks(model, train.activation_checkpointing)
         notes.append(f"activation checkpointing ({train.activation_checkpointing}) on {count} blocks")

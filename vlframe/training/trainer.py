@@ -108,15 +108,24 @@ class Trainer:
             self.setup()
             with self.progress:
                 task = self.progress.add_task("train", total=t.steps, completed=self.step, info="")
+                first = True
                 while self.step < t.steps:
+                    began = time.perf_counter()
                     metrics = self.train_step()
+                    if first and t.compile:  # said once: the compile time is the first step's excess
+                        self._say(f"torch.compile: the first step took {time.perf_counter() - began:.1f} s "
+                                  "(compiling the blocks)", markup=False)
+                    first = False
                     self.record(metrics, task)
                     if self._due(t.val_every):
                         self.validate()
                     if self._due(t.checkpoint_every):
                         self.save()
-                    if self._stop_signal is not None:
-                        raise Interrupted(f"stopped by signal {signal.Signals(self._stop_signal).name} at step {self.step}")
+                    # Every rank stops at the same step (a signal may reach ranks either side of a step):
+                    # the checkpoint that follows is collective under FSDP.
+                    stop = distributed.agreed_signal(self._stop_signal)
+                    if stop is not None:
+                        raise Interrupted(f"stopped by signal {signal.Signals(stop).name} at step {self.step}")
             self.validate()
             final = self.save(final=True)
             status = "FINISHED"
@@ -249,6 +258,8 @@ class Trainer:
         self.config_hash = configfile.config_hash(cfg, self.plugins)
         run_id = self._restore(ckpt) if ckpt is not None else None
         self._resumed_from = ckpt
+        if ckpt is not None and self.ledger.streaming:  # a stream's fraction counts from the start of the run
+            self.ledger.size = self.step * t.batch_size // self.world
         if self.rank == 0:  # only once resuming succeeded: a failed --resume changes nothing
             self.run.write_config(cfg)
         self.last_saved = self.step if ckpt is not None else -1

@@ -30,7 +30,8 @@ class TextDecoderConfig(TransformerConfig):
 
 
 class TextDecoder(nn.Module):
-    def __init__(self, cfg: TextDecoderConfig, *, vocab_size: int, context_length: int, with_embedding: bool) -> None:
+    def __init__(self, cfg: TextDecoderConfig, *, vocab_size: int, context_length: int, with_embedding: bool,
+                 with_mask_token: bool = False) -> None:
         super().__init__()
         self.width = cfg.width
         self.context_length = context_length
@@ -40,6 +41,8 @@ class TextDecoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(context_length, cfg.width))
         # The CLS token needs no position: it is always last and learns its own vector.
         self.cls_token = nn.Parameter(torch.zeros(cfg.width)) if self.mode == "cls" else None
+        # CapPa's parallel prediction: inputs replaced by one learned vector (the builder asks for it).
+        self.mask_token = nn.Parameter(torch.zeros(cfg.width)) if with_mask_token else None
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_hidden, causal=True, activation=cfg.activation, norm_eps=cfg.norm_eps)
             for _ in range(cfg.layers)
@@ -53,12 +56,14 @@ class TextDecoder(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.01)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "mask_token"}
 
     def forward(self, tokens: Tensor, mask: Tensor | None, *, embed: bool = True,
-                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+                cache: KVCache | None = None, masked: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Token states ``(B, L, width)`` and the text embedding (None without one, or ``embed=False``).
 
         Generation passes ``embed=False`` (no CLS token: the causal mask keeps it from changing the
@@ -68,7 +73,12 @@ class TextDecoder(nn.Module):
         start = cache.offset if cache is not None else 0
         if start + length > self.context_length:
             raise ValueError(f"text of {start + length} tokens exceeds context_length {self.context_length}")
-        x = self.token_embedding(tokens) + self.pos_embed[start : start + length]
+        x = self.token_embedding(tokens)
+        if masked is not None:  # (B, L) bool: these inputs are the mask token (parallel prediction)
+            if self.mask_token is None:
+                raise ValueError("masked inputs need a decoder built with_mask_token")
+            x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
+        x = x + self.pos_embed[start : start + length]
         with_cls = cache is None and embed and self.mode == "cls"
         if with_cls and self.legacy_mask and start + length != self.context_length:
             # The CLS vector carries the position after a full context (folded in at conversion)

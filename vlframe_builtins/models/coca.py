@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from registry import Capability, Catalog, ComponentSpec, Kind, component, hookimpl
-from vlframe.sdk import MAX_WIDTH, KVCache, ModelBase, ModelBuilderConfig, ModelOutput
+from vlframe.sdk import MAX_WIDTH, KVCache, ModelBase, ModelBuilderConfig, ModelOutput, bidirectional
 
 # How a missing model output can be produced, for error messages.
 _PRODUCERS = {
@@ -49,6 +50,11 @@ class CoCaConfig(ModelBuilderConfig):
     image_projection: component(Kind.HEAD) | None = None
     text_projection: component(Kind.HEAD) | None = None
     lm_head: component(Kind.HEAD) | None = None
+    parallel_prediction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="CapPa's parallel prediction (arXiv 2306.07915): this fraction of each "
+        "training batch is decoded all at once, every input token after BOS replaced by a learned mask token "
+        "and the decoders' self-attention bidirectional; the rest autoregressively (CapPa: 0.75). Generation "
+        "stays autoregressive.")
 
     producers: ClassVar[dict[str, str]] = _PRODUCERS
 
@@ -116,6 +122,9 @@ class CoCaConfig(ModelBuilderConfig):
         if self.caption_pooler is not None and not captioning and not (contrastive and cascade):
             problems.append((("caption_pooler",), "nothing reads the caption_pooler (no multimodal_decoder)"))
         text = self.text_decoder
+        if self.parallel_prediction and not captioning:
+            problems.append((("parallel_prediction",), "parallel prediction is a way of captioning: it needs the "
+                             "multimodal_decoder and lm_head"))
         if contrastive and getattr(text, "layers", None) == 0 and getattr(text, "embedding", None) == "cls":
             problems.append((("text_decoder", "layers"), "0 layers with a CLS text embedding: the CLS token never "
                              "sees the caption, so the text embedding cannot learn; use at least 1 layer, or "
@@ -131,10 +140,12 @@ class CoCa(ModelBase):
         self.image_encoder = self.build_part(Kind.IMAGE_ENCODER, "image_encoder")
         image_dim, prefix = self.image_encoder.width, self.image_encoder.num_prefix_tokens
         self.image_size, self.image_token_dim = self.image_encoder.image_size, image_dim
+        self.parallel_fraction = cfg.parallel_prediction
+        extra = {"with_mask_token": True} if cfg.parallel_prediction else {}  # only then: other decoders need not know it
         self.text_decoder = self.build_part(
             Kind.TEXT_DECODER, "text_decoder",
             vocab_size=cfg.vocab_size, context_length=cfg.context_length,
-            with_embedding=cfg.text_projection is not None,
+            with_embedding=cfg.text_projection is not None, **extra,
         )
         text_dim = self.text_decoder.width
         decoder_dim = cfg.multimodal_decoder.width if cfg.multimodal_decoder is not None else text_dim
@@ -238,6 +249,16 @@ class CoCa(ModelBase):
         states, _ = self.text_decoder(text, mask, embed=False)
         return self.multimodal_decoder(states, mask, self.caption_context(images)), mask
 
+    def _parallel_states(self, text: Tensor, mask: Tensor, context: Tensor) -> Tensor:
+        """Caption states predicting every token at once: the inputs after BOS are the learned
+        mask token, and self-attention sees every position (padding stays hidden). Position t
+        still predicts token t + 1, so the captioning objective reads them as it reads the rest."""
+        masked = torch.ones_like(text, dtype=torch.bool)
+        masked[:, 0] = False
+        with bidirectional():
+            states, _ = self.text_decoder(text, mask, embed=False, masked=masked)
+            return self.multimodal_decoder(states, mask, context)
+
     # -- training forward ------------------------------------------------------------------
 
     def forward(self, images: Tensor, text: Tensor, text_mask: Tensor | None = None, *,
@@ -256,7 +277,14 @@ class CoCa(ModelBase):
         if pooled is not None and self.text_projection is not None:
             outputs["text_embeds"] = F.normalize(self.text_projection(pooled), dim=-1)
         if (self._needs_states or return_logits) and self.multimodal_decoder is not None:
-            outputs["caption_states"] = self.multimodal_decoder(states, mask, context)
+            parallel = round(self.parallel_fraction * text.shape[0]) if self.training else 0
+            if parallel:
+                outputs["caption_states"] = torch.cat([self._parallel_states(text[:parallel], mask[:parallel],
+                                                                             context[:parallel]),
+                                                       self.multimodal_decoder(states[parallel:], mask[parallel:],
+                                                                               context[parallel:])])
+            else:
+                outputs["caption_states"] = self.multimodal_decoder(states, mask, context)
             outputs["lm_head"] = self.lm_head
             if self._needs_logits or return_logits:
                 outputs["logits"] = self.lm_head(outputs["caption_states"])

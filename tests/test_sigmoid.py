@@ -1,0 +1,65 @@
+"""SigLIP's sigmoid loss: against a direct double loop, and across gloo ranks through the ring
+exchange (same loss and gradients as one process; memory per rank flat in the number of ranks)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_distributed import torchrun
+from vlframe_builtins.objectives import SigmoidConfig, SigmoidLoss
+
+PROBE = ROOT / "tests" / "sigmoid_probe.py"
+
+
+def test_the_sigmoid_loss_equals_a_double_loop_over_pairs() -> None:
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(7, 16, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(7, 16, dtype=torch.float64), dim=-1)
+    loss_fn = SigmoidLoss(SigmoidConfig(type="sigmoid", init_scale=3.0, init_bias=-2.0))
+    loss = loss_fn({"image_embeds": image, "text_embeds": text})
+    expected = 0.0
+    for i in range(7):
+        for j in range(7):
+            z = 1.0 if i == j else -1.0
+            logit = 3.0 * float(image[i] @ text[j]) - 2.0
+            expected += -math.log(1.0 / (1.0 + math.exp(-z * logit)))
+    assert abs(float(loss) - expected / 7) < 1e-6
+    assert loss_fn.metrics() == pytest.approx({"scale": 3.0, "bias": -2.0})
+    defaults = SigmoidLoss(SigmoidConfig(type="sigmoid"))
+    assert float(defaults.log_scale) == pytest.approx(math.log(10)) and float(defaults.bias) == -10.0
+
+
+@pytest.mark.slow
+def test_ranks_give_the_loss_and_gradients_of_one_process_in_flat_memory(tmp_path: Path) -> None:
+    local, dim = 1024, 16
+    results = {}
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    for world in (1, 2, 4):
+        out = tmp_path / f"w{world}.st"
+        proc = torchrun(world, str(PROBE), str(out), str(local), str(dim), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[world] = load_file(str(out))
+    # The same global batch: 2 ranks x 1024 equals one process x 2048, and likewise 4.
+    for world in (2, 4):
+        one = tmp_path / f"one{world}.st"
+        proc = torchrun(1, str(PROBE), str(one), str(local * world), str(dim), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        single, spread = load_file(str(one)), results[world]
+        for key in ("loss", "grad_image", "grad_text", "grad_log_scale", "grad_bias"):
+            torch.testing.assert_close(spread[key], single[key], atol=1e-6, rtol=1e-5, msg=f"{world} ranks: {key}")
+        results[f"one{world}"] = single
+    # Per rank, the loss of a fixed local batch holds one local x local block at a time: its
+    # memory does not grow with the ranks, while one process scoring the global batch does.
+    peaks = {w: float(results[w]["peak"]) for w in (1, 2, 4)}
+    block = local * local * 4
+    # A second rank adds the recomputed neighbour block beside the own one; more ranks add nothing.
+    assert peaks[2] < peaks[1] + 4 * block and peaks[4] < 1.15 * peaks[2], peaks
+    assert float(results["one4"]["peak"]) > peaks[4] + 4 * block, (peaks, float(results["one4"]["peak"]))

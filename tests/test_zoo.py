@@ -141,6 +141,17 @@ def test_each_family_runs_what_it_can_and_refuses_the_rest_in_one_line(trained_z
     probe = run_main("eval", str(trained_zoo["cappa"]), "--task", "probe", "--data", str(folder), "--steps", "5",
                      "--no-track")
     assert probe.code == 0, probe.err[-1500:]
+    # CapPa's multimodal states serve the understanding head (does this caption fit the image).
+    config = trained_zoo["cappa"] / "config.yaml"
+    for split, limit in (("train", "48"), ("val", "24")):
+        made = run_main("data", "match-pairs", str(config), "--split", split, "--limit", limit,
+                        "--out", str(tmp_path / split), "--set",
+                        "data.val={type: synthetic, val_size: 32, image_size: 64}")
+        assert made.code == 0, made.err[-1500:]
+    understanding = run_main("eval", str(trained_zoo["cappa"]), "--task", "understanding", "--train-data",
+                             str(tmp_path / "train" / "pairs.jsonl"), "--data", str(tmp_path / "val" / "pairs.jsonl"),
+                             "--steps", "5", "--no-track")
+    assert understanding.code == 0, understanding.err[-1500:]
 
 
 def test_cappa_cached_generation_equals_uncached(trained_zoo) -> None:

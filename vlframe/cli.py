@@ -230,6 +230,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, metavar="SWEEP.yaml")
     p.add_argument("--steps", type=_positive, help="train every variant for this many steps (quick trials)")
     p.add_argument("--only", nargs="+", default=[], metavar="VARIANT", help="run only these variants")
+    p.add_argument("--seeds", type=_positive, metavar="N",
+                   help="train every variant with seeds 0..N-1 (instead of the file's seeds)")
     p.add_argument("--list", action="store_true", help="list the variants and their overrides; train nothing")
     _add_set(p)
     p.set_defaults(func=cmd_sweep)
@@ -240,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", default=[], metavar="PATTERN",
                    help="only the columns matching these glob patterns, e.g. 'eval/*' 'val/loss*'")
     p.add_argument("--out", type=Path, help="folder for comparison.csv/.md/.png (default <sweep folder>/comparison)")
+    p.add_argument("--baseline", metavar="VARIANT", help="test every variant against this one (paired over seeds)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("convert", help="import another framework's checkpoint as a vlframe checkpoint folder")
@@ -590,13 +593,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.list:
         config = sweeps.load_sweep(args.file)
+        seeds = list(range(args.seeds)) if args.seeds else None
         variants, _ = sweeps.build_variants(config, args.file, cli_sets=args.overrides, steps=args.steps,
-                                            only=args.only)
+                                            only=args.only, seeds=seeds)
         for v in variants:
             state = f"error: {v.error}" if v.error else f"config {v.hash}"
-            print(f"{v.name}: {json.dumps(v.overrides)} ({state})")
+            print(f"{v.label}: {json.dumps(v.overrides)} ({state})")
         return EXIT_USAGE if any(v.error for v in variants) else 0
-    parent, outcomes = sweeps.run_sweep(args.file, cli_sets=args.overrides, steps=args.steps, only=args.only)
+    parent, outcomes = sweeps.run_sweep(args.file, cli_sets=args.overrides, steps=args.steps, only=args.only,
+                                        seeds=list(range(args.seeds)) if args.seeds else None)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
     print(f"sweep done: {counts['finished']} finished, {counts['skipped']} skipped, {counts['failed']} failed "
           f"(parent run {parent}); compare with: vlframe compare {args.file}")
@@ -607,7 +612,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from vlframe.sweeps.comparison import compare
 
     parent, text, files, lines = compare(args.source, tracking_uri=args.tracking_uri, out_dir=args.out,
-                                         metrics=args.metrics)
+                                         metrics=args.metrics, baseline=args.baseline)
     print(text)
     print(f"written: {', '.join(map(str, files))} (also artifacts of parent run {parent}, folder comparison/)")
     for line in lines:

@@ -24,6 +24,11 @@ SWEEP_PARENT = "vlframe.sweep_parent"
 VARIANT = "vlframe.variant"
 OVERRIDES = "vlframe.overrides"
 OVERRIDE_PREFIX = "vlframe.override."
+#: Seeded sweeps: every run of a sweep names the sweep's parent (its variant runs nest under a
+#: variant run, marked as such, when the sweep has seeds); a seed run's seed.
+SWEEP_ROOT = "vlframe.sweep_root"
+VARIANT_GROUP = "vlframe.variant_group"
+SEED = "vlframe.seed"
 #: Set on a variant's run once it trained *and* was evaluated; and what it was evaluated with.
 SWEEP_DONE = "vlframe.sweep_done"
 EVAL_HASH = "vlframe.eval_hash"

@@ -3,7 +3,10 @@
 One row per variant (the child runs of the sweep's parent run), one column per metric the
 variants logged (validation losses and periodic tasks ``val/*``, evaluations ``eval/*``, cost
 ``cost/*``; a plugin's metric shows up like the built-ins'), with the best value of each
-column marked. A variant that could not run a task (it lacks the capability) says so in its
+column marked. In a seeded sweep a cell is the mean over seeds with its 95% t interval
+(:mod:`vlframe.sweeps.stats`), the best is starred only when it is significantly better than
+every other variant (paired t-tests over seeds, p < 0.05), and with ``--baseline`` each
+variant is tested against the baseline (a dagger where the paired test says p < 0.05). A variant that could not run a task (it lacks the capability) says so in its
 cells and under the table. The same table is written as CSV and Markdown, with a bar chart per
 metric, and filed as artifacts of the parent run (through a journal).
 
@@ -25,6 +28,7 @@ from typing import Any
 
 from registry import VlframeError
 from vlframe.runs import store, tags
+from vlframe.sweeps import stats
 from vlframe.sweeps.sweep import children, expand, find_parent, load_sweep, sweep_folder, tracking_target
 
 #: Prefixes of the metrics compared; train/* and system/* describe the run, not the model.
@@ -55,6 +59,14 @@ class Row:
     #: periodic tasks its validation could not run (vlframe.val_skipped.*).
     skipped: dict[str, str] = field(default_factory=dict)
     val_skipped: dict[str, str] = field(default_factory=dict)
+    #: Seeded sweeps: each finished seed's metrics, by seed (``metrics`` is then their mean).
+    seeds: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def values(self, key: str) -> dict[int, float]:
+        return {s: m[key] for s, m in self.seeds.items() if key in m and math.isfinite(m[key])}
+
+    def summary(self, key: str) -> stats.Summary:
+        return stats.summary(list(self.values(key).values()))
 
 
 class CompareError(VlframeError):
@@ -80,21 +92,43 @@ def resolve_parent(source: str, tracking_uri: str | None) -> tuple[str, str, lis
 
 
 def collect(mlflow: Any, parent_id: str, order: Sequence[str] = ()) -> list[Row]:
-    """Each variant's newest run under the parent, with its latest metric values."""
-    newest: dict[str, Any] = {}
+    """Each variant's newest run under the parent (a seeded variant: its newest run per seed, the
+    metrics averaged over the finished seeds), with its latest metric values."""
+    newest: dict[str, dict[str, Any]] = {}
     for run in sorted(children(mlflow, parent_id), key=lambda r: r.info.start_time or 0):
-        newest[run.data.tags.get(tags.VARIANT, run.info.run_name or run.info.run_id)] = run
+        if run.data.tags.get(tags.VARIANT_GROUP) == "true":
+            continue
+        name = run.data.tags.get(tags.VARIANT, run.info.run_name or run.info.run_id)
+        newest.setdefault(name, {})[run.data.tags.get(tags.SEED, "")] = run
     rank = {name: i for i, name in enumerate(order)}
     rows = []
-    for name, run in sorted(newest.items(), key=lambda item: (rank.get(item[0], len(rank)), item[1].info.start_time)):
-        run_tags = run.data.tags
+
+    def started(item: tuple[str, dict[str, Any]]) -> tuple[int, int]:
+        return rank.get(item[0], len(rank)), min(r.info.start_time or 0 for r in item[1].values())
+
+    for name, by_seed in sorted(newest.items(), key=started):
+        runs = [by_seed[k] for k in sorted(by_seed, key=lambda k: (k == "", int(k) if k.isdigit() else 0))]
+        first = runs[0]
+        run_tags = first.data.tags
         skipped = {k.removeprefix(tags.EVAL_SKIPPED_PREFIX): v for k, v in run_tags.items()
                    if k.startswith(tags.EVAL_SKIPPED_PREFIX)}
         val_skipped = {k.removeprefix(tags.VAL_SKIPPED_PREFIX): v for k, v in run_tags.items()
                        if k.startswith(tags.VAL_SKIPPED_PREFIX)}
-        rows.append(Row(name, run.info.status.lower(), run.info.run_id,
-                        list(_json_list(run_tags.get(tags.OVERRIDES, "[]"))), dict(run.data.metrics),
-                        run_tags.get(tags.ERROR, ""), skipped, val_skipped))
+        row = Row(name, first.info.status.lower(), first.info.run_id,
+                  list(_json_list(run_tags.get(tags.OVERRIDES, "[]"))), dict(first.data.metrics),
+                  run_tags.get(tags.ERROR, ""), skipped, val_skipped)
+        seeded = [r for r in runs if r.data.tags.get(tags.SEED, "").lstrip("-").isdigit()]
+        if seeded:
+            row.overrides = [k for k in row.overrides if k != "train.seed"]
+            finished = [r for r in seeded if r.info.status == "FINISHED"]
+            row.seeds = {int(r.data.tags[tags.SEED]): dict(r.data.metrics) for r in finished}
+            keys = {k for m in row.seeds.values() for k in m}
+            row.metrics = {k: row.summary(k).mean for k in keys if row.summary(k).n}
+            failed = len(seeded) - len(finished)
+            row.status = "finished" if not failed else f"{len(finished)}/{len(seeded)} seeds"
+            row.run_id = first.data.tags.get(tags.PARENT, first.info.run_id)
+            row.error = next((r.data.tags.get(tags.ERROR, "") for r in seeded if r.data.tags.get(tags.ERROR)), "")
+        rows.append(row)
     return rows
 
 
@@ -145,10 +179,39 @@ def best(rows: Sequence[Row], column: Column) -> float | None:
     return max(values) if column.higher_is_better else min(values)
 
 
-def cells(rows: Sequence[Row], columns: Sequence[Column], *, mark: str = "*") -> list[list[str]]:
-    """The table as text cells: values to 2 decimals, n/a where the variant cannot have the
-    metric (it lacks the capability), '-' where it has none (failed), the best marked."""
-    bests = {c.key: best(rows, c) for c in columns}
+def seeded(rows: Sequence[Row]) -> bool:
+    return any(len(r.seeds) > 1 for r in rows)
+
+
+def significantly_best(rows: Sequence[Row], column: Column) -> Row | None:
+    """The row with the best mean, when paired tests over seeds find it better than every other
+    row with values (p < 0.05 each); None otherwise."""
+    top = best(rows, column)
+    leader = next((r for r in rows if r.metrics.get(column.key) == top), None) if top is not None else None
+    if leader is None:
+        return None
+    others = [r for r in rows if r is not leader and column.key in r.metrics]
+    for other in others:
+        test = stats.paired(leader.values(column.key), other.values(column.key))
+        if not test.significant():
+            return None
+    return leader if others else None
+
+
+def against(rows: Sequence[Row], baseline: str | None, column: Column) -> dict[str, stats.Paired]:
+    base = next((r for r in rows if r.variant == baseline), None)
+    if base is None:
+        return {}
+    return {r.variant: stats.paired(r.values(column.key), base.values(column.key)) for r in rows
+            if r is not base and column.key in r.metrics}
+
+
+def cells(rows: Sequence[Row], columns: Sequence[Column], *, mark: str = "*", baseline: str | None = None) -> list[list[str]]:
+    """The table as text cells: values to 2 decimals (seeded: mean +- the 95% interval's half
+    width), n/a where the variant cannot have the metric (it lacks the capability), '-' where it
+    has none (failed); the best marked (seeded: only when significantly best), and a dagger where
+    a variant differs significantly from ``baseline``."""
+    with_seeds = seeded(rows)
     table = []
     for row in rows:
         line = [row.variant, row.status]
@@ -156,8 +219,17 @@ def cells(rows: Sequence[Row], columns: Sequence[Column], *, mark: str = "*") ->
             value = row.metrics.get(c.key)
             if value is None:
                 line.append(NOT_APPLICABLE if _not_applicable(row, c.key) else "-")
-            else:
-                line.append(f"{value:.2f}{mark if bests[c.key] is not None and value == bests[c.key] else ''}")
+                continue
+            text = f"{value:.2f}"
+            half = row.summary(c.key).half_width if with_seeds else None
+            if half is not None:
+                text += f" ± {half:.2f}"
+            tested = against(rows, baseline, c).get(row.variant)
+            if tested is not None and tested.significant():
+                text += "†"
+            winner = significantly_best(rows, c) if with_seeds else None
+            is_best = (winner is row) if with_seeds else (value == best(rows, c))
+            line.append(text + (mark if is_best else ""))
         table.append(line)
     return table
 
@@ -174,38 +246,64 @@ def _notes(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def render_text(rows: Sequence[Row], columns: Sequence[Column]) -> str:
+def _legend(rows: Sequence[Row], baseline: str | None, *, markdown: bool = False) -> str:
+    star = "Bold" if markdown else "*"
+    if not seeded(rows):
+        return (f"{star}: best in its column (one seed per variant: no interval, no test; add seeds: to the sweep "
+                "for them)")
+    counts = sorted({len(r.seeds) for r in rows if r.seeds})
+    text = (f"mean ± half width of the 95% Student-t interval over {'/'.join(map(str, counts))} seeds; {star}: best "
+            "and better than every other variant by a paired t-test over seeds (p < 0.05): no mark where the best "
+            "is within the noise")
+    if baseline:
+        text += f"; †: differs from {baseline} (paired t-test over seeds, p < 0.05)"
+    return text
+
+
+def render_text(rows: Sequence[Row], columns: Sequence[Column], baseline: str | None = None) -> str:
     header = ["variant", "status"] + [c.label + (" ^" if c.higher_is_better else " v") for c in columns]
-    body = cells(rows, columns)
+    body = cells(rows, columns, baseline=baseline)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))
     for line in body:
         lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
-    lines.append(f"* best in its column (^ higher is better, v lower is better); {NOT_APPLICABLE}: the variant "
+    lines.append(f"{_legend(rows, baseline)}; ^ higher is better, v lower is better; {NOT_APPLICABLE}: the variant "
                  "cannot run that task; - not logged (the variant has no such objective, or it failed)")
     return "\n".join(lines + _notes(rows))
 
 
-def render_markdown(rows: Sequence[Row], columns: Sequence[Column]) -> str:
+def render_markdown(rows: Sequence[Row], columns: Sequence[Column], baseline: str | None = None) -> str:
     header = ["variant", "status"] + [c.label for c in columns]
-    body = cells(rows, columns, mark="**")
+    body = cells(rows, columns, mark="**", baseline=baseline)
     body = [[v if not v.endswith("**") else f"**{v[:-2]}**" for v in line] for line in body]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
     notes = "".join(f"- {note}\n" for note in _notes(rows))
-    return "\n".join(lines) + f"\n\nBold: best in its column. {NOT_APPLICABLE}: the variant cannot run that task.\n" \
-        + (f"\n{notes}" if notes else "")
+    return "\n".join(lines) + f"\n\n{_legend(rows, baseline, markdown=True)}. {NOT_APPLICABLE}: the variant cannot " \
+        "run that task.\n" + (f"\n{notes}" if notes else "")
 
 
-def render_csv(rows: Sequence[Row], columns: Sequence[Column]) -> str:
+def render_csv(rows: Sequence[Row], columns: Sequence[Column], baseline: str | None = None) -> str:
+    """One column per metric (the mean in a seeded sweep), then, seeded, its standard deviation,
+    95% interval, seed count and (with a baseline) the paired test's p-value, per metric."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["variant", "status", "run_id", "overrides"] + [c.key for c in columns])
+    extra = ("std", "ci95_low", "ci95_high", "n") + ((f"p_vs_{baseline}",) if baseline else ())
+    with_seeds = seeded(rows)
+    writer.writerow(["variant", "status", "run_id", "overrides"] + [c.key for c in columns]
+                    + ([f"{c.key} {e}" for c in columns for e in extra] if with_seeds else []))
     for row in rows:
-        writer.writerow([row.variant, row.status, row.run_id, ";".join(row.overrides)]
-                        + [repr(row.metrics[c.key]) if c.key in row.metrics
-                           else (NOT_APPLICABLE if _not_applicable(row, c.key) else "") for c in columns])
+        line = [row.variant, row.status, row.run_id, ";".join(row.overrides)]
+        line += [repr(row.metrics[c.key]) if c.key in row.metrics
+                 else (NOT_APPLICABLE if _not_applicable(row, c.key) else "") for c in columns]
+        if with_seeds:
+            for c in columns:
+                info = row.summary(c.key)
+                tested = against(rows, baseline, c).get(row.variant) if baseline else None
+                values = [info.std, info.low, info.high, info.n] + ([tested.p if tested else None] if baseline else [])
+                line += ["" if v is None else repr(v) for v in values]
+        writer.writerow(line)
     return buffer.getvalue()
 
 
@@ -225,7 +323,9 @@ def plot(rows: Sequence[Row], columns: Sequence[Column], path: Path, title: str)
         values = [r.metrics.get(column.key, float("nan")) for r in rows]
         top = best(rows, column)
         colours = ["#1f4e79" if v == top else "#9dc3e6" for v in values]
-        ax.barh(range(len(rows)), [0 if math.isnan(v) else v for v in values], color=colours)
+        errors = [r.summary(column.key).half_width or 0.0 for r in rows] if seeded(rows) else None
+        ax.barh(range(len(rows)), [0 if math.isnan(v) else v for v in values], color=colours, xerr=errors,
+                error_kw={"ecolor": "#333333", "capsize": 3})  # the 95% interval over seeds
         ax.set_yticks(range(len(rows)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(column.label + (" (higher better)" if column.higher_is_better else " (lower better)"), fontsize=9)
@@ -239,7 +339,7 @@ def plot(rows: Sequence[Row], columns: Sequence[Column], path: Path, title: str)
 
 
 def compare(source: str, *, tracking_uri: str | None = None, out_dir: Path | None = None,
-            metrics: Sequence[str] = ()) -> tuple[str, str, list[Path], list[str]]:
+            metrics: Sequence[str] = (), baseline: str | None = None) -> tuple[str, str, list[Path], list[str]]:
     """Read a sweep back; return (parent run id, the table as text, the files written, and lines
     saying where they were filed). ``metrics``: glob patterns of the columns to show."""
     from vlframe.runs.tracking import Tracker
@@ -251,14 +351,16 @@ def compare(source: str, *, tracking_uri: str | None = None, out_dir: Path | Non
         name = mlflow.get_run(parent_id).data.tags.get(tags.SWEEP, parent_id)
     if not rows:
         raise CompareError(f"parent run {parent_id} at {uri} has no variant runs yet")
+    if baseline is not None and baseline not in {r.variant for r in rows}:
+        raise CompareError(f"--baseline {baseline}: no such variant; variants: {', '.join(r.variant for r in rows)}")
     columns = columns_for(rows, metrics)
-    text = render_text(rows, columns)
+    text = render_text(rows, columns, baseline)
     out_dir = out_dir or (folder / "comparison" if folder is not None else store.DEFAULT_OUTPUT / "sweeps" / name /
                           "comparison")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png"]
-    files[0].write_text(render_csv(rows, columns), encoding="utf-8")
-    files[1].write_text(f"# Sweep {name}\n\n" + render_markdown(rows, columns), encoding="utf-8")
+    files[0].write_text(render_csv(rows, columns, baseline), encoding="utf-8")
+    files[1].write_text(f"# Sweep {name}\n\n" + render_markdown(rows, columns, baseline), encoding="utf-8")
     plot(rows, columns, files[2], f"sweep {name}")
     tracker = Tracker(out_dir, uri=uri)
     tracker.start(run_name=f"sweep-{name}", run_id=parent_id, attach=True)

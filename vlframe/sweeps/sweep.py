@@ -58,6 +58,10 @@ class SweepConfig(ConfigModel):
     variants: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"base": {}}, description="Named variants, each a set of overrides ({} is the base).")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Axes crossed with every variant.")
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="Train every variant once per seed (train.seed), e.g. [0, 1, 2]: each "
+        "variant x seed is a run nested under its variant's run; compare reports means, intervals and tests. "
+        "None: one run per variant at its config's seed.")
     evaluation: SweepEvaluation = Field(default_factory=SweepEvaluation)
     output_dir: Path = Field(Path("runs/sweeps"), description="Variant run folders go in OUTPUT_DIR/NAME/.")
 
@@ -66,10 +70,17 @@ class SweepConfig(ConfigModel):
 class Variant:
     name: str
     overrides: dict[str, Any]
+    seed: int | None = None  # set when the sweep has seeds (then also in overrides as train.seed)
+    parent_run: str | None = None  # its MLflow parent: the sweep's run, or its variant's run when seeded
     config: VlframeConfig | None = None
     error: str | None = None
     hash: str | None = None
     registry: Registry | None = None  # with the plugins its own config names
+
+    @property
+    def label(self) -> str:
+        """The variant, with its seed in a seeded sweep: ``coca/seed1``."""
+        return self.name if self.seed is None else f"{self.name}/seed{self.seed}"
 
 
 @dataclass
@@ -118,7 +129,7 @@ def variant_hash(config: VlframeConfig, registry: Registry) -> str:
 
 
 def build_variants(sweep: SweepConfig, sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None,
-                   only: Sequence[str] = ()) -> tuple[list[Variant], Registry | None]:
+                   only: Sequence[str] = (), seeds: Sequence[int] | None = None) -> tuple[list[Variant], Registry | None]:
     """Validate every variant's config, each with the plugins its own ``plugins:`` section names;
     a variant that does not validate carries its error instead. Returns the variants and the base
     config's registry (for what concerns the sweep as a whole)."""
@@ -128,26 +139,35 @@ def build_variants(sweep: SweepConfig, sweep_file: Path, *, cli_sets: Sequence[s
     data = configfile.apply_overrides(configfile.apply_overrides(base, sweep.set), extra)
     registry = configfile.registry_for(data, str(sweep.base))
     variants = []
-    for name, overrides in expand(sweep):
+    seeds = list(seeds) if seeds is not None else sweep.seeds
+    for name, point in expand(sweep):
         if only and name not in only:
             continue
-        variant = Variant(name, overrides)
-        try:
-            data = configfile.apply_overrides(base, {**sweep.set, **overrides})
-            data = configfile.apply_overrides(data, extra)
-            own = configfile.registry_for(data, f"{sweep_file} (variant {name})")
-            variant.config = configfile.validate(data, own, f"{sweep_file} (variant {name})")
-            variant.hash = variant_hash(variant.config, own)
-            variant.registry = own
-        except ConfigError as exc:
-            variant.error = "; ".join(exc.lines())
-        variants.append(variant)
+        for seed in (seeds or [None]):
+            overrides = point if seed is None else {**point, "train.seed": seed}
+            variants.append(_validated(Variant(name, overrides, seed), base, sweep, sweep_file, extra))
     if only:
         unknown = sorted(set(only) - {v.name for v in variants})
         if unknown:
             raise ConfigError([Problem("--only", f"no variant {', '.join(unknown)}; variants: "
                                        f"{', '.join(n for n, _ in expand(sweep))}", str(sweep_file))])
     return variants, registry
+
+
+def _validated(variant: Variant, base: dict[str, Any], sweep: SweepConfig, sweep_file: Path,
+               extra: list[str]) -> Variant:
+    """``variant`` with its validated config and hash, or the error that stops it."""
+    name, overrides = variant.label, variant.overrides
+    try:
+        data = configfile.apply_overrides(base, {**sweep.set, **overrides})
+        data = configfile.apply_overrides(data, extra)
+        own = configfile.registry_for(data, f"{sweep_file} (variant {name})")
+        variant.config = configfile.validate(data, own, f"{sweep_file} (variant {name})")
+        variant.hash = variant_hash(variant.config, own)
+        variant.registry = own
+    except ConfigError as exc:
+        variant.error = "; ".join(exc.lines())
+    return variant
 
 
 def sweep_tasks(sweep: SweepConfig, sweep_file: Path, registry: Registry) -> dict[str, TaskConfig] | None:
@@ -199,9 +219,28 @@ def find_parent(mlflow: Any, experiment: str, sweep_name: str) -> str | None:
 
 
 def children(mlflow: Any, parent_id: str) -> list[Any]:
+    """Every run of the sweep under ``parent_id``: its children, and (seeded sweeps) the seed runs
+    nested under their variant's run; each once."""
     parent = mlflow.get_run(parent_id)
-    return mlflow.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tags.PARENT}` = '{parent_id}'",
-                              max_results=5000)
+    found = {}
+    for query in (f"tags.`{tags.PARENT}` = '{parent_id}'", f"tags.`{tags.SWEEP_ROOT}` = '{parent_id}'"):
+        for run in mlflow.search_runs([parent.info.experiment_id], filter_string=query, max_results=5000):
+            found[run.info.run_id] = run
+    return list(found.values())
+
+
+def open_group(sweep: SweepConfig, name: str, parent_id: str, uri: str, experiment: str, known: str | None) -> Any:
+    """The run a seeded variant's seed runs nest under (a child of the sweep's parent)."""
+    from vlframe.runs.tracking import Tracker
+
+    folder = sweep_folder(sweep) / _safe(name) / "variant"
+    record = RunDir(folder).record() or {}
+    run_id = known or (record.get("run_id") if record.get("uri") == uri else None)
+    tracker = Tracker(folder, uri=uri, experiment=experiment)
+    tracker.start(run_name=name, run_id=run_id, tags={tags.PARENT: parent_id, tags.SWEEP_ROOT: parent_id,
+                                                      tags.SWEEP: sweep.name, tags.VARIANT: name,
+                                                      tags.VARIANT_GROUP: "true"})
+    return tracker
 
 
 def sweep_folder(sweep: SweepConfig) -> Path:
@@ -235,8 +274,10 @@ def open_parent(sweep: SweepConfig, sweep_file: Path, uri: str, experiment: str)
 
 
 def _child_tags(variant: Variant, sweep: SweepConfig, parent_id: str) -> dict[str, str]:
-    out = {tags.PARENT: parent_id, tags.SWEEP: sweep.name, tags.VARIANT: variant.name,
-           tags.OVERRIDES: json.dumps(sorted(variant.overrides))}
+    out = {tags.PARENT: variant.parent_run or parent_id, tags.SWEEP_ROOT: parent_id, tags.SWEEP: sweep.name,
+           tags.VARIANT: variant.name, tags.OVERRIDES: json.dumps(sorted(variant.overrides))}
+    if variant.seed is not None:
+        out[tags.SEED] = str(variant.seed)
     out.update({f"{tags.OVERRIDE_PREFIX}{k}": json.dumps(v)[:500] for k, v in variant.overrides.items()})
     if variant.hash:
         out[tags.CONFIG_HASH] = variant.hash
@@ -250,7 +291,7 @@ def _record_failure(run_dir: Path, uri: str, experiment: str, variant: Variant, 
 
     tracker = Tracker(run_dir, uri=uri, experiment=experiment)
     run_id = RunDir(run_dir).run_id
-    tracker.start(run_name=variant.name, tags=_child_tags(variant, sweep, parent_id), run_id=run_id,
+    tracker.start(run_name=variant.label, tags=_child_tags(variant, sweep, parent_id), run_id=run_id,
                   attach=run_id is not None)
     tracker.set_tags({tags.ERROR: message[-4000:]})
     tracker.finish("FAILED")
@@ -295,10 +336,11 @@ def evaluate_variant(run_dir: Path, blocks: dict[str, Any] | None, uri: str,
 
 
 def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None, only: Sequence[str] = (),
-              say: Any = print) -> tuple[str, list[Outcome]]:
-    """Run (or resume) a sweep; return its parent run id and each variant's outcome."""
+              seeds: Sequence[int] | None = None, say: Any = print) -> tuple[str, list[Outcome]]:
+    """Run (or resume) a sweep; return its parent run id and each variant's (x seed's) outcome.
+    ``seeds``: instead of the file's ``seeds``."""
     sweep = load_sweep(sweep_file)
-    variants, registry = build_variants(sweep, sweep_file, cli_sets=cli_sets, steps=steps, only=only)
+    variants, registry = build_variants(sweep, sweep_file, cli_sets=cli_sets, steps=steps, only=only, seeds=seeds)
     tasks = sweep_tasks(sweep, sweep_file, registry)  # checked once, before anything runs
     blocks = sweep.evaluation.tasks
     scored = eval_hash(tasks, registry)
@@ -316,22 +358,32 @@ def _run_sweep(sweep: SweepConfig, sweep_file: Path, variants: list[Variant], bl
     with store.bounded(30):
         done = {r.data.tags.get(tags.CONFIG_HASH): r for r in children(store.client(uri), parent_id)
                 if r.data.tags.get(tags.SWEEP_DONE) == "true" and r.info.status == "FINISHED"}
+        groups_known = {r.data.tags.get(tags.VARIANT): r.info.run_id for r in children(store.client(uri), parent_id)
+                        if r.data.tags.get(tags.VARIANT_GROUP) == "true"}
     outcomes = []
+    groups: dict[str, Any] = {}
     for variant in variants:
+        if variant.seed is not None:  # seed runs nest under their variant's run
+            if variant.name not in groups:
+                groups[variant.name] = open_group(sweep, variant.name, parent_id, uri, experiment,
+                                                  groups_known.get(variant.name))
+            variant.parent_run = groups[variant.name].run_id or parent_id
         run_dir = _variant_folder(sweep, variant)
         if variant.error is not None:
             run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, variant.error)
-            say(f"[{variant.name}] failed: {variant.error}")
-            outcomes.append(Outcome(variant.name, "failed", run_id, variant.error))
+            say(f"[{variant.label}] failed: {variant.error}")
+            outcomes.append(Outcome(variant.label, "failed", run_id, variant.error))
             continue
         before = done.get(variant.hash)
         if before is not None and before.data.tags.get(tags.EVAL_HASH) == scored:
-            say(f"[{variant.name}] skipped: finished before as run {before.info.run_id}")
-            outcomes.append(Outcome(variant.name, "skipped", before.info.run_id))
+            say(f"[{variant.label}] skipped: finished before as run {before.info.run_id}")
+            outcomes.append(Outcome(variant.label, "skipped", before.info.run_id))
             continue
         trained_before = before is not None and RunDir(run_dir).run_id == before.info.run_id
         outcomes.append(_run_variant(variant, sweep, run_dir, parent_id, uri, experiment, blocks, scored, say,
                                      train=not trained_before))
+    for group in groups.values():
+        group.finish("FINISHED")
     for line in parent.finish("FINISHED"):
         if "not delivered" in line or "deliver them" in line:
             say(line)
@@ -348,44 +400,44 @@ def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id:
     if train:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = variant.config.model_copy(update={"tracking": variant.config.tracking.model_copy(
-            update={"uri": uri, "experiment": experiment, "run_name": variant.name,
+            update={"uri": uri, "experiment": experiment, "run_name": variant.label,
                     "tags": {**variant.config.tracking.tags, **_child_tags(variant, sweep, parent_id)}})})
         config_file = run_dir / "variant.yaml"
         config_file.write_text(configfile.to_yaml(config), encoding="utf-8")
         command = [sys.executable, "-m", "vlframe", "train", str(config_file), "--run-dir", str(run_dir)]
         if checkpoint.find(run_dir) is not None:  # an interrupted earlier attempt: continue it
             command += ["--resume", str(run_dir)]
-        say(f"[{variant.name}] training: {' '.join(command[3:])}")
+        say(f"[{variant.label}] training: {' '.join(command[3:])}")
         proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode != 0:
             tail = [line for line in proc.stdout.strip().splitlines() if line.strip()][-3:]
             message = f"training exited with code {proc.returncode}: " + " | ".join(tail)
             run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
-            say(f"[{variant.name}] failed: {message}")
-            return Outcome(variant.name, "failed", run_id, message)
+            say(f"[{variant.label}] failed: {message}")
+            return Outcome(variant.label, "failed", run_id, message)
     else:
-        say(f"[{variant.name}] trained before; its evaluation changed: evaluating again")
+        say(f"[{variant.label}] trained before; its evaluation changed: evaluating again")
     run_id = RunDir(run_dir).run_id
     try:
         metrics, skipped, failed, lines = evaluate_variant(run_dir, blocks, uri, {tags.EVAL_HASH: scored})
     except Exception as exc:  # noqa: BLE001 - one variant's evaluation failing must not end the sweep
         message = f"evaluation failed: {type(exc).__name__}: {exc}"
         _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
-        say(f"[{variant.name}] {message}")
-        return Outcome(variant.name, "failed", run_id, message)
+        say(f"[{variant.label}] {message}")
+        return Outcome(variant.label, "failed", run_id, message)
     shown = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in metrics.items() if not k.startswith("cost/"))
     not_run = "".join(f"; {name} not run ({why})" for name, why in skipped.items())
     for line in lines:
         if "not delivered" in line or "deliver them" in line:
-            say(f"[{variant.name}] {line}")
+            say(f"[{variant.label}] {line}")
     if failed:
         message = "evaluation failed: " + "; ".join(f"{name}: {why}" for name, why in failed.items())
         _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
-        say(f"[{variant.name}] {message} (the other tasks were logged: {shown})")
-        return Outcome(variant.name, "failed", run_id, message, metrics)
-    say(f"[{variant.name}] finished in {time.time() - began:.0f} s: {shown}{not_run}")
-    return Outcome(variant.name, "finished", run_id, metrics=metrics)
+        say(f"[{variant.label}] {message} (the other tasks were logged: {shown})")
+        return Outcome(variant.label, "failed", run_id, message, metrics)
+    say(f"[{variant.label}] finished in {time.time() - began:.0f} s: {shown}{not_run}")
+    return Outcome(variant.label, "finished", run_id, metrics=metrics)
 
 
 def _variant_folder(sweep: SweepConfig, variant: Variant) -> Path:
@@ -394,6 +446,8 @@ def _variant_folder(sweep: SweepConfig, variant: Variant) -> Path:
     from vlframe.runs import checkpoint
 
     folder = sweep_folder(sweep) / _safe(variant.name)
+    if variant.seed is not None:
+        folder = folder / f"seed{variant.seed}"
     found = checkpoint.find_readable(folder)[0] if folder.is_dir() else None
     if found is None or variant.hash is None or checkpoint.read_state(found).get("config_hash") == variant.hash:
         return folder

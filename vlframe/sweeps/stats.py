@@ -7,7 +7,7 @@ variants differ by more than that spread.
   against seed s of the other: each seed shares initialisation and data order, so pairing
   removes that part of the noise); two-sided p-value, mean difference and its 95% interval.
 
-scipy gives the t quantiles and tail probabilities.
+scipy (installed with mlflow, which requires it) gives the t quantiles and tail probabilities.
 """
 
 from __future__ import annotations

@@ -187,14 +187,7 @@ def write(target: Path, model: nn.Module, state: dict[str, Any], files: dict[str
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / WEIGHTS))  # handles tied weights (saved once)
         write_state(tmp, state)
-        for name, content in files.items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            else:
-                (tmp / name).write_text(content, encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        finish(tmp, target, files)
     except Exception as exc:  # OSError, or safetensors' own error for the same thing
         shutil.rmtree(tmp, ignore_errors=True)
         if no_space(exc):
@@ -206,6 +199,19 @@ def write(target: Path, model: nn.Module, state: dict[str, Any], files: dict[str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def finish(tmp: Path, target: Path, files: dict[str, Path | str]) -> None:
+    """Add ``files`` (paths to copy, or text) to the temporary folder ``tmp``, then rename it to
+    ``target`` (replacing one there): the last step of writing any checkpoint."""
+    for name, content in files.items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, tmp / name)
+        else:
+            (tmp / name).write_text(content, encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:

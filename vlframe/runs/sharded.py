@@ -100,14 +100,7 @@ def save(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Op
                      "optimizer_plain": plain, "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
                      **extra}
             checkpoint.write_state(tmp, state)
-            for name, content in files.items():
-                if isinstance(content, Path):
-                    shutil.copyfile(content, tmp / name)
-                else:
-                    (tmp / name).write_text(content, encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            checkpoint.finish(tmp, target, files)
     except Exception as exc:  # noqa: BLE001 - said below, after every rank knows
         problem = exc
     failed = distributed.broadcast_object(problem is not None and rank0) if _group() else problem is not None

@@ -44,7 +44,13 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _describe(_read(fd))
+                found = _read(fd)
+                for _ in range(20):  # a holder that has just locked writes who it is a moment later
+                    if found and found.get("pid") not in (None, "?"):
+                        break
+                    time.sleep(0.05)
+                    found = _read(fd)
+                holder = _describe(found)
                 os.close(fd)
                 raise FolderBusy(f"{self.path.parent} is in use: {holder} is {self.what} there; wait for it to "
                                  f"finish (or stop it), {self.hint}") from None

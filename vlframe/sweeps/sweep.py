@@ -354,7 +354,9 @@ def _run_sweep(sweep: SweepConfig, sweep_file: Path, variants: list[Variant], bl
                scored: str, uri: str, experiment: str, say: Any) -> tuple[str, list[Outcome]]:
     parent = open_parent(sweep, sweep_file, uri, experiment)
     parent_id = parent.run_id
-    say(f"sweep {sweep.name}: {len(variants)} variant(s); MLflow parent run {parent_id} at {uri}")
+    names, seeds = {v.name for v in variants}, {v.seed for v in variants if v.seed is not None}
+    runs = f"{len(names)} variant(s)" + (f" x {len(seeds)} seed(s)" if seeds else "")
+    say(f"sweep {sweep.name}: {runs}; MLflow parent run {parent_id} at {uri}")
     with store.bounded(30):
         done = {r.data.tags.get(tags.CONFIG_HASH): r for r in children(store.client(uri), parent_id)
                 if r.data.tags.get(tags.SWEEP_DONE) == "true" and r.info.status == "FINISHED"}

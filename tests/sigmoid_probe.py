@@ -1,6 +1,7 @@
 """The sigmoid loss on one global batch spread over N ranks (torchrun), and its memory per rank.
 
     python -m torch.distributed.run --nproc_per_node N tests/sigmoid_probe.py OUT.safetensors LOCAL DIM
+    python tests/sigmoid_probe.py OUT_{local}.safetensors LOCAL,LOCAL2,... DIM   (one process, each size in turn)
 
 Every rank takes its rows of the same seeded global embeddings; rank 0 writes the global loss,
 the gradients of the global embeddings (gathered), of the scale and the bias (averaged over
@@ -22,7 +23,6 @@ from vlframe_builtins.objectives import SigmoidConfig, SigmoidLoss
 
 
 def main(out: Path, local: int, dim: int) -> None:
-    distributed.setup_from_env()
     rank, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(0)
     image_all = F.normalize(torch.randn(world * local, dim, dtype=torch.float32), dim=-1)  # the same global
@@ -75,8 +75,10 @@ def main(out: Path, local: int, dim: int) -> None:
     if rank == 0:
         save_file({k: v.contiguous() for k, v in result.items()}, str(out))
     distributed.barrier()
-    distributed.teardown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    distributed.setup_from_env()
+    for size in sys.argv[2].split(","):  # one process: several global batches, measured one after another
+        main(Path(sys.argv[1].format(local=size)), int(size), int(sys.argv[3]))
+    distributed.teardown()

@@ -91,6 +91,22 @@ def test_matches_pycocoevalcap(scored: dict[str, dict[str, float]]) -> None:
     assert 0.0 < ours["bleu4"] < 1.0 and 0.0 < ours["meteor"] < 1.0  # fractions, not x100
 
 
+def test_per_image_scores_belong_to_their_images_and_average_to_the_corpus_score() -> None:
+    per_image: dict[str, dict[str, float]] = {}
+    corpus = score_captions(CANDIDATES, REFERENCES, metrics=["cider", "rouge_l", "bleu4"], per_image=per_image)
+    assert sorted(per_image) == ["cider", "rouge_l"]  # BLEU pools counts over the corpus: no per-image score
+    for name, each in per_image.items():
+        assert sorted(each) == sorted(CANDIDATES)
+        assert sum(each.values()) / len(each) == pytest.approx(corpus[name])
+    # Swapping one good caption for nonsense lowers that image's score and leaves the others' rouge_l.
+    swapped = {**CANDIDATES, "img1": NONSENSE["img1"]}
+    after: dict[str, dict[str, float]] = {}
+    score_captions(swapped, REFERENCES, metrics=["cider", "rouge_l"], per_image=after)
+    assert after["cider"]["img1"] < per_image["cider"]["img1"]
+    assert {k: v for k, v in after["rouge_l"].items() if k != "img1"} == \
+        {k: v for k, v in per_image["rouge_l"].items() if k != "img1"}
+
+
 def test_nonsense_scores_lower_on_every_metric(scored: dict[str, dict[str, float]]) -> None:
     good, bad = scored["ours"], scored["nonsense"]
     assert list(bad) == list(METRICS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,17 +44,20 @@ def test_ranks_give_the_loss_and_gradients_of_one_process_in_flat_memory(tmp_pat
     local, dim = 1024, 16
     results = {}
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    for world in (1, 2, 4):
+    for world in (2, 4):
         out = tmp_path / f"w{world}.st"
         proc = torchrun(world, str(PROBE), str(out), str(local), str(dim), env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = load_file(str(out))
+    # One process (no torchrun) scores batches of 1024, 2048 and 4096 in turn, each measured alone.
+    sizes = ",".join(str(local * w) for w in (1, 2, 4))
+    proc = subprocess.run([sys.executable, str(PROBE), str(tmp_path / "one_{local}.st"), sizes, str(dim)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results[1] = load_file(str(tmp_path / f"one_{local}.st"))
     # The same global batch: 2 ranks x 1024 equals one process x 2048, and likewise 4.
     for world in (2, 4):
-        one = tmp_path / f"one{world}.st"
-        proc = torchrun(1, str(PROBE), str(one), str(local * world), str(dim), env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        single, spread = load_file(str(one)), results[world]
+        single, spread = load_file(str(tmp_path / f"one_{local * world}.st")), results[world]
         for key in ("loss", "grad_image", "grad_text", "grad_log_scale", "grad_bias"):
             torch.testing.assert_close(spread[key], single[key], atol=1e-6, rtol=1e-5, msg=f"{world} ranks: {key}")
         results[f"one{world}"] = single

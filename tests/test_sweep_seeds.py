@@ -47,6 +47,48 @@ def test_paired_test_matches_scipy_and_tells_signal_from_noise() -> None:
     assert stats.paired({0: 1.0, 1: 2.0, 5: 9.0}, {0: 0.5, 1: 1.0}).n == 2
 
 
+def test_the_paired_bootstrap_over_items_tells_signal_from_noise() -> None:
+    import numpy as np
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    keys = [f"img{i}" for i in range(400)]
+    base = {k: float(v) for k, v in zip(keys, 100.0 * (rng.random(400) < 0.5))}
+    # The variant gets 40 more of the 400 queries right (and none fewer): a real 10-point gain.
+    flip = [k for k in keys if base[k] == 0.0][:40]
+    better = {k: 100.0 if k in flip else v for k, v in base.items()}
+    got = stats.paired_bootstrap({0: better}, {0: base})
+    assert got.items == 400 and got.difference == pytest.approx(10.0) and got.significant() and got.low > 0
+    # Per-item differences of +-1 with a small mean: the bootstrap distribution of the mean is
+    # close to normal, so its p-value must be close to the normal test's.
+    diffs = np.where(rng.random(400) < 0.53, 1.0, -1.0)
+    noisy = stats.paired_bootstrap({0: dict(zip(keys, diffs.tolist()))}, {0: dict.fromkeys(keys, 0.0)})
+    z = diffs.mean() / (diffs.std(ddof=1) / math.sqrt(400))
+    assert noisy.p == pytest.approx(2 * norm.sf(abs(z)), abs=0.02) and not noisy.significant()
+    assert noisy.low < noisy.difference < noisy.high
+    # Several seeds: each item's difference is averaged over them before resampling; only items
+    # scored in every shared seed count.
+    two = stats.paired_bootstrap({0: {"a": 1.0, "b": 3.0, "c": 9.0}, 1: {"a": 3.0, "b": 5.0}, 7: {"a": 0.0}},
+                                 {0: {"a": 0.0, "b": 0.0, "c": 0.0}, 1: {"a": 0.0, "b": 2.0}})
+    assert (two.items, two.seeds) == (2, 2) and two.difference == pytest.approx((2.0 + 3.0) / 2)
+    same = stats.paired_bootstrap({0: {"a": 1.0, "b": 1.0}}, {0: {"a": 1.0, "b": 1.0}})
+    assert same.difference == 0 and same.p is None and not same.significant()
+
+
+def test_retrieval_items_average_to_its_recall() -> None:
+    import torch
+
+    from vlframe.evaluation.metrics import recall_from_ranks, retrieval_ranks, retrieval_recall
+
+    torch.manual_seed(0)
+    images, texts = torch.randn(12, 8), torch.randn(30, 8)
+    owners = torch.arange(30) % 12
+    i2t, t2i = retrieval_ranks(images, texts, owners)
+    assert recall_from_ranks(i2t, t2i) == retrieval_recall(images, texts, owners)
+    assert i2t.shape == (12,) and t2i.shape == (30,)
+    assert recall_from_ranks(i2t, t2i)["t2i_r5"] == pytest.approx(100.0 * (t2i < 5).float().mean().item())
+
+
 def _row(name: str, by_seed: dict[int, float]) -> Row:
     row = Row(name, "finished", name, [], seeds={s: {"eval/x": v} for s, v in by_seed.items()})
     row.metrics = {"eval/x": row.summary("eval/x").mean}
@@ -109,6 +151,18 @@ def test_a_two_variant_two_seed_sweep_nests_skips_and_compares(tmp_path: Path) -
     assert float(rows["coca"][f"{key} ci95_low"]) <= float(rows["coca"][key]) <= float(rows["coca"][f"{key} ci95_high"])
     p = rows["wide_temp"][f"{key} p_vs_coca"]
     assert p == "" or 0.0 <= float(p) <= 1.0
+    # The paired bootstrap over the 32 test images, from each seed run's saved per-item scores.
+    assert "paired bootstrap over the test items" in compared.out
+    boot = float(rows["wide_temp"][f"{key} pboot_vs_coca"])
+    assert 0.0 < boot <= 1.0 and rows["wide_temp"][f"{key} items"] == "32"
+    assert int(rows["wide_temp"]["eval/retrieval/t2i_r1 items"]) >= 2 * 32  # every caption is a query
+    seed_run = next(r for g in groups if g.data.tags["vlframe.variant"] == "coca"
+                    for r in client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{g.info.run_id}'"))
+    saved = client.download_artifacts(seed_run.info.run_id, "eval/retrieval/items.json", str(tmp_path))
+    import json
+
+    per_item = json.loads(Path(saved).read_text())
+    assert sum(per_item["i2t_r1"].values()) / 32 == pytest.approx(seed_run.data.metrics[key])
     assert (out / "comparison.png").stat().st_size > 1000
     bad = run_main("compare", str(path), "--baseline", "nope")
     assert bad.code == 2 and "--baseline nope: no such variant" in bad.err

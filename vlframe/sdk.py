@@ -23,7 +23,8 @@ Evaluation tasks
     ``EvalResult``, ``TaskContext``, ``Trained`` (a loaded model with ``embed_images``,
     ``embed_texts``, ``caption``, ``load_images``, ``tokenize``, ``autocast``), ``frozen``,
     ``iter_samples``, ``batched``, ``labelled_images``, ``embed_dataset``, ``describe``,
-    ``retrieval_recall``, ``topk_accuracy``, ``score_captions``, ``CAPTION_METRICS``,
+    ``retrieval_recall``, ``retrieval_ranks``, ``recall_from_ranks``, ``topk_accuracy``,
+    ``score_captions`` (with ``per_image`` scores), ``CAPTION_METRICS``,
     ``zero_shot_classifier``, ``classify``, ``PROMPT_TEMPLATES``, ``GenerationConfig``,
     ``generate``, ``write_caption_table``, ``thumbnail``.
 """
@@ -73,6 +74,8 @@ _EXPORTS = {
     "embed_dataset": "vlframe.evaluation.datasets",
     "describe": "vlframe.evaluation.datasets",
     "retrieval_recall": "vlframe.evaluation.metrics",
+    "retrieval_ranks": "vlframe.evaluation.metrics",
+    "recall_from_ranks": "vlframe.evaluation.metrics",
     "topk_accuracy": "vlframe.evaluation.metrics",
     "score_captions": "vlframe.evaluation.caption_metrics",
     "CAPTION_METRICS": "vlframe.evaluation.caption_metrics",
@@ -109,7 +112,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from vlframe.data.samples import FileDataset, Sample, SampleError, clean_captions, load_image
     from vlframe.evaluation.caption_metrics import CAPTION_METRICS, UNAVAILABLE, score_captions
     from vlframe.evaluation.datasets import batched, describe, embed_dataset, iter_samples, labelled_images
-    from vlframe.evaluation.metrics import retrieval_recall, topk_accuracy
+    from vlframe.evaluation.metrics import recall_from_ranks, retrieval_ranks, retrieval_recall, topk_accuracy
     from vlframe.evaluation.report import thumbnail, write_caption_table
     from vlframe.evaluation.tasks import EvalResult, TaskContext
     from vlframe.evaluation.zeroshot import PROMPT_TEMPLATES, classify, zero_shot_classifier

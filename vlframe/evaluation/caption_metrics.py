@@ -137,7 +137,8 @@ def _close_meteor(meteor: Any) -> None:
 
 
 def score_captions(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
-                   metrics: Sequence[str] | None = None) -> dict[str, float]:
+                   metrics: Sequence[str] | None = None,
+                   per_image: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
     """Corpus-level caption scores, keyed ``bleu1``..``bleu4``, ``meteor``, ``rouge_l``, ``cider``.
 
     ``candidates`` maps an image id to one generated caption (an empty string is scored as an
@@ -145,6 +146,9 @@ def score_captions(candidates: Mapping[str, str], references: Mapping[str, Seque
     picks a subset (default: all of ``METRICS``); METEOR's JVM is only started when asked for.
     Values are fractions exactly as pycocoevalcap returns them. CIDEr-D's IDF comes from the
     references being scored, so it is only meaningful over many images (a single image gets 0).
+    ``per_image``, when given, is filled with each image's score for the metrics whose corpus
+    score is the mean of them (``rouge_l``, ``cider``; BLEU and METEOR are computed from counts
+    pooled over the corpus, so they have none).
 
     Raises ValueError for unknown or unavailable metrics (see ``UNAVAILABLE``), an empty
     ``candidates``, ids present on one side only, or an id with no references; RuntimeError when
@@ -174,10 +178,12 @@ def score_captions(candidates: Mapping[str, str], references: Mapping[str, Seque
         if any(m.startswith("bleu") for m in wanted):
             bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 prints to stdout
             scores.update({f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)})
-        if "rouge_l" in wanted:
-            scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
-        if "cider" in wanted:
-            scores["cider"] = float(Cider().compute_score(gts, res)[0])
+        for name, scorer in (("rouge_l", Rouge), ("cider", Cider)):
+            if name in wanted:
+                corpus, each = scorer().compute_score(gts, res)
+                scores[name] = float(corpus)
+                if per_image is not None:
+                    per_image[name] = {i: float(v) for i, v in zip(gts, each)}  # the scorers walk gts in order
         if meteor is not None:
             try:
                 scores["meteor"] = float(meteor.compute_score(gts, res)[0])

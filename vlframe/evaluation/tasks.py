@@ -10,6 +10,8 @@ through a journal, so that nothing is lost while the store is unreachable.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +29,19 @@ if TYPE_CHECKING:
 @dataclass
 class EvalResult:
     """One evaluation: ``metrics`` (rates in percent, as papers report them), ``info`` (counts,
-    settings), and the ``files`` it wrote."""
+    settings), and the ``files`` it wrote.
+
+    ``items``: for a metric that is the mean of a score per test item (recall@k: 100 or 0 per
+    query; CIDEr-D: per image), those scores by item key. They are saved beside the results
+    (``items.json``, an artifact ``eval/<task>/items.json``) so that ``vlframe compare
+    --baseline`` can test two variants with a paired bootstrap over the same items.
+    """
 
     task: str
     metrics: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    items: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> str:
         values = "  ".join(f"{k} {v:.2f}" for k, v in self.metrics.items())
@@ -156,8 +165,31 @@ def run_task(trained: Trained, config: TaskConfig, *, name: str | None = None, o
     if bad or not all(isinstance(k, str) and k for k in result.metrics):
         raise TaskError(f"{where} returned metrics that are not numbers: {', '.join(map(str, bad)) or 'a key'}")
     result.metrics = {k: float(v) for k, v in result.metrics.items()}
+    _check_items(result, where)
     result.task = name or config.type
+    if out_dir is not None and result.items:
+        path = out_dir / ITEMS_FILE
+        path.write_text(json.dumps(result.items), encoding="utf-8")
+        result.files.append(path)
     return result
+
+
+#: Per-item scores of a result, beside its other files and among its artifacts.
+ITEMS_FILE = "items.json"
+
+
+def _check_items(result: EvalResult, where: str) -> None:
+    """Per-item scores must belong to a metric of the result and average to it."""
+    for metric, scores in result.items.items():
+        if metric not in result.metrics:
+            raise TaskError(f"{where} returned per-item scores for '{metric}', which is not one of its metrics")
+        values = list(scores.values()) if isinstance(scores, Mapping) else None
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise TaskError(f"{where} returned per-item scores for '{metric}' that are not a mapping of item to number")
+        mean = sum(values) / len(values)
+        if not math.isclose(mean, result.metrics[metric], rel_tol=1e-4, abs_tol=1e-3):
+            raise TaskError(f"{where}: the per-item scores of '{metric}' average {mean:.4f}, not the metric's "
+                            f"{result.metrics[metric]:.4f} (items are for metrics that are a mean over items)")
 
 
 def default_out_dir(trained: Trained, task: str) -> Path:
@@ -177,8 +209,6 @@ def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *
     Everything is journaled in ``folder/tracking`` first: with the store unreachable the lines
     say how to deliver it later (``vlframe tracking sync FOLDER``).
     """
-    import json
-
     from vlframe.runs import tags
     from vlframe.runs.tracking import Tracker
 
@@ -205,5 +235,5 @@ def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *
     return tracker.finish(None if attached else "FINISHED")
 
 
-__all__ = ["CapabilityError", "EvalResult", "TaskContext", "default_out_dir", "log_results", "periodic_tasks",
+__all__ = ["ITEMS_FILE", "CapabilityError", "EvalResult", "TaskContext", "default_out_dir", "log_results", "periodic_tasks",
            "require", "run_task", "settings_block", "task_config", "why_not"]

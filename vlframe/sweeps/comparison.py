@@ -6,7 +6,10 @@ variants logged (validation losses and periodic tasks ``val/*``, evaluations ``e
 column marked. In a seeded sweep a cell is the mean over seeds with its 95% t interval
 (:mod:`vlframe.sweeps.stats`), the best is starred only when it is significantly better than
 every other variant (paired t-tests over seeds, p < 0.05), and with ``--baseline`` each
-variant is tested against the baseline (a dagger where the paired test says p < 0.05). A variant that could not run a task (it lacks the capability) says so in its
+variant is tested against the baseline: a dagger where the paired t-test over seeds says
+p < 0.05, a double dagger where a paired bootstrap over the test items does (for metrics that
+are a mean over items, whose per-item scores the tasks saved: retrieval recall, CIDEr-D,
+ROUGE-L; it needs no extra training and works with one seed). A variant that could not run a task (it lacks the capability) says so in its
 cells and under the table. The same table is written as CSV and Markdown, with a bar chart per
 metric, and filed as artifacts of the parent run (through a journal).
 
@@ -61,6 +64,10 @@ class Row:
     val_skipped: dict[str, str] = field(default_factory=dict)
     #: Seeded sweeps: each finished seed's metrics, by seed (``metrics`` is then their mean).
     seeds: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: The run of each finished seed (one seed, the sweep's own: key 0), for its per-item scores.
+    runs: dict[int, str] = field(default_factory=dict)
+    #: Per-item scores of each metric that has them, by seed: {metric: {seed: {item: score}}}.
+    items: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
 
     def values(self, key: str) -> dict[int, float]:
         return {s: m[key] for s, m in self.seeds.items() if key in m and math.isfinite(m[key])}
@@ -117,11 +124,14 @@ def collect(mlflow: Any, parent_id: str, order: Sequence[str] = ()) -> list[Row]
         row = Row(name, first.info.status.lower(), first.info.run_id,
                   list(_json_list(run_tags.get(tags.OVERRIDES, "[]"))), dict(first.data.metrics),
                   run_tags.get(tags.ERROR, ""), skipped, val_skipped)
+        if first.info.status == "FINISHED":
+            row.runs = {0: first.info.run_id}
         seeded = [r for r in runs if r.data.tags.get(tags.SEED, "").lstrip("-").isdigit()]
         if seeded:
             row.overrides = [k for k in row.overrides if k != "train.seed"]
             finished = [r for r in seeded if r.info.status == "FINISHED"]
             row.seeds = {int(r.data.tags[tags.SEED]): dict(r.data.metrics) for r in finished}
+            row.runs = {int(r.data.tags[tags.SEED]): r.info.run_id for r in finished}
             keys = {k for m in row.seeds.values() for k in m}
             row.metrics = {k: row.summary(k).mean for k in keys if row.summary(k).n}
             failed = len(seeded) - len(finished)
@@ -206,11 +216,51 @@ def against(rows: Sequence[Row], baseline: str | None, column: Column) -> dict[s
             if r is not base and column.key in r.metrics}
 
 
+def bootstrapped(rows: Sequence[Row], baseline: str | None, column: Column) -> dict[str, stats.Bootstrap]:
+    """Each variant against ``baseline`` by a paired bootstrap over the test items, for a metric
+    with per-item scores on both sides."""
+    base = next((r for r in rows if r.variant == baseline), None)
+    if base is None or column.key not in base.items:
+        return {}
+    return {r.variant: stats.paired_bootstrap(r.items[column.key], base.items[column.key]) for r in rows
+            if r is not base and column.key in r.items}
+
+
+def load_items(mlflow: Any, rows: Sequence[Row], columns: Sequence[Column], folder: Path) -> None:
+    """Fill each row's ``items`` from its runs' ``eval/<task>/items.json`` artifacts (a run
+    evaluated before vlframe saved them has none: its metrics are then only tested over seeds)."""
+    import json
+
+    from vlframe.evaluation.tasks import ITEMS_FILE
+
+    tasks = sorted({_task_of(c.key) for c in columns if c.key.startswith("eval/")} - {None})
+    for row in rows:
+        for seed, run_id in row.runs.items():
+            for task in tasks:
+                target = folder / run_id / task
+                path = target / ITEMS_FILE
+                if not path.is_file():
+                    target.mkdir(parents=True, exist_ok=True)
+                    try:
+                        mlflow.download_artifacts(run_id, f"eval/{task}/{ITEMS_FILE}", str(target))
+                    except Exception:  # noqa: BLE001 - absent (older run, or a task without items)
+                        continue
+                try:
+                    scores = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                for metric, each in scores.items() if isinstance(scores, dict) else ():
+                    if isinstance(each, dict):
+                        values = {str(k): float(v) for k, v in each.items() if isinstance(v, (int, float))}
+                        row.items.setdefault(f"eval/{task}/{metric}", {})[seed] = values
+
+
 def cells(rows: Sequence[Row], columns: Sequence[Column], *, mark: str = "*", baseline: str | None = None) -> list[list[str]]:
     """The table as text cells: values to 2 decimals (seeded: mean +- the 95% interval's half
     width), n/a where the variant cannot have the metric (it lacks the capability), '-' where it
-    has none (failed); the best marked (seeded: only when significantly best), and a dagger where
-    a variant differs significantly from ``baseline``."""
+    has none (failed); the best marked (seeded: only when significantly best), a dagger where
+    a variant differs significantly from ``baseline`` over seeds, and a double dagger where it
+    does by the paired bootstrap over test items."""
     with_seeds = seeded(rows)
     table = []
     for row in rows:
@@ -227,6 +277,9 @@ def cells(rows: Sequence[Row], columns: Sequence[Column], *, mark: str = "*", ba
             tested = against(rows, baseline, c).get(row.variant)
             if tested is not None and tested.significant():
                 text += "†"
+            resampled = bootstrapped(rows, baseline, c).get(row.variant)
+            if resampled is not None and resampled.significant():
+                text += "‡"
             winner = significantly_best(rows, c) if with_seeds else None
             is_best = (winner is row) if with_seeds else (value == best(rows, c))
             line.append(text + (mark if is_best else ""))
@@ -246,18 +299,26 @@ def _notes(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def _bootstrap_legend(rows: Sequence[Row], baseline: str | None) -> str:
+    base = next((r for r in rows if r.variant == baseline), None)
+    if base is None or not base.items:
+        return ""
+    return (f"; ‡: differs from {baseline} by a paired bootstrap over the test items ({stats.RESAMPLES} resamples, "
+            "the same items for every seed, p < 0.05; retrieval recall and per-image caption scores)")
+
+
 def _legend(rows: Sequence[Row], baseline: str | None, *, markdown: bool = False) -> str:
     star = "Bold" if markdown else "*"
     if not seeded(rows):
-        return (f"{star}: best in its column (one seed per variant: no interval, no test; add seeds: to the sweep "
-                "for them)")
+        return (f"{star}: best in its column (one seed per variant: no interval, no test over seeds; add seeds: to "
+                "the sweep for them)" + _bootstrap_legend(rows, baseline))
     counts = sorted({len(r.seeds) for r in rows if r.seeds})
     text = (f"mean ± half width of the 95% Student-t interval over {'/'.join(map(str, counts))} seeds; {star}: best "
             "and better than every other variant by a paired t-test over seeds (p < 0.05): no mark where the best "
             "is within the noise")
     if baseline:
         text += f"; †: differs from {baseline} (paired t-test over seeds, p < 0.05)"
-    return text
+    return text + _bootstrap_legend(rows, baseline)
 
 
 def render_text(rows: Sequence[Row], columns: Sequence[Column], baseline: str | None = None) -> str:
@@ -286,13 +347,18 @@ def render_markdown(rows: Sequence[Row], columns: Sequence[Column], baseline: st
 
 def render_csv(rows: Sequence[Row], columns: Sequence[Column], baseline: str | None = None) -> str:
     """One column per metric (the mean in a seeded sweep), then, seeded, its standard deviation,
-    95% interval, seed count and (with a baseline) the paired test's p-value, per metric."""
+    95% interval, seed count and (with a baseline) the paired test's p-value, per metric; with a
+    baseline and per-item scores, the paired bootstrap's difference, interval and p-value."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     extra = ("std", "ci95_low", "ci95_high", "n") + ((f"p_vs_{baseline}",) if baseline else ())
     with_seeds = seeded(rows)
+    resampled = {c.key: bootstrapped(rows, baseline, c) for c in columns} if baseline else {}
+    boot_columns = [c for c in columns if resampled.get(c.key)]
+    boot_extra = (f"diff_vs_{baseline}", "boot95_low", "boot95_high", f"pboot_vs_{baseline}", "items")
     writer.writerow(["variant", "status", "run_id", "overrides"] + [c.key for c in columns]
-                    + ([f"{c.key} {e}" for c in columns for e in extra] if with_seeds else []))
+                    + ([f"{c.key} {e}" for c in columns for e in extra] if with_seeds else [])
+                    + [f"{c.key} {e}" for c in boot_columns for e in boot_extra])
     for row in rows:
         line = [row.variant, row.status, row.run_id, ";".join(row.overrides)]
         line += [repr(row.metrics[c.key]) if c.key in row.metrics
@@ -303,6 +369,10 @@ def render_csv(rows: Sequence[Row], columns: Sequence[Column], baseline: str | N
                 tested = against(rows, baseline, c).get(row.variant) if baseline else None
                 values = [info.std, info.low, info.high, info.n] + ([tested.p if tested else None] if baseline else [])
                 line += ["" if v is None else repr(v) for v in values]
+        for c in boot_columns:
+            test = resampled[c.key].get(row.variant)
+            values = [test.difference, test.low, test.high, test.p, test.items] if test else [None] * 5
+            line += ["" if v is None else repr(v) for v in values]
         writer.writerow(line)
     return buffer.getvalue()
 
@@ -354,10 +424,13 @@ def compare(source: str, *, tracking_uri: str | None = None, out_dir: Path | Non
     if baseline is not None and baseline not in {r.variant for r in rows}:
         raise CompareError(f"--baseline {baseline}: no such variant; variants: {', '.join(r.variant for r in rows)}")
     columns = columns_for(rows, metrics)
-    text = render_text(rows, columns, baseline)
     out_dir = out_dir or (folder / "comparison" if folder is not None else store.DEFAULT_OUTPUT / "sweeps" / name /
                           "comparison")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if baseline is not None:
+        with store.bounded(60):
+            load_items(mlflow, rows, columns, out_dir / "items")
+    text = render_text(rows, columns, baseline)
     files = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png"]
     files[0].write_text(render_csv(rows, columns, baseline), encoding="utf-8")
     files[1].write_text(f"# Sweep {name}\n\n" + render_markdown(rows, columns, baseline), encoding="utf-8")

@@ -70,12 +70,14 @@ class CaptionTask:
         if not candidates:
             raise ValueError(f"no usable image to caption ({len(skipped)} skipped: {skipped[:3]})")
         seconds = time.perf_counter() - began
-        scores = score_captions(candidates, references, metrics=cfg.metrics)
+        per_image: dict[str, dict[str, float]] = {}
+        scores = score_captions(candidates, references, metrics=cfg.metrics, per_image=per_image)
         result = EvalResult(
             "caption",
             {name: 100.0 * value for name, value in scores.items()},
             {"data": describe(dataset), "images": len(candidates), "skipped": len(skipped),
              "seconds": round(seconds, 2), "generation": cfg.generation.model_dump(), "unavailable": dict(UNAVAILABLE)},
+            items={name: {key: 100.0 * v for key, v in each.items()} for name, each in per_image.items()},
         )
         if context.out_dir is not None:
             out = context.out_dir

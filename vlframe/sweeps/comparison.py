@@ -230,9 +230,11 @@ def load_items(mlflow: Any, rows: Sequence[Row], columns: Sequence[Column], fold
     """Fill each row's ``items`` from its runs' ``eval/<task>/items.json`` artifacts (a run
     evaluated before vlframe saved them has none: its metrics are then only tested over seeds)."""
     import json
+    import os
 
     from vlframe.evaluation.tasks import ITEMS_FILE
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small file otherwise
     tasks = sorted({_task_of(c.key) for c in columns if c.key.startswith("eval/")} - {None})
     for row in rows:
         for seed, run_id in row.runs.items():

@@ -1,6 +1,7 @@
 """Training-step throughput and peak memory of coca_tiny on the CPU, against open_clip's CoCa.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--batch 32] [--threads 2]
+        [--precision both|fp32|bf16] [--recompute auto|none|all|norm,mlp,...] [--grid]
 
 Each model is measured in its own fresh process: forward, backward and a (fused) AdamW step on
 a random batch (images 128 px, captions of 32 tokens), after warm-up
@@ -11,6 +12,10 @@ mode (no torch.compile), in float32 and in bf16 autocast (which `vlframe train` 
 CPU computes bf16 natively), with the same thread count. Memory is the step's peak resident
 memory above what stays resident between steps (weights, optimiser state, framework): the
 activations, gradients and temporaries a step needs.
+
+``--recompute`` chooses what vlframe recomputes in backward (``train.recompute``; default
+``auto``, the per-precision default); ``--grid`` measures vlframe with every choice, the table
+behind those defaults. bf16 runs only where the CPU computes it natively (it says so otherwise).
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,15 +37,26 @@ def current_rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def build_vlframe():
+def build_vlframe(recompute: str = "auto"):
     import vlframe
+    from vlframe.nn.recompute import set_recompute
 
+    # auto: the default of the precision the step runs in (decided under autocast, per step)
+    set_recompute(None if recompute == "auto" else _parts(recompute))
     model = vlframe.build_model(ROOT / "configs" / "coca_tiny.yaml")
 
     def step(images, text):
         return model(images, text).loss
 
     return model, step
+
+
+def _parts(setting: str) -> list[str]:
+    from vlframe.nn.recompute import PARTS
+
+    if setting == "all":
+        return list(PARTS)
+    return [] if setting == "none" else setting.split(",")
 
 
 def build_open_clip():
@@ -101,14 +116,15 @@ class PeakRSS:
         self._thread.join()
 
 
-def measure(which: str, steps: int, warmup: int, batch: int, threads: int, precision: str) -> dict:
+def measure(which: str, steps: int, warmup: int, batch: int, threads: int, precision: str,
+            recompute: str = "auto") -> dict:
     import contextlib
 
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, step = build_vlframe() if which == "vlframe" else build_open_clip()
+    model, step = build_vlframe(recompute) if which == "vlframe" else build_open_clip()
     model.train()
     # vlframe's trainer uses AdamW with weight decay; fused (one kernel per step) for both models.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
@@ -156,7 +172,8 @@ def run_child(which: str, args: argparse.Namespace) -> dict | None:  # args.prec
     so the two measurements never share a process.
     """
     cmd = [sys.executable, __file__, "--child", which, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--precision", args.precision]
+           "--batch", str(args.batch), "--threads", str(args.threads), "--precision", args.precision,
+           "--recompute", args.recompute]
     results = []
     for env in (dict(os.environ), dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -177,20 +194,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
                         help="bf16: autocast, which `vlframe train` uses where the CPU computes bf16 natively")
+    parser.add_argument("--recompute", default="auto",
+                        help="vlframe's train.recompute: auto, none, all, or parts joined by commas (norm,mlp,caption_logits)")
+    parser.add_argument("--grid", action="store_true", help="vlframe with every recompute choice, open_clip once")
     parser.add_argument("--child", choices=("vlframe", "open_clip"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch, args.threads, args.precision)))
+        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch, args.threads, args.precision,
+                                 args.recompute)))
         return
 
     import torch
 
+    from machine import describe, precisions
+    from vlframe.nn.recompute import DEFAULTS
     from vlframe.runtime.precision import resolve_precision
 
     trainer_mode = resolve_precision("auto", torch.device("cpu"))
+    machine, native = describe(args.threads)
     print(f"coca_tiny training step, batch {args.batch}, {args.threads} threads, eager; "
           f"median of {args.steps} steps after {args.warmup} warm-up; `vlframe train` here uses {trainer_mode}")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(machine)
     try:
         import open_clip  # noqa: F401
 
@@ -198,21 +222,32 @@ def main() -> None:
     except ImportError:
         models = ("vlframe",)
         print("open_clip is not installed (pip install open_clip_torch): measuring vlframe alone")
-    modes = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
-    for mode in modes:
-        results = {}
-        for which in models:
-            res = run_child(which, argparse.Namespace(**{**vars(args), "precision": mode}))
+    choices = ["none", "norm", "mlp", "caption_logits", "norm,mlp", "mlp,caption_logits", "all"] if args.grid \
+        else [args.recompute]
+    for mode in precisions(args.precision, native):
+        default = ",".join(sorted(DEFAULTS[mode])) or "none"
+        reference = None
+        if "open_clip" in models:
+            reference = run_child("open_clip", argparse.Namespace(**{**vars(args), "precision": mode}))
+            if reference is not None:
+                _line(mode, "open_clip", reference)
+        for choice in choices:
+            res = run_child("vlframe", argparse.Namespace(**{**vars(args), "precision": mode, "recompute": choice}))
             if res is None:
                 continue
-            results[which] = res
-            print(f"{mode} {which:10s} {res['params_m']:6.2f}M params  {res['s_per_step']:.3f} s/step  "
-                  f"{res['images_per_s']:6.1f} images/s  step peak {res['step_peak_mib']:6.1f} MiB above "
-                  f"{res['resident_mib']:.0f} MiB resident")
-        if "open_clip" in results and "vlframe" in results:
-            v, o = results["vlframe"], results["open_clip"]
-            print(f"{mode} vlframe / open_clip: throughput {v['images_per_s'] / o['images_per_s']:.2f}x (goal >= 1.2x), "
-                  f"step peak memory {v['step_peak_mib'] / o['step_peak_mib']:.2f}x (goal <= 0.8x)")
+            shown = default if choice == "auto" else choice
+            label = f"vlframe [{shown}]" + (" (auto)" if shown == default else "")
+            _line(mode, label, res)
+            if reference is not None:
+                print(f"{mode} {label} / open_clip: throughput {res['images_per_s'] / reference['images_per_s']:.2f}x "
+                      f"(goal >= 1.2x), step peak memory {res['step_peak_mib'] / reference['step_peak_mib']:.2f}x "
+                      "(goal <= 0.8x)")
+
+
+def _line(mode: str, label: str, res: dict) -> None:
+    print(f"{mode} {label:28s} {res['params_m']:6.2f}M params  {res['s_per_step']:.3f} s/step  "
+          f"{res['images_per_s']:6.1f} images/s  step peak {res['step_peak_mib']:6.1f} MiB above "
+          f"{res['resident_mib']:.0f} MiB resident")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ _EXPORTS = {
     "MAX_LAYERS": "vlframe.nn.config",
     "KVCache": "vlframe.nn.cache",
     "bidirectional": "vlframe.nn.attention",
+    "recomputing": "vlframe.nn.recompute",
     # model builders
     "ModelBase": "vlframe.nn.model",
     "ModelBuilderConfig": "vlframe.nn.model",
@@ -121,6 +122,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from vlframe.inference.trained import Trained, frozen
     from vlframe.nn.attention import Attention, bidirectional, check_backend, set_attention_backend
     from vlframe.nn.cache import KVCache
+    from vlframe.nn.recompute import recomputing
     from vlframe.nn.config import MAX_LAYERS, MAX_WIDTH, TransformerConfig
     from vlframe.nn.model import ModelBase, ModelBuilderConfig
     from vlframe.nn.outputs import ModelOutput

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from registry import ComponentSpec, ObjectiveConfig, hookimpl
-from vlframe.sdk import all_reduce_sum, gather_with_grad, rank, ring_shift_with_grad, world_size
+from vlframe.sdk import all_reduce_sum, gather_with_grad, rank, recomputing, ring_shift_with_grad, world_size
 
 
 class ContrastiveConfig(ObjectiveConfig):
@@ -127,8 +127,8 @@ class CaptioningConfig(ObjectiveConfig):
     requires: ClassVar[frozenset[str]] = frozenset({"caption_states", "lm_head", "text", "text_mask"})
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     chunk_tokens: int | None = Field(
-        512, gt=0, description="Score the vocabulary this many target tokens at a time, recomputing in "
-        "backward (saves the logits' memory); none: all at once.",
+        512, gt=0, description="When train.recompute includes caption_logits: score the vocabulary this many "
+        "target tokens at a time, recomputing them in backward (saves the logits' memory); none: all at once.",
     )
 
 
@@ -136,8 +136,9 @@ class CaptioningLoss(nn.Module):
     """Next-token negative log-likelihood over the real (non-padding) target tokens.
 
     Reads the decoder's states and applies the LM head itself: only real target positions are
-    scored, and in chunks whose logits are recomputed during backward rather than kept, so the
-    ``(B, L, vocabulary)`` logits never exist at once (the largest activation of a captioner).
+    scored. With ``caption_logits`` recomputed (``train.recompute``), in chunks whose logits are
+    recomputed during backward rather than kept, so that the ``(B, L, vocabulary)`` logits never
+    exist at once (the largest activation of a captioner); otherwise all at once, which is faster.
     """
 
     def __init__(self, cfg: CaptioningConfig) -> None:
@@ -155,10 +156,11 @@ class CaptioningLoss(nn.Module):
         keep = mask[:, 1:]  # position t predicts token t+1, when that token is real
         states, targets = states[:, :-1][keep], text[:, 1:][keep]
         total = states.new_zeros((), dtype=torch.float32)
-        step = self.chunk or max(1, targets.shape[0])
+        chunked = bool(self.chunk) and torch.is_grad_enabled() and recomputing("caption_logits", states.device.type)
+        step = self.chunk if chunked else max(1, targets.shape[0])
         for start in range(0, targets.shape[0], step):
             part = (states[start : start + step], targets[start : start + step], head)
-            if self.chunk and torch.is_grad_enabled():
+            if chunked:
                 total = total + checkpoint(self._chunk_nll, *part, use_reentrant=False)
             else:
                 total = total + self._chunk_nll(*part)

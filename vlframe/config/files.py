@@ -302,7 +302,7 @@ def _concrete(annotation: Any, node: Any, catalog: Catalog | None) -> Any:
     return getattr(annotation, "__origin__", annotation) if get_origin(annotation) is Annotated else annotation
 
 
-_HOW_IT_RUNS = ("parallel", "fsdp", "activation_checkpointing", "compile", "output_dir")
+_HOW_IT_RUNS = ("parallel", "fsdp", "activation_checkpointing", "recompute", "compile", "output_dir")
 
 
 def config_hash(config: BaseModel, plugins: Mapping[str, str] | None = None) -> str:

@@ -107,11 +107,26 @@ class TrainConfig(ConfigModel):
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations in backward instead of keeping them: full: all of every "
         "block's; selective: keep each block's matmul, attention and convolution outputs, recompute the rest.")
+    recompute: str | list[str] = Field(
+        "auto", description="What backward recomputes instead of keeping: norm (each pre-norm's output before its "
+        "projection), mlp (the MLP's hidden activation), caption_logits (the captioning loss's vocabulary logits, "
+        "in chunks); auto: the measured default of the precision (README, Memory and speed).")
     compile: bool = Field(False, description="torch.compile each block (then the rest runs eager); the compile "
                                              "time is reported once.")
     init_strict: bool = Field(
         True, description="false: take only the init_from weights whose name and shape fit (an ablation that drops "
         "or resizes parts of a pretrained model); the rest keep their initialisation and the run lists them.")
+
+    @field_validator("recompute")
+    @classmethod
+    def _known_parts(cls, setting: str | list[str]) -> str | list[str]:
+        from vlframe.nn.recompute import PARTS, resolve
+
+        if isinstance(setting, str) and setting not in ("auto", "none", "all"):
+            raise ValueError(f"'{setting}' is not a recompute choice; use auto, none, all or a list of "
+                             f"{', '.join(PARTS)}")
+        resolve(setting, "fp32")  # a list: its names checked
+        return setting
 
     @field_validator("output_dir")
     @classmethod

@@ -4,13 +4,73 @@
 weight gradient). Keeping only ``x`` and recomputing ``f(x)`` in backward saves one tensor of
 that size per use: the largest activations of a transformer (the MLP's hidden layer, and every
 pre-norm's output) for the price of one elementwise or normalisation op.
+
+What is recomputed is a choice (``train.recompute``), because the trade differs by precision and
+CPU: ``norm`` (each pre-norm's output before its projection), ``mlp`` (the MLP's hidden
+activation) and ``caption_logits`` (the captioning loss scores the vocabulary in chunks whose
+logits are recomputed in backward). ``auto`` takes the measured default of the precision the
+step runs in (``DEFAULTS``; ``benchmarks/train_throughput.py --recompute`` measures them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+#: What may be recomputed in backward instead of kept.
+PARTS = ("norm", "mlp", "caption_logits")
+#: ``auto``, by the precision a step computes in. Measured with benchmarks/train_throughput.py
+#: --grid (coca_tiny, batch 32, 2 cores; README "Memory and speed"): in float32 every choice
+#: steps within the noise of the others (0.59-0.66 s) while memory falls from 341 to 223 MiB, so
+#: everything is recomputed; under bf16 autocast the pre-norm outputs are stored in bf16 and never
+#: recomputed (slower than it saves), and recomputing the MLP and the caption logits takes the
+#: step from 260 to 196 MiB (0.73x open_clip's) at 1.35-1.4x open_clip's throughput.
+DEFAULTS: dict[str, frozenset[str]] = {"fp32": frozenset(PARTS), "bf16": frozenset({"mlp", "caption_logits"})}
+
+_chosen: ContextVar[frozenset[str] | None] = ContextVar("vlframe_recompute", default=None)
+
+
+def resolve(setting: str | Iterable[str], precision: str) -> frozenset[str]:
+    """The parts ``train.recompute`` names: ``auto`` (the precision's default), ``none``, ``all``, or a list."""
+    if setting == "auto":
+        return DEFAULTS["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    if setting == "none":
+        return frozenset()
+    if setting == "all":
+        return frozenset(PARTS)
+    parts = frozenset([setting] if isinstance(setting, str) else setting)
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown recompute part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    return parts
+
+
+def set_recompute(parts: Iterable[str] | None) -> None:
+    """Recompute exactly ``parts`` from now on in this context (None: by precision, ``auto``)."""
+    _chosen.set(None if parts is None else resolve(list(parts), "fp32"))
+
+
+@contextmanager
+def recompute(parts: Iterable[str] | None) -> Iterator[None]:
+    token = _chosen.set(None if parts is None else resolve(list(parts), "fp32"))
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
+
+
+def recomputing(part: str, device: str = "cpu") -> bool:
+    """Whether ``part`` is recomputed in the step running now (``auto``: by its autocast state)."""
+    chosen = _chosen.get()
+    if chosen is None:
+        chosen = DEFAULTS["bf16" if torch.is_autocast_enabled(device) else "fp32"]
+    return part in chosen
 
 
 def _linear_grads(grad: Tensor, inputs: Tensor, weight: Tensor, bias: Tensor | None):
@@ -45,7 +105,7 @@ class _RecomputedLinear(torch.autograd.Function):
         return (None, grads[0], grad_w, grad_b, *grads[1:])
 
 
-def recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor) -> Tensor:
+def recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor, part: str = "mlp") -> Tensor:
     """``linear(fn(x))`` through :class:`_RecomputedLinear`, following autocast when it is on.
 
     Under autocast ``fn`` runs as autocast would run it (a LayerNorm in float32, an activation
@@ -57,6 +117,8 @@ def recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor) -> T
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return linear(fn(x, *fn_params))
     device = x.device.type
+    if not recomputing(part, device):
+        return linear(fn(x, *fn_params))
     if not torch.is_autocast_enabled(device):
         return _RecomputedLinear.apply(fn, x, linear.weight, linear.bias, *fn_params)
     dtype = torch.get_autocast_dtype(device)
@@ -76,11 +138,11 @@ def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
     Only in full precision: under autocast the normalised tensor is stored in bf16 (half the
     size already), and recomputing the float32 LayerNorm measured slower than it saves.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) or not recomputing("norm", x.device.type):
         return linear(norm(x))
     eps, shape = norm.eps, norm.normalized_shape
 
     def layer_norm(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return F.layer_norm(t, shape, w, b, eps)
 
-    return recomputed_linear(layer_norm, x, linear, norm.weight, norm.bias)
+    return recomputed_linear(layer_norm, x, linear, norm.weight, norm.bias, part="norm")

@@ -21,7 +21,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickG
 
 
 class MLP(nn.Module):
-    """Linear, activation, linear; the hidden activation is recomputed in backward, not stored."""
+    """Linear, activation, linear; the hidden activation may be recomputed in backward instead of
+    stored (``train.recompute``: ``mlp``)."""
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu") -> None:
         super().__init__()

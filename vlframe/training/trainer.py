@@ -52,6 +52,8 @@ from vlframe.runs import checkpoint, sharded, store, tags
 from vlframe.runs.folder import RunDir
 from vlframe.runtime import distributed
 from vlframe.runtime.parallel import gather_names, spread
+from vlframe.nn import recompute
+from vlframe.nn.recompute import set_recompute
 from vlframe.runtime.precision import autocast, resolve_precision
 from vlframe.training.optim import build_optimizer, build_scheduler
 from vlframe.training.validation import Validator
@@ -234,6 +236,7 @@ class Trainer:
         check_size(cfg, self.registry, training=True, device=self.device,
                    shards=self.world if t.parallel == "fsdp" else 1)
         self.precision = resolve_precision(t.precision, self.device)
+        set_recompute(recompute.resolve(t.recompute, self.precision))
         self.model, self.parallel = spread(lambda device: build_model(cfg, registry=self.registry, device=device),
                                            t, self.device, world=self.world, precision=self.precision)
         train_data = catalog.build(Kind.DATASET, cfg.data.train, path="data.train", split="train")

@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory of coca_tiny on the CPU, against open_clip's CoCa.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--batch 32] [--threads 2]
-        [--precision both|fp32|bf16] [--recompute auto|none|all|norm,mlp,...] [--grid]
+        [--precision both|fp32|bf16] [--recompute auto|none|all|norm,activation,...] [--grid]
 
 Each model is measured in its own fresh process: forward, backward and a (fused) AdamW step on
 a random batch (images 128 px, captions of 32 tokens), after warm-up
@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
                         help="bf16: autocast, which `vlframe train` uses where the CPU computes bf16 natively")
     parser.add_argument("--recompute", default="auto",
-                        help="vlframe's train.recompute: auto, none, all, or parts joined by commas (norm,mlp,caption_logits)")
+                        help="vlframe's train.recompute: auto, none, all, or parts joined by commas (norm,activation,caption_logits)")
     parser.add_argument("--grid", action="store_true", help="vlframe with every recompute choice, open_clip once")
     parser.add_argument("--child", choices=("vlframe", "open_clip"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,7 +222,7 @@ def main() -> None:
     except ImportError:
         models = ("vlframe",)
         print("open_clip is not installed (pip install open_clip_torch): measuring vlframe alone")
-    choices = ["none", "norm", "mlp", "caption_logits", "norm,mlp", "mlp,caption_logits", "all"] if args.grid \
+    choices = ["none", "norm", "activation", "caption_logits", "norm,activation", "activation,caption_logits", "all"] if args.grid \
         else [args.recompute]
     for mode in precisions(args.precision, native):
         default = ",".join(sorted(DEFAULTS[mode])) or "none"

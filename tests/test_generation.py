@@ -185,6 +185,35 @@ def test_repetition_penalty_discourages_repeats() -> None:
     assert len(set(penalised)) > 1 and penalised[0] == 3
 
 
+def _ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_ngram_blocking_never_repeats_an_ngram(strategy) -> None:
+    # The likeliest path loops 3 4 5 3 4 5 ...; blocking bigrams must leave that loop.
+    model = Scripted(_table(9, {BOS: {3: 0.6, 6: 0.2}, 3: {4: 0.6, 7: 0.2}, 4: {5: 0.6, 8: 0.2},
+                                5: {3: 0.6, 6: 0.2}, 6: {3: 0.5, 7: 0.3}, 7: {4: 0.5, 8: 0.3},
+                                8: {5: 0.5, 6: 0.3}}))
+    images = torch.zeros(1, 3, 4, 4)
+    settings = {"strategy": strategy, "num_beams": 3} if strategy == "beam" else {}
+    loop = generate(model, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=9, **settings).tokens[0, 0].tolist()
+    assert len(set(_ngrams(loop, 2))) < len(_ngrams(loop, 2))  # it repeats without blocking
+    for n in (2, 3):
+        out = generate(model, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=9, no_repeat_ngram_size=n,
+                       **settings).tokens[0, 0].tolist()
+        ids = [t for t in out if t not in (PAD, EOS)]
+        assert len(set(_ngrams(ids, n))) == len(_ngrams(ids, n)), (n, out)
+        assert ids[:n - 1] == loop[:n - 1]  # nothing changes before a repeat is possible
+
+
+def test_ngram_blocking_cached_equals_uncached(tiny, images) -> None:
+    settings = {"strategy": "greedy", "no_repeat_ngram_size": 2}
+    cached = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, **settings)
+    plain = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, use_cache=False, **settings)
+    assert torch.equal(cached.tokens, plain.tokens)
+
+
 def test_banned_tokens_are_never_generated() -> None:
     model = Scripted(_table(6, {BOS: {PAD: 0.5, BOS: 0.3, 3: 0.1}, 3: {EOS: 0.9}}))
     out = generate(model, torch.zeros(1, 3, 4, 4), bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=4)
@@ -213,3 +242,20 @@ def test_ids_beyond_the_tokenizers_vocabulary_are_never_generated(tiny, images, 
     limited = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, strategy=strategy,
                        vocab_size=100, **settings)
     assert (limited.tokens < 100).all()
+
+
+def test_captioning_commands_block_bigrams_by_default_and_plain_greedy_stays_available() -> None:
+    from vlframe.cli import _generation_config, _parser as build_parser
+    from vlframe_builtins.tasks.caption import CaptionTaskConfig
+
+    assert GenerationConfig().no_repeat_ngram_size == 0  # generate() itself decodes plainly
+    assert GenerationConfig.for_captions().no_repeat_ngram_size == 2
+    assert CaptionTaskConfig(type="caption").generation.no_repeat_ngram_size == 2
+    # A partial generation block (e.g. from eval's --strategy flag) keeps the captioning default...
+    assert CaptionTaskConfig(type="caption", generation={"strategy": "beam"}).generation.no_repeat_ngram_size == 2
+    # ...and 0 turns it off.
+    assert CaptionTaskConfig(type="caption", generation={"no_repeat_ngram_size": 0}).generation.no_repeat_ngram_size == 0
+    args = build_parser().parse_args(["caption", "RUN", "x.jpg"])
+    assert _generation_config(args).no_repeat_ngram_size == 2
+    args = build_parser().parse_args(["caption", "RUN", "x.jpg", "--no-repeat-ngram-size", "0"])
+    assert _generation_config(args).no_repeat_ngram_size == 0

@@ -19,7 +19,7 @@ def test_auto_takes_the_precision_default_and_names_are_checked() -> None:
     assert recompute.resolve("auto", "bf16") == recompute.DEFAULTS["bf16"]
     assert recompute.resolve("none", "fp32") == frozenset()
     assert recompute.resolve("all", "bf16") == frozenset(recompute.PARTS)
-    assert recompute.resolve(["mlp"], "fp32") == {"mlp"}
+    assert recompute.resolve(["activation"], "fp32") == {"activation"}
     with pytest.raises(ValueError, match="unknown recompute part.*attention"):
         recompute.resolve(["attention"], "fp32")
 
@@ -32,7 +32,7 @@ def _grads(model, images, text, parts) -> tuple[torch.Tensor, dict[str, torch.Te
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("parts", [[], ["norm"], ["mlp"], ["caption_logits"], list(recompute.PARTS)])
+@pytest.mark.parametrize("parts", [[], ["norm"], ["activation"], ["caption_logits"], list(recompute.PARTS)])
 def test_every_choice_gives_the_losses_and_gradients_of_no_recomputation(parts, registry: Registry) -> None:
     torch.manual_seed(0)
     model = build_model(CONFIGS / "coca_tiny.yaml", ["model.objectives.caption.chunk_tokens=7"], registry=registry)
@@ -65,7 +65,7 @@ def test_a_choice_reaches_the_recomputing_functions(registry: Registry) -> None:
         return [type(f).__name__ for f in seen]
 
     assert not any("Recomputed" in n for n in nodes([]))
-    assert any("Recomputed" in n for n in nodes(["mlp"]))
+    assert any("Recomputed" in n for n in nodes(["activation"]))
     assert any("Recomputed" in n for n in nodes(["norm"]))
     # The chunked caption loss is several cross-entropy pieces instead of one (beside the
     # contrastive loss's two, image->text and text->image).

@@ -38,7 +38,7 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
 
 #: Generation settings: command-line flags of `eval` (caption task) and `caption`.
 GENERATION_FLAGS = ("strategy", "num_beams", "length_penalty", "max_length", "min_length", "top_k", "top_p",
-                    "temperature", "repetition_penalty", "num_return_sequences", "seed")
+                    "temperature", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "seed")
 
 
 def _add_generation(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,7 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float)
     group.add_argument("--temperature", type=float)
     group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--no-repeat-ngram-size", type=int, help="n-gram blocking: never repeat an n-gram (0: off)")
     group.add_argument("-n", "--num-return-sequences", type=int, help="captions per image")
     group.add_argument("--seed", type=int, help="sampling seed (probe/understanding: their seed)")
 
@@ -65,7 +66,7 @@ def _generation_config(args: argparse.Namespace):
 
     given = {n: getattr(args, n) for n in GENERATION_FLAGS if getattr(args, n, None) is not None}
     try:
-        return GenerationConfig(**given)
+        return GenerationConfig.for_captions(**given)
     except ValidationError as exc:  # each problem under the flag that caused it
         raise ConfigError([Problem("--" + p.path.replace("_", "-") if p.path else "generation", p.message)
                            for p in problems_from(exc, GenerationConfig, given, None, None)]) from None

@@ -25,7 +25,7 @@ Evaluation tasks
     ``iter_samples``, ``batched``, ``labelled_images``, ``embed_dataset``, ``describe``,
     ``retrieval_recall``, ``retrieval_ranks``, ``recall_from_ranks``, ``topk_accuracy``,
     ``score_captions`` (with ``per_image`` scores), ``CAPTION_METRICS``,
-    ``zero_shot_classifier``, ``classify``, ``PROMPT_TEMPLATES``, ``GenerationConfig``,
+    ``zero_shot_classifier``, ``classify``, ``PROMPT_TEMPLATES``, ``GenerationConfig``, ``CAPTION_DEFAULTS``,
     ``generate``, ``write_caption_table``, ``thumbnail``.
 """
 
@@ -89,6 +89,7 @@ _EXPORTS = {
     "Trained": "vlframe.inference.trained",
     "frozen": "vlframe.inference.trained",
     "GenerationConfig": "vlframe.inference.generation",
+    "CAPTION_DEFAULTS": "vlframe.inference.generation",
     "generate": "vlframe.inference.generation",
     # importers and pretrained weights
     "read_weights_file": "vlframe.interchange.weights",
@@ -117,7 +118,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from vlframe.evaluation.report import thumbnail, write_caption_table
     from vlframe.evaluation.tasks import EvalResult, TaskContext
     from vlframe.evaluation.zeroshot import PROMPT_TEMPLATES, classify, zero_shot_classifier
-    from vlframe.inference.generation import GenerationConfig, generate
+    from vlframe.inference.generation import CAPTION_DEFAULTS, GenerationConfig, generate
     from vlframe.interchange.weights import read_weights_file
     from vlframe.inference.trained import Trained, frozen
     from vlframe.nn.attention import Attention, bidirectional, check_backend, set_attention_backend

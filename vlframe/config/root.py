@@ -109,7 +109,7 @@ class TrainConfig(ConfigModel):
         "block's; selective: keep each block's matmul, attention and convolution outputs, recompute the rest.")
     recompute: str | list[str] = Field(
         "auto", description="What backward recomputes instead of keeping: norm (each pre-norm's output before its "
-        "projection), mlp (the MLP's hidden activation), caption_logits (the captioning loss's vocabulary logits, "
+        "projection), activation (the MLP's hidden activation), caption_logits (the captioning loss's vocabulary logits, "
         "in chunks); auto: the measured default of the precision (README, Memory and speed).")
     compile: bool = Field(False, description="torch.compile each block (then the rest runs eager); the compile "
                                              "time is reported once.")

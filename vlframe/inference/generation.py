@@ -39,6 +39,10 @@ class GenerationConfig(ConfigModel):
     top_p: float | None = Field(None, gt=0, le=1, description="sample: from the smallest set with this much mass.")
     repetition_penalty: float = Field(
         1.0, gt=0, description="> 1 discourages tokens already generated (positive logits divided, negative multiplied).")
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="n > 0: never generate a token that would repeat an n-gram already in the caption "
+        "(n-gram blocking: stops the 'a man in a red shirt and a woman in a red shirt' loop; measured on Flickr8k, "
+        "README); 0: off, plain greedy/beam/sampling.")
     use_cache: bool = Field(True, description="Keep keys/values between steps (false recomputes the prefix).")
     seed: int | None = Field(None, description="sample: seed of the random draws.")
 
@@ -51,6 +55,19 @@ class GenerationConfig(ConfigModel):
         if self.strategy == "beam" and self.num_return_sequences > self.num_beams:
             raise ValueError(f"num_return_sequences {self.num_return_sequences} exceeds num_beams {self.num_beams}")
         return self
+
+    @classmethod
+    def for_captions(cls, **given: Any) -> GenerationConfig:
+        """The settings ``vlframe caption``, ``vlframe eval``'s caption task and ``Trained.caption``
+        start from: ``CAPTION_DEFAULTS`` under what is ``given``."""
+        return cls.model_validate({**CAPTION_DEFAULTS, **given})
+
+
+#: What captioning commands decode with unless told otherwise. Bigram blocking, measured on
+#: the zoo's three 300-step CoCa runs on Flickr8k val (README, Decoding defaults): CIDEr 6.0 ->
+#: 14.2, BLEU-4 3.8 -> 7.5, METEOR 11.7 -> 13.6 (3-gram blocking: 8.3 / 5.0 / 12.7). ``generate``
+#: itself decodes plainly (its field defaults) unless asked.
+CAPTION_DEFAULTS: dict[str, Any] = {"no_repeat_ngram_size": 2}
 
 
 @dataclass
@@ -99,7 +116,28 @@ def _adjust(logits: Tensor, generated: Tensor, step: int, cfg: GenerationConfig,
     forbid = list(banned) + ([eos_id] if step < cfg.min_length else [])
     if forbid:
         logits = logits.index_fill(1, torch.tensor(forbid, device=logits.device), float("-inf"))
+    n = cfg.no_repeat_ngram_size
+    if n and generated.shape[1] >= n - 1 and n > 0:
+        rows, tokens = _repeating(generated.tolist(), n)
+        if rows:
+            logits = logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)),
+                                      torch.tensor(float("-inf"), device=logits.device))
     return logits
+
+
+def _repeating(history: list[list[int]], n: int) -> tuple[list[int], list[int]]:
+    """(row, token) pairs whose token would complete an n-gram the row has already generated."""
+    rows: list[int] = []
+    tokens: list[int] = []
+    for row, ids in enumerate(history):
+        if len(ids) < n - 1:
+            continue
+        tail = tuple(ids[len(ids) - n + 1 :]) if n > 1 else ()
+        for start in range(len(ids) - n + 1):
+            if tuple(ids[start : start + n - 1]) == tail:
+                rows.append(row)
+                tokens.append(ids[start + n - 1])
+    return rows, tokens
 
 
 def _filter(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:

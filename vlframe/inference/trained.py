@@ -127,8 +127,11 @@ class Trained:
         return F.normalize(torch.cat(out), dim=-1)
 
     def caption(self, images: Tensor, config: GenerationConfig | None = None, **overrides: Any) -> list[list[str]]:
-        """Generated captions, ``num_return_sequences`` per image, best first."""
+        """Generated captions, ``num_return_sequences`` per image, best first; without a
+        ``config``, from the captioning defaults (``GenerationConfig.for_captions``)."""
         self.require(Capability.CAPTIONING, "generating captions")
+        if config is None:
+            config = GenerationConfig.for_captions()
         with self.autocast():
             return caption(self.model, self.tokenizer, images, config, **overrides)
 

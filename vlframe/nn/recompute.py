@@ -6,7 +6,7 @@ that size per use: the largest activations of a transformer (the MLP's hidden la
 pre-norm's output) for the price of one elementwise or normalisation op.
 
 What is recomputed is a choice (``train.recompute``), because the trade differs by precision and
-CPU: ``norm`` (each pre-norm's output before its projection), ``mlp`` (the MLP's hidden
+CPU: ``norm`` (each pre-norm's output before its projection), ``activation`` (the MLP's hidden
 activation) and ``caption_logits`` (the captioning loss scores the vocabulary in chunks whose
 logits are recomputed in backward). ``auto`` takes the measured default of the precision the
 step runs in (``DEFAULTS``; ``benchmarks/train_throughput.py --recompute`` measures them).
@@ -24,14 +24,14 @@ from torch import Tensor, nn
 
 
 #: What may be recomputed in backward instead of kept.
-PARTS = ("norm", "mlp", "caption_logits")
+PARTS = ("norm", "activation", "caption_logits")
 #: ``auto``, by the precision a step computes in. Measured with benchmarks/train_throughput.py
 #: --grid (coca_tiny, batch 32, 2 cores; README "Memory and speed"): in float32 every choice
 #: steps within the noise of the others (0.59-0.66 s) while memory falls from 341 to 223 MiB, so
 #: everything is recomputed; under bf16 autocast the pre-norm outputs are stored in bf16 and never
 #: recomputed (slower than it saves), and recomputing the MLP and the caption logits takes the
 #: step from 260 to 196 MiB (0.73x open_clip's) at 1.35-1.4x open_clip's throughput.
-DEFAULTS: dict[str, frozenset[str]] = {"fp32": frozenset(PARTS), "bf16": frozenset({"mlp", "caption_logits"})}
+DEFAULTS: dict[str, frozenset[str]] = {"fp32": frozenset(PARTS), "bf16": frozenset({"activation", "caption_logits"})}
 
 _chosen: ContextVar[frozenset[str] | None] = ContextVar("vlframe_recompute", default=None)
 
@@ -105,7 +105,7 @@ class _RecomputedLinear(torch.autograd.Function):
         return (None, grads[0], grad_w, grad_b, *grads[1:])
 
 
-def recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor, part: str = "mlp") -> Tensor:
+def recomputed_linear(fn, x: Tensor, linear: nn.Linear, *fn_params: Tensor, part: str = "activation") -> Tensor:
     """``linear(fn(x))`` through :class:`_RecomputedLinear`, following autocast when it is on.
 
     Under autocast ``fn`` runs as autocast would run it (a LayerNorm in float32, an activation

@@ -22,7 +22,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickG
 
 class MLP(nn.Module):
     """Linear, activation, linear; the hidden activation may be recomputed in backward instead of
-    stored (``train.recompute``: ``mlp``)."""
+    stored (``train.recompute``: ``activation``)."""
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu") -> None:
         super().__init__()

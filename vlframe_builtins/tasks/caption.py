@@ -32,7 +32,16 @@ class CaptionTaskConfig(TaskConfig):
         None, description=f"Scores to compute, of {', '.join(CAPTION_METRICS)} (default: all; METEOR starts a Java "
         "process of its own).")
     table_rows: int = Field(32, ge=0, description="Images shown in captions.html.")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How captions are decoded.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig.for_captions,
+                                         description="How captions are decoded (default: the captioning defaults, "
+                                         "bigram blocking on; no_repeat_ngram_size: 0 for plain greedy).")
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _caption_defaults(cls, value: Any) -> Any:
+        from vlframe.sdk import CAPTION_DEFAULTS
+
+        return {**CAPTION_DEFAULTS, **value} if isinstance(value, dict) else value
 
     @field_validator("metrics")
     @classmethod

@@ -1,11 +1,17 @@
 """Train coca_tiny on Flickr8k for a fixed budget; report validation caption loss and retrieval.
 
-    .venv/bin/python benchmarks/flickr8k.py [--steps 2400] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/flickr8k.py [--steps 2400] [--seeds N] [--set KEY=VALUE ...]
 
 Uses configs/flickr8k.yaml (the recipe of the open_clip figures in ../shared/reference.md) and
 the data in ../shared/data/flickr8k. Retrieval follows the Flickr protocol: 399 validation
 images, 5 captions each; image->text counts a hit when any of the image's captions ranks in
 the top k. The run is tracked in MLflow like any other (runs/mlflow.db).
+
+``--seeds N`` trains seeds 0..N-1 one after another (train.seed: initialisation, data order,
+augmentation) and ends with, per metric, the mean, the sample standard deviation and the 95%
+Student-t interval over the seeds beside open_clip's figure, and whether the interval lies
+above it. Captions are scored twice: plain greedy (the reference's protocol) and vlframe's
+captioning default (bigram blocking).
 """
 
 from __future__ import annotations
@@ -32,11 +38,53 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--caption-images", type=int, default=300, help="val images to caption (reference: 300)")
+    parser.add_argument("--seeds", type=int, default=1, help="train seeds 0..N-1 and report mean and spread")
     args = parser.parse_args()
     if not (DATA / "train.jsonl").is_file():
         print(f"Flickr8k is not at {DATA}: nothing to measure")
         return 1
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import describe
 
+    print(describe(2)[0])
+    if args.seeds > 1 and args.run_dir is not None:
+        print("--run-dir takes one run: with --seeds each seed gets a folder of its own")
+        return 2
+    per_seed = []
+    for seed in range(args.seeds):
+        if args.seeds > 1:
+            print(f"\n=== seed {seed} ===")
+        per_seed.append(run_one(args, seed if args.seeds > 1 else None))
+    if args.seeds > 1:
+        summarise(per_seed)
+    return 0
+
+
+def summarise(per_seed: list[dict[str, float]]) -> None:
+    from vlframe.sweeps import stats
+
+    print(f"\nover {len(per_seed)} seeds: mean ± sample std [95% t interval] (open_clip, reference.md)")
+    above: dict[str, list[bool]] = {"caption": [], "caption_greedy": []}
+    for key in per_seed[0]:
+        values = [m[key] for m in per_seed if key in m]
+        info = stats.summary(values)
+        peer = OPEN_CLIP.get(key.split("/")[-1])
+        line = f"  {key:28s} {info.mean:7.2f} ± {info.std:5.2f} [{info.low:6.2f}, {info.high:6.2f}]"
+        line += "  " + "  ".join(f"{v:.2f}" for v in values)
+        if peer is not None and key.split("/")[0] in ("retrieval", "caption_greedy", "caption"):
+            ok = info.low > peer
+            line += f"   open_clip {peer:.2f}: {'above beyond the interval' if ok else 'NOT above beyond the interval'}"
+            for decoding, verdicts in above.items():
+                if key.split("/")[0] in ("retrieval", decoding):
+                    verdicts.append(ok)
+        print(line)
+    for decoding, label in (("caption", "vlframe's default decoding"), ("caption_greedy", "plain greedy")):
+        verdicts = above[decoding]
+        print(f"  every reference metric above open_clip beyond the 95% interval, captions by {label}: "
+              f"{'yes' if verdicts and all(verdicts) else 'no'} ({sum(verdicts)}/{len(verdicts)})")
+
+
+def run_one(args: argparse.Namespace, seed: int | None) -> dict[str, float]:
     import torch
 
     from vlframe.config import files as configfile
@@ -44,14 +92,16 @@ def main() -> int:
 
     config_path = ROOT / "configs" / "flickr8k.yaml"
     overrides = [f"train.steps={args.steps}", f"data.train.path={DATA / 'train.jsonl'}",
-                 f"data.val.path={DATA / 'val.jsonl'}", *args.overrides]
+                 f"data.val.path={DATA / 'val.jsonl'}", *([f"train.seed={seed}"] if seed is not None else []),
+                 *args.overrides]
     config, registry = configfile.load(config_path, overrides)
     t = config.train
     print(f"budget: {t.steps} steps x batch {t.batch_size} (one random caption per image per step), "
           f"{t.optimizer} lr {t.lr}, warmup {t.warmup_steps}, {t.schedule}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
     began = time.time()
-    result = Trainer(config, registry, run_dir=args.run_dir, name=config_path.stem).fit()
+    name = config_path.stem + (f"-seed{seed}" if seed is not None else "")
+    result = Trainer(config, registry, run_dir=args.run_dir, name=name).fit()
     run_dir = result.run_dir
     elapsed = time.time() - began
     val = result.val
@@ -75,12 +125,12 @@ def main() -> int:
     names = {"bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
     results = []
     # Plain greedy is the reference's protocol; vlframe's captioning default blocks repeated bigrams.
-    for label, name, blocking in (("greedy", "caption_greedy", 0), ("greedy + bigram blocking (default)", "caption", 2)):
+    for label, task_name, blocking in (("greedy", "caption_greedy", 0), ("greedy + bigram blocking (default)", "caption", 2)):
         began = time.time()
-        caption_dir = run_dir / "eval" / name
+        caption_dir = run_dir / "eval" / task_name
         block = {"type": "caption", "data": str(DATA / "val.jsonl"), "limit": args.caption_images,
                  "generation": {"no_repeat_ngram_size": blocking}}
-        captions = run_task(trained, task_config(catalog, block, "benchmark"), name=name, out_dir=caption_dir)
+        captions = run_task(trained, task_config(catalog, block, "benchmark"), name=task_name, out_dir=caption_dir)
         print(f"  captions, {label}, first {captions.info['images']} val images ({time.time() - began:.0f} s; "
               f"table: {caption_dir / 'captions.html'}):")
         print("   " + "   ".join(f"{lab} {captions.metrics[key]:.2f}" for key, lab in names.items()))
@@ -96,7 +146,12 @@ def main() -> int:
     else:
         print(f"  zero-shot skipped: no Imagenette at {IMAGENETTE}")
     log_results(trained, results, run_dir / "eval" / "benchmark")
-    return 0
+    out = {f"retrieval/{way}_r{k}": val.get(f"val/retrieval/{way}_r{k}", float("nan"))
+           for way in ("i2t", "t2i") for k in (1, 5, 10)}
+    for r in results:
+        out.update({f"{r.task}/{k}": v for k, v in r.metrics.items()
+                    if r.task != "zeroshot" and k in names or r.task == "zeroshot"})
+    return out
 
 
 if __name__ == "__main__":

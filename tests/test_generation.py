@@ -259,3 +259,33 @@ def test_captioning_commands_block_bigrams_by_default_and_plain_greedy_stays_ava
     assert _generation_config(args).no_repeat_ngram_size == 2
     args = build_parser().parse_args(["caption", "RUN", "x.jpg", "--no-repeat-ngram-size", "0"])
     assert _generation_config(args).no_repeat_ngram_size == 0
+
+
+@pytest.mark.parametrize("settings", [
+    {"strategy": "greedy"},
+    {"strategy": "beam", "num_beams": 3, "num_return_sequences": 2},
+    {"strategy": "sample", "top_k": 40, "num_return_sequences": 2, "seed": 3},
+], ids=lambda s: s["strategy"])
+def test_a_static_cache_yields_the_tokens_of_the_growing_one(tiny, images, settings, monkeypatch) -> None:
+    """The static layout (compile's) decoded eagerly: the same tokens and scores."""
+    import vlframe.inference.generation as generation
+
+    monkeypatch.setattr(generation, "_compiled_step", lambda model: model.caption_logits)
+    static = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, compile=True, **settings)
+    growing = generate(tiny, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, **settings)
+    assert torch.equal(static.tokens, growing.tokens)
+    torch.testing.assert_close(static.scores, growing.scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_step_yields_the_tokens_of_eager_decoding(registry: Registry) -> None:
+    torch.manual_seed(0)
+    small = build_model(CONFIGS / "coca_tiny.yaml", ["model.text_decoder.layers=1", "model.multimodal_decoder.layers=1",
+                                                      "model.image_encoder.layers=1"], registry=registry).eval()
+    with torch.no_grad():
+        small.lm_head.proj.weight.mul_(30.0)
+    pictures = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    compiled = generate(small, pictures, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=8, compile=True)
+    eager = generate(small, pictures, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=8)
+    assert torch.equal(compiled.tokens, eager.tokens)
+    torch.testing.assert_close(compiled.scores, eager.scores, atol=1e-4, rtol=1e-4)

@@ -38,7 +38,8 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
 
 #: Generation settings: command-line flags of `eval` (caption task) and `caption`.
 GENERATION_FLAGS = ("strategy", "num_beams", "length_penalty", "max_length", "min_length", "top_k", "top_p",
-                    "temperature", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "seed")
+                    "temperature", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "seed",
+                    "compile")
 
 
 def _add_generation(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,8 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float)
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--no-repeat-ngram-size", type=int, help="n-gram blocking: never repeat an n-gram (0: off)")
+    group.add_argument("--compile", action="store_true", default=None,
+                       help="compile the decode step (static key/value cache): for many images")
     group.add_argument("-n", "--num-return-sequences", type=int, help="captions per image")
     group.add_argument("--seed", type=int, help="sampling seed (probe/understanding: their seed)")
 

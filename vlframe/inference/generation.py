@@ -10,6 +10,8 @@ values of the image context are projected once.
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +46,10 @@ class GenerationConfig(ConfigModel):
         "(n-gram blocking: stops the 'a man in a red shirt and a woman in a red shirt' loop; measured on Flickr8k, "
         "README); 0: off, plain greedy/beam/sampling.")
     use_cache: bool = Field(True, description="Keep keys/values between steps (false recomputes the prefix).")
+    compile: bool = Field(
+        False, description="Compile the decode step (torch.compile over a static key/value cache): the first "
+        "captions of a process wait for the compilation (tens of seconds on a CPU), every step after runs as one "
+        "compiled graph; worth it for many images (benchmarks/generate.py).")
     seed: int | None = Field(None, description="sample: seed of the random draws.")
 
     @model_validator(mode="after")
@@ -80,19 +86,36 @@ class Generated:
     scores: Tensor
 
 
+_COMPILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: Captioner) -> Any:
+    """``model.caption_logits`` compiled once per model. The cache's offset is read as a Python
+    int: after the first change dynamo makes it symbolic, so one graph serves every step."""
+    step = _COMPILED.get(model)
+    if step is None:
+        step = _COMPILED[model] = torch.compile(model.caption_logits, dynamic=None)
+    return step
+
+
 class _Stepper:
     """Feeds the growing sequences to the model, with or without the cache."""
 
-    def __init__(self, model: Captioner, context: Tensor, use_cache: bool, vocab_size: int | None = None) -> None:
+    def __init__(self, model: Captioner, context: Tensor, use_cache: bool, vocab_size: int | None = None,
+                 capacity: int | None = None) -> None:
         self.model, self.context, self.vocab_size = model, context, vocab_size
-        self.cache = KVCache() if use_cache else None
+        # compiled: a static cache of ``capacity`` positions, so that every step has one shape
+        self.cache = KVCache(capacity) if use_cache else None
+        self.step = _compiled_step(model) if use_cache and capacity is not None else model.caption_logits
         self.fed = 0
 
     def next_logits(self, seqs: Tensor) -> Tensor:
         if self.cache is None:
             logits = self.model.caption_logits(seqs, self.context)
         else:
-            logits = self.model.caption_logits(seqs[:, self.fed :], self.context, self.cache)
+            # The prompt (and the cross-attention keys of the image context) eagerly; the steps compiled.
+            step = self.model.caption_logits if self.fed == 0 else self.step
+            logits = step(seqs[:, self.fed :], self.context, self.cache)
             self.fed = seqs.shape[1]
         logits = logits[:, -1].float()
         if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
@@ -272,7 +295,8 @@ def generate(
     banned = tuple(banned_ids) if banned_ids is not None else tuple({pad_id, bos_id} - {eos_id})
     context = model.caption_context(images)
     copies = cfg.num_beams if cfg.strategy == "beam" else cfg.num_return_sequences
-    stepper = _Stepper(model, context.repeat_interleave(copies, dim=0), cfg.use_cache, vocab_size)
+    capacity = prompt.shape[1] + cfg.max_length if cfg.compile else None
+    stepper = _Stepper(model, context.repeat_interleave(copies, dim=0), cfg.use_cache, vocab_size, capacity)
     seqs = prompt.repeat_interleave(copies, dim=0)
     n = cfg.num_return_sequences
     if cfg.strategy != "beam":

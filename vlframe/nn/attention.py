@@ -232,6 +232,7 @@ class Attention(nn.Module):
             q, k, v = project(x, norm, self.qkv_proj).view(b, lq, 3, h, d).permute(2, 0, 3, 1, 4)
             if cache is not None:
                 k, v = cache.extend(self, k, v)
+                key_mask = cache.key_mask(key_mask, lq, b, x.device)
         # A single query is the newest position: causality hides nothing from it.
         causal = self.causal and lq > 1 and not (_BIDIRECTIONAL.get() and not self.is_cross)
         out = BACKENDS[self._backend](q, k, v, key_mask, causal)

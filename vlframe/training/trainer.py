@@ -53,7 +53,6 @@ from vlframe.runs.folder import RunDir
 from vlframe.runtime import distributed
 from vlframe.runtime.parallel import gather_names, spread
 from vlframe.nn import recompute
-from vlframe.nn.recompute import set_recompute
 from vlframe.runtime.precision import autocast, resolve_precision
 from vlframe.training.optim import build_optimizer, build_scheduler
 from vlframe.training.validation import Validator
@@ -164,7 +163,7 @@ class Trainer:
             self.ledger.add(batch.skipped, seen=len(batch.keys))
             last = micro == t.grad_accum - 1
             with self.parallel.accumulating(last):
-                with self.autocast:
+                with self.autocast, recompute.recompute(self.recompute):
                     out = self.wrapped(batch.images.to(device), batch.text.to(device), batch.text_mask.to(device))
                 (out.loss / t.grad_accum).backward()
             sums["loss"] += out.loss.detach().float() / t.grad_accum
@@ -236,7 +235,8 @@ class Trainer:
         check_size(cfg, self.registry, training=True, device=self.device,
                    shards=self.world if t.parallel == "fsdp" else 1)
         self.precision = resolve_precision(t.precision, self.device)
-        set_recompute(recompute.resolve(t.recompute, self.precision))
+        # What the forward recomputes in backward, set around each step (not process-wide).
+        self.recompute = recompute.resolve(t.recompute, self.precision)
         self.model, self.parallel = spread(lambda device: build_model(cfg, registry=self.registry, device=device),
                                            t, self.device, world=self.world, precision=self.precision)
         train_data = catalog.build(Kind.DATASET, cfg.data.train, path="data.train", split="train")

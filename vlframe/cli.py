@@ -55,7 +55,7 @@ def _add_generation(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--no-repeat-ngram-size", type=int, help="n-gram blocking: never repeat an n-gram (0: off)")
     group.add_argument("--compile", action="store_true", default=None,
-                       help="compile the decode step (static key/value cache): for many images")
+                       help="compile the decode step over a static key/value cache (not faster on a CPU; see README)")
     group.add_argument("-n", "--num-return-sequences", type=int, help="captions per image")
     group.add_argument("--seed", type=int, help="sampling seed (probe/understanding: their seed)")
 

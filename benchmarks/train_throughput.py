@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--batch 32] [--threads 2]
         [--precision both|fp32|bf16] [--recompute auto|none|all|norm,activation,...] [--grid]
+        [--text random|flickr8k]
 
 Each model is measured in its own fresh process: forward, backward and a (fused) AdamW step on
 a random batch (images 128 px, captions of 32 tokens), after warm-up
@@ -16,6 +17,14 @@ activations, gradients and temporaries a step needs.
 ``--recompute`` chooses what vlframe recomputes in backward (``train.recompute``; default
 ``auto``, the per-precision default); ``--grid`` measures vlframe with every choice, the table
 behind those defaults. bf16 runs only where the CPU computes it natively (it says so otherwise).
+
+``--text`` chooses the captions. ``random`` (the default): every caption 32 random tokens, so
+both models do exactly the same work. ``flickr8k``: real captions (../shared/data/flickr8k,
+tokenized by a SentencePiece unigram vocabulary of 8192 trained on its training captions, as
+configs/flickr8k.yaml does), a different random batch of 32 every step (the warm-up passes once over
+the timed batches, so that no caption length is met for the first time while timed), each model fed the way
+its own training feeds it: vlframe's batches padded to their longest caption, open_clip's to
+its context length (its tokenizers always pad to it; padding is masked out of its loss).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 
 
 def current_rss_mib() -> float:
@@ -116,8 +126,39 @@ class PeakRSS:
         self._thread.join()
 
 
+def caption_batches(count: int, batch: int) -> list[list[list[int]]]:
+    """``count`` batches of ``batch`` real Flickr8k captions as token ids (BOS ... EOS, at most 32)."""
+    import random
+    import tempfile
+
+    from vlframe_builtins.tokenizers.sentencepiece import SentencePieceConfig, SentencePieceTokenizer
+
+    rows = [json.loads(line) for line in (FLICKR8K / "train.jsonl").read_text().splitlines() if line.strip()]
+    captions = [c for row in rows for c in row["captions"]]
+    tokenizer = SentencePieceTokenizer(SentencePieceConfig(type="sentencepiece", model_type="unigram"), vocab_size=8192)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.train(captions, Path(tmp))
+    draw = random.Random(0)
+    out = []
+    for _ in range(count):
+        ids, _mask = tokenizer.encode(draw.sample(captions, batch), 32)
+        out.append([[int(t) for t in row if t != tokenizer.pad_id] for row in ids])
+    return out
+
+
+def padded(rows: list[list[int]], length: int | None):
+    """Rows padded with 0 to ``length`` (None: to the longest row)."""
+    import torch
+
+    length = length or max(len(r) for r in rows)
+    out = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
 def measure(which: str, steps: int, warmup: int, batch: int, threads: int, precision: str,
-            recompute: str = "auto") -> dict:
+            recompute: str = "auto", text_file: str | None = None) -> dict:
     import contextlib
 
     import torch
@@ -129,20 +170,31 @@ def measure(which: str, steps: int, warmup: int, batch: int, threads: int, preci
     # vlframe's trainer uses AdamW with weight decay; fused (one kernel per step) for both models.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     images = torch.randn(batch, 3, 128, 128)
-    text = torch.randint(3, 8192, (batch, 32))
-    text[:, 0], text[:, -1] = 1, 2
+    if text_file is None:
+        text = torch.randint(3, 8192, (batch, 32))
+        text[:, 0], text[:, -1] = 1, 2
+        texts = [text] * (warmup + steps)
+    else:  # vlframe: padded to the batch's longest caption; open_clip: to its context length
+        texts = [padded(rows, None if which == "vlframe" else 32) for rows in json.loads(Path(text_file).read_text())]
+    tokens = sum(int((t != 0).sum()) for t in texts[warmup:]) / steps
+    positions = sum(t.numel() for t in texts[warmup:]) / steps
+    # Real captions: the warm-up also passes once over the timed batches, so that every caption
+    # length they hold has been seen (oneDNN and the allocator keep per-shape state: a long run
+    # sees every length within its first steps, and a first sighting is not a step's cost).
+    warm = texts[:warmup] + (texts[warmup:] if text_file is not None else [])
+    batches = iter(warm + texts[warmup:])
 
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
 
     def one_step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = step(images, text)
+            loss = step(images, next(batches))
         loss.backward()
         optimizer.step()
         return float(loss)
 
-    for _ in range(warmup):  # optimiser state exists from here on
+    for _ in range(len(warm)):  # optimiser state exists from here on
         one_step()
     optimizer.zero_grad(set_to_none=True)
     resident = current_rss_mib()  # weights, optimiser state, framework
@@ -162,6 +214,8 @@ def measure(which: str, steps: int, warmup: int, batch: int, threads: int, preci
         "resident_mib": resident,
         "step_peak_mib": rss.peak / 2**20 - resident,
         "loss": loss,
+        "text_positions": positions / batch,
+        "text_tokens": tokens / batch,
     }
 
 
@@ -173,7 +227,7 @@ def run_child(which: str, args: argparse.Namespace) -> dict | None:  # args.prec
     """
     cmd = [sys.executable, __file__, "--child", which, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch", str(args.batch), "--threads", str(args.threads), "--precision", args.precision,
-           "--recompute", args.recompute]
+           "--recompute", args.recompute, *(["--text-file", args.text_file] if args.text_file else [])]
     results = []
     for env in (dict(os.environ), dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -197,12 +251,19 @@ def main() -> None:
     parser.add_argument("--recompute", default="auto",
                         help="vlframe's train.recompute: auto, none, all, or parts joined by commas (norm,activation,caption_logits)")
     parser.add_argument("--grid", action="store_true", help="vlframe with every recompute choice, open_clip once")
+    parser.add_argument("--text", choices=("random", "flickr8k"), default="random",
+                        help="random: 32 random tokens per caption (equal work); flickr8k: real captions, each model "
+                             "padding them as its training does")
     parser.add_argument("--child", choices=("vlframe", "open_clip"), help=argparse.SUPPRESS)
+    parser.add_argument("--text-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch, args.threads, args.precision,
-                                 args.recompute)))
+                                 args.recompute, args.text_file)))
         return
+    if args.text == "flickr8k" and not (FLICKR8K / "train.jsonl").is_file():
+        print(f"--text flickr8k: Flickr8k is not at {FLICKR8K}")
+        sys.exit(1)
 
     import torch
 
@@ -215,6 +276,17 @@ def main() -> None:
     print(f"coca_tiny training step, batch {args.batch}, {args.threads} threads, eager; "
           f"median of {args.steps} steps after {args.warmup} warm-up; `vlframe train` here uses {trainer_mode}")
     print(machine)
+    text_file = None
+    if args.text == "flickr8k":
+        import tempfile
+
+        text_file = Path(tempfile.mkdtemp()) / "captions.json"
+        text_file.write_text(json.dumps(caption_batches(args.warmup + args.steps, args.batch)))
+        print(f"captions: real Flickr8k training captions, a new random batch every step; vlframe pads a batch to its "
+              f"longest caption, open_clip to its context length 32")
+    else:
+        print("captions: 32 random tokens each (both models do the same work)")
+    args.text_file = str(text_file) if text_file else None
     try:
         import open_clip  # noqa: F401
 
@@ -247,7 +319,8 @@ def main() -> None:
 def _line(mode: str, label: str, res: dict) -> None:
     print(f"{mode} {label:28s} {res['params_m']:6.2f}M params  {res['s_per_step']:.3f} s/step  "
           f"{res['images_per_s']:6.1f} images/s  step peak {res['step_peak_mib']:6.1f} MiB above "
-          f"{res['resident_mib']:.0f} MiB resident")
+          f"{res['resident_mib']:.0f} MiB resident; text {res['text_positions']:.1f} positions/caption "
+          f"({res['text_tokens']:.1f} real)")
 
 
 if __name__ == "__main__":

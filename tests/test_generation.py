@@ -244,21 +244,25 @@ def test_ids_beyond_the_tokenizers_vocabulary_are_never_generated(tiny, images, 
     assert (limited.tokens < 100).all()
 
 
-def test_captioning_commands_block_bigrams_by_default_and_plain_greedy_stays_available() -> None:
+def test_captioning_commands_default_to_blocked_beam_search_and_plain_greedy_stays_available() -> None:
     from vlframe.cli import _generation_config, _parser as build_parser
     from vlframe_builtins.tasks.caption import CaptionTaskConfig
 
-    assert GenerationConfig().no_repeat_ngram_size == 0  # generate() itself decodes plainly
-    assert GenerationConfig.for_captions().no_repeat_ngram_size == 2
-    assert CaptionTaskConfig(type="caption").generation.no_repeat_ngram_size == 2
-    # A partial generation block (e.g. from eval's --strategy flag) keeps the captioning default...
-    assert CaptionTaskConfig(type="caption", generation={"strategy": "beam"}).generation.no_repeat_ngram_size == 2
-    # ...and 0 turns it off.
-    assert CaptionTaskConfig(type="caption", generation={"no_repeat_ngram_size": 0}).generation.no_repeat_ngram_size == 0
+    plain = GenerationConfig()  # generate() itself decodes plainly
+    assert (plain.strategy, plain.no_repeat_ngram_size) == ("greedy", 0)
+    default = GenerationConfig.for_captions()
+    assert (default.strategy, default.num_beams, default.no_repeat_ngram_size) == ("beam", 4, 2)
+    assert CaptionTaskConfig(type="caption").generation == default
+    # A partial generation block (e.g. from eval's --strategy flag) keeps the other captioning defaults...
+    greedy = CaptionTaskConfig(type="caption", generation={"strategy": "greedy"}).generation
+    assert (greedy.strategy, greedy.no_repeat_ngram_size) == ("greedy", 2)
+    # ...and the plain greedy of the reference protocol is two settings away.
+    plain_task = CaptionTaskConfig(type="caption", generation={"strategy": "greedy", "no_repeat_ngram_size": 0})
+    assert (plain_task.generation.strategy, plain_task.generation.no_repeat_ngram_size) == ("greedy", 0)
     args = build_parser().parse_args(["caption", "RUN", "x.jpg"])
-    assert _generation_config(args).no_repeat_ngram_size == 2
-    args = build_parser().parse_args(["caption", "RUN", "x.jpg", "--no-repeat-ngram-size", "0"])
-    assert _generation_config(args).no_repeat_ngram_size == 0
+    assert _generation_config(args) == default
+    args = build_parser().parse_args(["caption", "RUN", "x.jpg", "--strategy", "greedy", "--no-repeat-ngram-size", "0"])
+    assert (_generation_config(args).strategy, _generation_config(args).no_repeat_ngram_size) == ("greedy", 0)
 
 
 @pytest.mark.parametrize("settings", [

@@ -46,7 +46,13 @@ def test_ranks_give_the_loss_and_gradients_of_one_process_in_flat_memory(tmp_pat
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
     for world in (2, 4):
         out = tmp_path / f"w{world}.st"
-        proc = torchrun(world, str(PROBE), str(out), str(local), str(dim), env=env)
+        for _attempt in range(2):
+            proc = torchrun(world, str(PROBE), str(out), str(local), str(dim), env=env)
+            # Four gloo processes on a 2-core machine: about one run in eight, one rank aborted in
+            # C++ ("terminate called without an active exception", SIGABRT) with nothing wrong in
+            # the Python above it. That abort, and only that, is retried once.
+            if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+                break
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = load_file(str(out))
     # One process (no torchrun) scores batches of 1024, 2048 and 4096 in turn, each measured alone.

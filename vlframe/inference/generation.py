@@ -69,11 +69,13 @@ class GenerationConfig(ConfigModel):
         return cls.model_validate({**CAPTION_DEFAULTS, **given})
 
 
-#: What captioning commands decode with unless told otherwise. Bigram blocking, measured on
-#: the zoo's three 300-step CoCa runs on Flickr8k val (README, Decoding defaults): CIDEr 6.0 ->
-#: 14.2, BLEU-4 3.8 -> 7.5, METEOR 11.7 -> 13.6 (3-gram blocking: 8.3 / 5.0 / 12.7). ``generate``
-#: itself decodes plainly (its field defaults) unless asked.
-CAPTION_DEFAULTS: dict[str, Any] = {"no_repeat_ngram_size": 2}
+#: What captioning commands decode with unless told otherwise: beam search over 4 hypotheses with
+#: bigram blocking. Measured on Flickr8k val (README, Decoding defaults): on the zoo's three
+#: 300-step CoCa runs bigram blocking lifts greedy CIDEr 6.0 -> 14.2; on configs/flickr8k.yaml's
+#: three 2,400-step runs beam 4 + blocking gives CIDEr 23.8 against greedy's 16.9 and BLEU-4
+#: 9.9 against 7.6. ``generate`` itself decodes plainly (its field defaults) unless asked;
+#: ``strategy: greedy`` (``--strategy greedy --no-repeat-ngram-size 0``) is the plain greedy.
+CAPTION_DEFAULTS: dict[str, Any] = {"strategy": "beam", "num_beams": 4, "no_repeat_ngram_size": 2}
 
 
 @dataclass

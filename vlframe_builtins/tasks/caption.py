@@ -34,7 +34,8 @@ class CaptionTaskConfig(TaskConfig):
     table_rows: int = Field(32, ge=0, description="Images shown in captions.html.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig.for_captions,
                                          description="How captions are decoded (default: the captioning defaults, "
-                                         "bigram blocking on; no_repeat_ngram_size: 0 for plain greedy).")
+                                         "beam search over 4 hypotheses with bigram blocking; {strategy: greedy, no_repeat_ngram_size: 0} for "
+                                         "plain greedy).")
 
     @field_validator("generation", mode="before")
     @classmethod

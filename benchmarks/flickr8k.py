@@ -10,8 +10,9 @@ the top k. The run is tracked in MLflow like any other (runs/mlflow.db).
 ``--seeds N`` trains seeds 0..N-1 one after another (train.seed: initialisation, data order,
 augmentation) and ends with, per metric, the mean, the sample standard deviation and the 95%
 Student-t interval over the seeds beside open_clip's figure, and whether the interval lies
-above it, and whether the mean is above it by more than the standard deviation. Captions are scored twice: plain greedy (the reference's protocol) and vlframe's
-captioning default (``CAPTION_DEFAULTS``: beam search over 4 hypotheses with bigram blocking).
+above it, and whether the mean is above it by more than the standard deviation. Captions are
+scored twice: plain greedy (the reference's protocol) and vlframe's captioning default
+(``CAPTION_DEFAULTS``: beam search over 4 hypotheses with bigram blocking).
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ class GenerationConfig(ConfigModel):
 #: 300-step CoCa runs bigram blocking lifts greedy CIDEr 6.0 -> 14.2; on configs/flickr8k.yaml's
 #: three 2,400-step runs beam 4 + blocking gives CIDEr 23.8 against greedy's 16.9 and BLEU-4
 #: 9.9 against 7.6. ``generate`` itself decodes plainly (its field defaults) unless asked;
-#: ``strategy: greedy`` (``--strategy greedy --no-repeat-ngram-size 0``) is the plain greedy.
+#: ``{strategy: greedy, no_repeat_ngram_size: 0}`` (``--strategy greedy --no-repeat-ngram-size 0``)
+#: is the plain greedy.
 CAPTION_DEFAULTS: dict[str, Any] = {"strategy": "beam", "num_beams": 4, "no_repeat_ngram_size": 2}
 
 

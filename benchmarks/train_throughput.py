@@ -280,7 +280,12 @@ def main() -> None:
     if args.text == "flickr8k":
         import tempfile
 
-        text_file = Path(tempfile.mkdtemp()) / "captions.json"
+        import atexit
+        import shutil
+
+        folder = tempfile.mkdtemp(prefix="vlframe-captions-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the children have read it by then
+        text_file = Path(folder) / "captions.json"
         text_file.write_text(json.dumps(caption_batches(args.warmup + args.steps, args.batch)))
         print(f"captions: real Flickr8k training captions, a new random batch every step; vlframe pads a batch to its "
               f"longest caption, open_clip to its context length 32")

@@ -106,6 +106,29 @@ def cli():
     return run_cli
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def new_store(db: Path) -> str:
+    """The URI of an empty MLflow store at ``db``, copied from one that vlframe's own code made
+    once this session. Making a store runs MLflow's schema migrations, seconds in every process
+    that finds the store missing; tests about something else start from the copy. (What store
+    creation does, races and repairs included, is tested on stores made from nothing.)"""
+    if not _STORE_TEMPLATE:
+        import atexit
+        import tempfile
+
+        from vlframe.runs import store
+
+        folder = Path(tempfile.mkdtemp(prefix="vlframe-store-template-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        store.prepare_sqlite(folder / "mlflow.db")
+        _STORE_TEMPLATE.append(folder / "mlflow.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 def pip_install(package: Path, work: Path) -> Path:
     """pip-install a fixture package the way a user would (offline, no deps) into a fresh folder
     under ``work``; returns the folder, to put on PYTHONPATH."""

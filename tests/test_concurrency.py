@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, run_main
+from conftest import clean_env, new_store, run_main
 from hardening import popen_vlframe
 from training_configs import TINY, micro, sets
 from vlframe.runs import store
 
 
-def _tracked(tmp_path: Path, **extra) -> dict:
-    return micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+def _tracked(tmp_path: Path, fresh: bool = False, **extra) -> dict:
+    """Tracked to ``tmp_path/mlflow.db``: a copy of an empty store, or (``fresh``) none yet."""
+    db = tmp_path / "mlflow.db"
+    return micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": f"sqlite:///{db}" if fresh else new_store(db),
                               **extra})
 
 
@@ -35,7 +37,7 @@ def _points(uri: str, key: str = "train/loss") -> dict[str, list[int]]:
 
 def test_two_runs_started_together_get_their_own_folders_and_mlflow_runs(tmp_path: Path) -> None:
     """Both start in the same second on a store neither has created yet."""
-    args = ["train", str(TINY), *sets(_tracked(tmp_path, **{"train.steps": 12, "train.checkpoint_every": 6}))]
+    args = ["train", str(TINY), *sets(_tracked(tmp_path, fresh=True, **{"train.steps": 12, "train.checkpoint_every": 6}))]
     procs = [popen_vlframe(*args, cwd=tmp_path) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs

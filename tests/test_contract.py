@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, pip_install, run_cli, run_main
+from conftest import ROOT, new_store, pip_install, run_cli, run_main
 from test_distributed import torchrun
 
 pytestmark = pytest.mark.slow  # trains models in subprocesses
@@ -47,7 +47,7 @@ def dual_config(root: Path, **train) -> dict:
                  "num_workers": 0},
         "train": {"steps": 150, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5, "checkpoint_every": None,
                   "output_dir": str(root / "runs"), **train},
-        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+        "tracking": {"uri": new_store(root / "mlflow.db")},
     }
 
 

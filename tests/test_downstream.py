@@ -20,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, run_cli, run_main
+from conftest import CONFIGS, new_store, run_cli, run_main
 from registry import ConfigError
 from training_configs import TINY, learner, micro, sets
 from vlframe.config import files as configfile
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow  # trains a model (once, for the whole module)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("downstream")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     result = run_cli("train", str(TINY), "--run-dir", str(root / "tiny"), *sets(learner(root)),
                      "--set", f"tracking.uri={uri}")
     assert result.code == 0, result.err[-2000:]

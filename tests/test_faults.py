@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import clean_env, run_main
+from conftest import clean_env, new_store, run_main
 from hardening import VLFRAME, train_micro
 from training_configs import TINY, micro, sets
 from vlframe.runs import checkpoint
@@ -121,7 +121,7 @@ def test_a_really_full_disk_loses_nothing_and_the_run_resumes_once_there_is_spac
         tmp_path: Path, small_disk: Path) -> None:
     run = small_disk / "run"
     overrides = micro(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 3, "tracking.enabled": True,
-                                   "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+                                   "tracking.uri": new_store(tmp_path / "mlflow.db")})
     result = run_main("train", str(TINY), "--run-dir", str(run), *sets(overrides))
     assert result.code == 2
     errors = [line for line in result.err.splitlines() if line.startswith("error:")]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, run_main
 from test_distributed import _free_port, torchrun
 from training_configs import TINY, micro, sets
 
@@ -176,25 +176,19 @@ def test_export_writes_one_model_file_that_every_command_loads(two_rank_run, tmp
 
     run, _ = two_rank_run
     out = tmp_path / "exported"
-    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
-    vlf = [sys.executable, "-m", "vlframe"]
-    proc = subprocess.run([*vlf, "export", str(run), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # In this process (the same entry point): reading shards needs no process group.
+    proc = run_main("export", str(run), "--out", str(out))
+    assert proc.code == 0, proc.err[-2000:]
     assert (out / "model.safetensors").is_file() and not (out / "sharded").exists()
     weights = load_file(str(out / "model.safetensors"))
     assert "text_decoder.token_embedding.weight" in weights and weights["text_decoder.token_embedding.weight"].shape[0] == 512
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
-    sharded = subprocess.run([*vlf, "caption", str(run), str(image)], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=600)
-    whole = subprocess.run([*vlf, "caption", str(out), str(image)], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert sharded.returncode == whole.returncode == 0, sharded.stderr[-1000:] + whole.stderr[-1000:]
-    assert sharded.stdout == whole.stdout and sharded.stdout.strip()
-    again = subprocess.run([*vlf, "export", str(run), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: --out ")
+    sharded, whole = run_main("caption", str(run), str(image)), run_main("caption", str(out), str(image))
+    assert sharded.code == whole.code == 0, sharded.err[-1000:] + whole.err[-1000:]
+    assert sharded.out == whole.out and sharded.out.strip()
+    again = run_main("export", str(run), "--out", str(out))
+    assert again.code == 2 and again.err.strip().splitlines()[-1].startswith("error: --out ")
 
 
 def test_a_pickle_beside_the_shards_is_never_read(two_rank_run, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from registry import BuildError, Registry
+from registry import BuildError, ConfigError, Registry
 from vlframe import build_model, load_config, set_attention_backend
 from vlframe.config import files as configfile
 
@@ -309,3 +309,30 @@ def test_heads_that_do_not_divide_the_width_name_the_part(registry: Registry) ->
     with pytest.raises(BuildError) as err:
         build_model(CONFIGS / "coca_tiny.yaml", ["model.caption_pooler.heads=3"], registry=registry)
     assert str(err.value) == "model.caption_pooler (pooler 'attentional' [poolers]): heads=3 does not divide width 256"
+
+
+def test_sincos_patch_positions_are_fixed_rebuilt_and_left_out_of_the_weights(registry: Registry) -> None:
+    from vlframe.runtime.parallel import uninitialised
+
+    sets = ["model.image_encoder.pos_embed=sincos"]
+    model = build_model(CONFIGS / "coca_tiny.yaml", sets, registry=registry)
+    learned = build_model(CONFIGS / "coca_tiny.yaml", registry=registry)
+    encoder, grid = model.image_encoder, 128 // 16
+    table = encoder.pos_embed[0]
+    assert not any("image_encoder.pos_embed" in name for name, _ in model.named_parameters())
+    assert "image_encoder.pos_embed" not in model.state_dict() and "image_encoder.pos_embed" in learned.state_dict()
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(learned) - n(model) == grid * grid * 256
+    # Row-major patches: the first quarter is sin(column * w) (0 on column 0), the third sin(row * w).
+    assert table.shape == (grid * grid, 256) and torch.all(table[0, :64] == 0) and torch.all(table[0, 64:128] == 1)
+    assert torch.equal(table[1, 128:], table[0, 128:]) and not torch.equal(table[grid, 128:], table[0, 128:])
+    assert len({tuple(row.tolist()) for row in table}) == grid * grid  # every patch has a position of its own
+    images, text = batch(model)
+    assert_every_parameter_learns(model, model(images, text))
+    # Built on the meta device (FSDP), the table comes back from reset_parameters(), equal.
+    meta = build_model(CONFIGS / "coca_tiny.yaml", sets, registry=registry, device="meta")
+    assert uninitialised(meta) == []
+    assert torch.equal(meta.image_encoder.pos_embed, encoder.pos_embed)
+    with pytest.raises(ConfigError, match=r"model\.image_encoder\.width: 254 is not a multiple of 4"):
+        build_model(CONFIGS / "coca_tiny.yaml", [*sets, "model.image_encoder.width=254",
+                                                 "model.image_encoder.heads=2"], registry=registry)

@@ -1,4 +1,4 @@
-"""Sweeps: a 3-variant micro sweep in a real MLflow store, resumed, with one variant failing."""
+"""Sweeps: a 3-variant micro sweep in a real MLflow store, resumed, with one variant failing, then moved."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import CONFIGS, run_cli, run_main
+from conftest import CONFIGS, new_store, run_cli, run_main
 from training_configs import micro
 from vlframe.sweeps.sweep import expand, load_sweep
 
 
-def _sweep_file(tmp_path: Path) -> Path:
+def _sweep_file(tmp_path: Path, store: bool = True) -> Path:
+    """The micro sweep, tracked to ``tmp_path/mlflow.db`` (``store``: made now, empty; else not yet)."""
+    db = tmp_path / "mlflow.db"
     common = micro(tmp_path, **{
-        "tracking.enabled": True, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.enabled": True, "tracking.uri": new_store(db) if store else f"sqlite:///{db}",
         "data.val": {"type": "synthetic", "val_size": 32, "image_size": 64},
         "train.steps": 4, "train.checkpoint_every": None,
     })
@@ -127,23 +129,19 @@ def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path
     assert coca_again.data.tags["vlframe.eval_hash"] != coca.data.tags["vlframe.eval_hash"]
     assert len(client.get_metric_history(coca.info.run_id, "train/loss")) == 4  # one training
 
-
-def test_a_sweep_moved_to_another_store_opens_a_parent_there(tmp_path: Path) -> None:
-    sweep_file = _sweep_file(tmp_path)
-    first = run_main("sweep", str(sweep_file), "--only", "contrastive_only")
-    assert first.code == 0, first.err[-2000:]
+    # The same sweep pointed at another store: the variant is trained there, under a parent of its own.
     other = f"sqlite:///{tmp_path / 'other.db'}"
     moved = run_main("sweep", str(sweep_file), "--only", "contrastive_only", "--set", f"tracking.uri={other}")
     assert moved.code == 0, moved.out[-2000:] + moved.err[-2000:]
     assert f"at {other}" in moved.out and "1 finished, 0 skipped" in moved.out
-    parents = MlflowClient(tracking_uri=other).search_runs(
-        [MlflowClient(tracking_uri=other).get_experiment_by_name("vlframe").experiment_id],
-        "tags.`vlframe.sweep_parent` = 'true'")
-    assert len(parents) == 1
+    there = MlflowClient(tracking_uri=other)
+    parents = there.search_runs([there.get_experiment_by_name("vlframe").experiment_id],
+                                "tags.`vlframe.sweep_parent` = 'true'")
+    assert len(parents) == 1 and parents[0].info.run_id != parent
 
 
 def test_sweep_input_errors_touch_nothing(tmp_path: Path) -> None:
-    sweep_file = _sweep_file(tmp_path)
+    sweep_file = _sweep_file(tmp_path, store=False)
     result = run_main("sweep", str(sweep_file), "--set", "garbage")
     assert result.code == 2 and result.err.strip() == "error: --set: expected KEY=VALUE, got 'garbage'"
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweeps").exists()

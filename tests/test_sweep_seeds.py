@@ -13,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 from scipy import stats as scipy_stats
 
-from conftest import CONFIGS, run_main
+from conftest import CONFIGS, new_store, run_main
 from training_configs import micro
 from vlframe.sweeps import stats
 from vlframe.sweeps.comparison import Column, Row, cells, significantly_best
@@ -108,7 +108,7 @@ def test_the_best_is_starred_only_when_significantly_best() -> None:
 
 @pytest.mark.slow
 def test_a_two_variant_two_seed_sweep_nests_skips_and_compares(tmp_path: Path) -> None:
-    common = micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    common = micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": new_store(tmp_path / "mlflow.db"),
                                 "train.steps": 3, "train.checkpoint_every": None})
     sweep = {"name": "seeded", "base": str(CONFIGS / "coca_tiny.yaml"), "set": common, "seeds": [0, 1],
              "output_dir": str(tmp_path / "sweeps"),

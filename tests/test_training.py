@@ -20,7 +20,7 @@ from vlframe.runs.folder import RunDir
 from vlframe.data.loading import DataError
 from vlframe.training.trainer import Trainer
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, new_store
 from training_configs import TINY, micro
 
 
@@ -222,7 +222,7 @@ def test_a_failure_during_set_up_ends_the_tracked_run_as_failed(tmp_path: Path) 
     from conftest import run_main
     from training_configs import sets
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     # Fewer training samples than one batch: the loader refuses, after the run was opened.
     overrides = micro(tmp_path, **{"tracking.enabled": True, "tracking.uri": uri, "data.train.size": 8})
     result = run_main("train", str(TINY), "--run-dir", str(tmp_path / "run"), *sets(overrides))

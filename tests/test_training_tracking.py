@@ -17,7 +17,7 @@ from registry import Registry
 from vlframe.config import files as configfile
 from vlframe.training.trainer import Trainer
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, run_main
 from training_configs import TINY, micro
 
 
@@ -99,9 +99,8 @@ def test_training_survives_a_tracking_server_that_dies(tmp_path: Path, servers) 
     assert steps == list(range(1, 151))  # nothing lost: every step is in the journal
 
     server.start()  # the same store, back on the same port
-    sync = subprocess.run([str(exe), "tracking", "sync", str(run_dir)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert sync.returncode == 0, sync.stderr
+    sync = run_main("tracking", "sync", str(run_dir))  # the same command, in this process
+    assert sync.code == 0, sync.err
     run_id = json.loads((run_dir / "tracking" / "run.json").read_text())["run_id"]
     assert sorted(_history(client, run_id, "train/loss")) == list(range(1, 151))
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -1,12 +1,14 @@
 """Native Vision Transformer image encoder (Dosovitskiy et al.), as CoCa's image tower.
 
-Patchify with a strided convolution, add learned positions, run pre-norm blocks, finish with a
-LayerNorm (or leave that to the pooler). Returns every token: poolers downstream decide how to summarise them.
+Patchify with a strided convolution, add positions (learned, or the fixed 2-D sine-cosine table of
+MAE and big_vision's plain ViT), run pre-norm blocks, finish with a LayerNorm (or leave that to the pooler). Returns every token: poolers downstream decide how to summarise them.
 """
 
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -23,6 +25,9 @@ class ViTConfig(TransformerConfig):
     layers: int = Field(12, gt=0, le=MAX_LAYERS)
     heads: int = Field(12, gt=0, le=1024)
     class_token: bool = Field(False, description="Prepend a learned class token (for the 'cls' pooler).")
+    pos_embed: Literal["learned", "sincos"] = Field(
+        "learned", description="Patch positions: learned (CLIP, open_clip) or a fixed 2-D sine-cosine table "
+        "(MAE, big_vision's plain ViT; nothing to learn, no parameter in the weights).")
     patch_bias: bool = Field(True, description="Bias in the patch embedding (CLIP/open_clip towers have none).")
     final_norm: bool = Field(
         True, description="LayerNorm on the output tokens; false when the pooler normalises its own output "
@@ -32,7 +37,19 @@ class ViTConfig(TransformerConfig):
         problems = super().shape_problems()
         if self.image_size % self.patch_size:
             problems.append((("image_size",), f"{self.image_size} is not a multiple of patch_size {self.patch_size}"))
+        if self.pos_embed == "sincos" and self.width % 4:
+            problems.append((("width",), f"{self.width} is not a multiple of 4 (pos_embed sincos)"))
         return problems
+
+
+def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> Tensor:
+    """``(grid * grid, width)`` fixed positions, row-major like the patches: a quarter of the
+    channels each for sin and cos of the column and of the row, at geometric frequencies."""
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    x, y = cols.flatten()[:, None] * omega, rows.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
 
 
 class VisionTransformer(nn.Module):
@@ -44,7 +61,12 @@ class VisionTransformer(nn.Module):
         grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, cfg.width))
+        self.learned_positions = cfg.pos_embed == "learned"
+        if self.learned_positions:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, cfg.width))
+        else:  # a buffer left out of the state dict: made from the config (reset_parameters), never loaded
+            self.register_buffer("pos_embed", torch.zeros(1, self.num_prefix_tokens + grid * grid, cfg.width),
+                                 persistent=False)
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_hidden, activation=cfg.activation, norm_eps=cfg.norm_eps)
@@ -55,12 +77,18 @@ class VisionTransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         self.apply(init_weights)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.learned_positions:
+            nn.init.normal_(self.pos_embed, std=0.02)
+        else:  # also on a model materialised from the meta device, whose buffers start empty
+            with torch.no_grad():
+                self.pos_embed.zero_()
+                grid = self.image_size // self.patch_embed.stride[0]
+                self.pos_embed[0, self.num_prefix_tokens :] = sincos_2d(grid, self.width)
         if self.class_token is not None:
             nn.init.normal_(self.class_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "class_token"}
+        return {"pos_embed", "class_token"} if self.learned_positions else {"class_token"}
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, grid*grid, width)

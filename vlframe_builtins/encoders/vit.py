@@ -1,14 +1,15 @@
 """Native Vision Transformer image encoder (Dosovitskiy et al.), as CoCa's image tower.
 
 Patchify with a strided convolution, add positions (learned, or the fixed 2-D sine-cosine table of
-MAE and big_vision's plain ViT), run pre-norm blocks, finish with a LayerNorm (or leave that to the pooler). Returns every token: poolers downstream decide how to summarise them.
+MAE and big_vision's plain ViT), run pre-norm blocks, finish with a LayerNorm (or leave that to the
+pooler). Returns every token: poolers downstream decide how to summarise them.
 """
 
 from __future__ import annotations
 
-import torch
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import Tensor, nn
 

@@ -171,3 +171,35 @@ def test_step_sampler_splits_each_global_batch_across_ranks() -> None:
     assert sorted(first) == sorted(second) == list(range(40)) and first != second
     resumed = list(StepSampler(40, 8, rank=0, world=1, seed=3, start_step=7, steps=3))
     assert resumed == one[7:]
+
+
+def test_random_resized_crops_train_only_reproducibly_and_a_bad_range_is_refused() -> None:
+    from vlframe.config.root import DataConfig
+    from vlframe.data.loading import ImageTextSource, build_transform
+    from vlframe.data.samples import Sample
+
+    # A 96 x 64 gradient: every crop of another area or place shows other pixel values.
+    ramp = np.linspace(0, 255, 96, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(ramp, (64, 1))] * 3, axis=-1))
+    cropped = DataConfig(crop_scale=(0.5, 0.9))
+    train, val = build_transform(cropped, 32, train=True), build_transform(cropped, 32, train=False)
+    plain = build_transform(DataConfig(), 32, train=False)
+    draws = [train(image) for _ in range(4)]
+    assert all(d.shape == (3, 32, 32) for d in draws)
+    assert len({d.sum().item() for d in draws}) > 1  # each draw its own crop
+    assert torch.equal(val(image), plain(image)) and torch.equal(val(image), val(image))  # validation centre-crops
+
+    class One:
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> Sample:
+            return Sample(key="ramp", image=image, captions=["a ramp"])
+
+    source = ImageTextSource(One(), train, seed=0, random_caption=False)
+    # The same (epoch, index) is cropped the same way (resume, other ranks); another epoch differs.
+    assert torch.equal(source[(0, 0)]["image"], source[(0, 0)]["image"])
+    assert not torch.equal(source[(0, 0)]["image"], source[(1, 0)]["image"])
+    for bad in ((0.9, 0.5), (0.0, 0.5), (0.5, 1.5)):
+        with pytest.raises(ValueError, match="is not an area range: it needs 0 < low <= high <= 1"):
+            DataConfig(crop_scale=bad)

@@ -48,6 +48,14 @@ class DataConfig(ConfigModel):
         89_478_485, gt=0, description="Larger images (width x height) are unusable samples, skipped and counted "
         "like corrupt ones: a decompression bomb never reaches the decoder. Default: PIL's limit.")
 
+    @field_validator("crop_scale")
+    @classmethod
+    def _an_area_range(cls, scale: tuple[float, float] | None) -> tuple[float, float] | None:
+        # torchvision only warns on a reversed range and silently centre-crops an empty one.
+        if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"{list(scale)} is not an area range: it needs 0 < low <= high <= 1, e.g. [0.8, 1.0]")
+        return scale
+
 
 class FSDPConfig(ConfigModel):
     """How ``train.parallel: fsdp`` shards the model (``torch.distributed.fsdp.fully_shard``, FSDP2)."""

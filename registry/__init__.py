@@ -4,7 +4,7 @@ This package depends only on pluggy and pydantic: plugins and the engine depend 
 other way round. What each kind's factory must return is in :mod:`registry.protocols`.
 """
 
-from registry.catalog import DEBUG_HINT, ENV_DEBUG, Catalog, Entry, debugging
+from registry.catalog import Catalog, Entry
 from registry.config import (
     KIND_CONFIG_BASE,
     ComponentConfig,
@@ -14,13 +14,18 @@ from registry.config import (
     ExistingFile,
     ModelConfig,
     ObjectiveConfig,
+    ParallelConfig,
     TaskConfig,
     TokenizerConfig,
+    TrackingSinkConfig,
     component,
     raise_problems,
 )
 from registry.errors import (
+    DEBUG_HINT,
+    ENV_DEBUG,
     BuildError,
+    CapabilityError,
     ComponentError,
     ConfigError,
     DuplicateComponentError,
@@ -29,9 +34,12 @@ from registry.errors import (
     Problem,
     UnknownComponentError,
     VlframeError,
+    debugging,
+    in_one_line,
+    one_line,
 )
 from registry.hookspecs import hookimpl
-from registry.kinds import Kind
+from registry.kinds import Kind, KindRecord
 from registry.manager import (
     ENTRY_POINT_GROUP,
     ENV_BLOCK,
@@ -41,12 +49,13 @@ from registry.manager import (
     PluginInfo,
     Registry,
 )
-from registry.protocols import Capability
+from registry.protocols import Capability, RunRecord, require_capabilities
 from registry.specs import ComponentSpec
 
 __all__ = [
     "BuildError",
     "Capability",
+    "CapabilityError",
     "ComponentError",
     "Catalog",
     "ComponentConfig",
@@ -67,19 +76,26 @@ __all__ = [
     "ExistingFile",
     "KIND_CONFIG_BASE",
     "Kind",
+    "KindRecord",
     "ModelConfig",
     "ObjectiveConfig",
+    "ParallelConfig",
     "PluginError",
     "PluginInfo",
     "PluginLoadError",
     "Problem",
     "Registry",
+    "RunRecord",
     "TaskConfig",
     "TokenizerConfig",
+    "TrackingSinkConfig",
     "UnknownComponentError",
     "VlframeError",
     "component",
     "debugging",
     "hookimpl",
+    "in_one_line",
+    "one_line",
     "raise_problems",
+    "require_capabilities",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -10,34 +9,23 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from registry.config import CONTEXT_KEY, ComponentConfig
-from registry.errors import (
+from registry.errors import (  # noqa: F401 - ENV_DEBUG, DEBUG_HINT, debugging, one_line: re-exported
+    DEBUG_HINT,
+    ENV_DEBUG,
     BuildError,
     DuplicateComponentError,
     PluginError,
     UnknownComponentError,
     VlframeError,
+    debugging,
     did_you_mean,
+    one_line,
 )
 from registry.kinds import Kind
 from registry.protocols import conformance_problems
 from registry.specs import ComponentSpec
 
 M = TypeVar("M", bound=BaseModel)
-
-#: Set to 1 for full tracebacks of plugin failures (the CLI's ``--debug`` sets it too).
-ENV_DEBUG = "VLFRAME_DEBUG"
-DEBUG_HINT = "run with --debug (or VLFRAME_DEBUG=1) for the traceback"
-
-
-def debugging() -> bool:
-    return os.environ.get(ENV_DEBUG, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def one_line(exc: BaseException) -> str:
-    """``TypeError: message`` on one line, with the hint to ask for the traceback (unless asked)."""
-    first = " ".join(str(exc).split())[:300]
-    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text if debugging() else f"{text} ({DEBUG_HINT})"
 
 
 @dataclass(frozen=True)
@@ -155,6 +143,17 @@ class Catalog:
         return (f"{kind.label} '{name}' is registered twice: by {first.source} and by {second.source}; "
                 f"choose one with plugins.override: {{{kind.value}.{name}: PLUGIN}} (or VLFRAME_OVERRIDE), "
                 "or block one (VLFRAME_BLOCK_PLUGINS or the config's plugins.block)")
+
+    def default(self, kind: Kind) -> Entry | None:
+        """The component of ``kind`` whose config class says ``default = True`` (the parallel
+        strategy of a config that names none, the tracking sink of runs that configure no URI);
+        None when no plugin offers one. Two defaults are an error naming both."""
+        found = [e for e in self.entries(kind) if getattr(e.spec.config, "default", False) is True]
+        if len(found) > 1:
+            raise DuplicateComponentError(
+                f"{len(found)} {kind.label}s declare themselves the default: "
+                f"{', '.join(f'{e.spec.name} [{e.plugin}]' for e in found)}; name one in the config, or block a plugin")
+        return found[0] if found else None
 
     def get(self, kind: Kind, name: str) -> Entry:
         try:

@@ -36,6 +36,8 @@ from registry.kinds import Kind
 CONTEXT_KEY = "vlframe_catalog"
 #: JSON-schema marker left on slots; ``schema`` replaces it by the registered alternatives.
 SCHEMA_KIND_KEY = "x-vlframe-kind"
+#: ``Problem.code`` of a component slot naming a component no loaded plugin registers.
+UNKNOWN_COMPONENT = "vlframe_unknown_component"
 
 
 class ConfigModel(BaseModel):
@@ -98,10 +100,12 @@ def _dispatch(kind: Kind):
         names = catalog.names(kind)
         if isinstance(value, ComponentConfig):
             value = value.model_dump()
+        if isinstance(value, str):  # a bare name is the component with its default settings
+            value = {"type": value}
         if not isinstance(value, Mapping):
             raise PydanticCustomError(
                 "vlframe_not_a_component",
-                "expected a mapping with a 'type' key naming {kind}; registered: {names}",
+                "expected a name or a mapping with a 'type' key naming {kind}; registered: {names}",
                 {"kind": kind.article, "names": catalog.describe(kind)},
             )
         name = value.get("type")
@@ -113,7 +117,7 @@ def _dispatch(kind: Kind):
             )
         if not isinstance(name, str) or name not in names:
             raise PydanticCustomError(
-                "vlframe_unknown_component", "{message}", {"message": catalog.unknown_message(kind, str(name))})
+                UNKNOWN_COMPONENT, "{message}", {"message": catalog.unknown_message(kind, str(name))})
         try:
             entry = catalog.get(kind, name)
         except DuplicateComponentError as exc:
@@ -125,7 +129,8 @@ def _dispatch(kind: Kind):
 
 
 def component(kind: Kind) -> Any:
-    """Type of a field holding one component of ``kind``, chosen by its ``type`` key.
+    """Type of a field holding one component of ``kind``, chosen by its ``type`` key (a bare
+    name, ``pooler: attentional``, is the component with its default settings).
 
     ``SerializeAsAny`` keeps the plugin's own fields in ``model_dump()`` (a field annotated with
     a base class would otherwise drop the subclass's fields).
@@ -283,9 +288,28 @@ class TaskConfig(ComponentConfig):
         "none: the run's validation split.")
 
 
-#: The config base class each kind's config must subclass.
-KIND_CONFIG_BASE: dict[Kind, type[ComponentConfig]] = {kind: ComponentConfig for kind in Kind}
-KIND_CONFIG_BASE[Kind.OBJECTIVE] = ObjectiveConfig
-KIND_CONFIG_BASE[Kind.MODEL] = ModelConfig
-KIND_CONFIG_BASE[Kind.TASK] = TaskConfig
-KIND_CONFIG_BASE[Kind.TOKENIZER] = TokenizerConfig
+class ParallelConfig(ComponentConfig):
+    """Base of parallel strategies' configs (``train.parallel``)."""
+
+    #: The strategy of configs that name none (one plugin's strategy may say so).
+    default: ClassVar[bool] = False
+
+
+class TrackingSinkConfig(ComponentConfig):
+    """Base of tracking sinks' configs. A sink serves the tracking URIs whose scheme (the part
+    before ``:``; ``""`` for a plain path) is among its ``schemes``."""
+
+    #: URI schemes this sink serves, e.g. ``frozenset({"http", "https", "sqlite"})``.
+    schemes: ClassVar[frozenset[str]] = frozenset()
+    #: The sink of runs whose config names no tracking URI (one plugin's sink may say so).
+    default: ClassVar[bool] = False
+
+    @classmethod
+    def default_uri(cls, output_dir: Path) -> str | None:
+        """The URI of a run that configures none, whose run folders go in ``output_dir`` (asked of
+        the default sink only)."""
+        return None
+
+
+#: The config base class each kind's config must subclass (from the kinds' records).
+KIND_CONFIG_BASE: dict[Kind, type[ComponentConfig]] = {kind: globals()[kind.record.config_base] for kind in Kind}

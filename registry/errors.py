@@ -7,8 +7,33 @@ traceback. Messages name what is wrong and where (config path, file, plugin, dis
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+#: Set to 1 for full tracebacks of plugin failures (the CLI's ``--debug`` sets it too).
+ENV_DEBUG = "VLFRAME_DEBUG"
+DEBUG_HINT = "run with --debug (or VLFRAME_DEBUG=1) for the traceback"
+
+
+def debugging() -> bool:
+    """Whether tracebacks were asked for (``--debug`` or ``VLFRAME_DEBUG=1``)."""
+    return os.environ.get(ENV_DEBUG, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def in_one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An exception's message (or any text) on one line, at most ``limit`` characters: library
+    messages span lines (torch's, safetensors'), and vlframe says one problem on one line."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``TypeError: message`` on one line, with the hint to ask for the traceback (unless asked):
+    how a plugin's unexpected exception is reported."""
+    first = in_one_line(exc, limit)
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if debugging() else f"{text} ({DEBUG_HINT})"
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
@@ -48,13 +73,22 @@ class ComponentError(VlframeError):
     """A plugin's component failed while it ran (its traceback is the error's cause)."""
 
 
+class CapabilityError(VlframeError):
+    """A model lacks a capability that what was asked needs (see
+    :func:`registry.protocols.require_capabilities`)."""
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One problem in a configuration: where it is (file and dotted path) and what is wrong."""
+    """One problem in a configuration: where it is (file and dotted path) and what is wrong;
+    ``code`` says what kind of problem it is, for programs (pydantic's error type, e.g.
+    ``vlframe_unknown_component``: :data:`registry.config.UNKNOWN_COMPONENT`), never to be read
+    out of the message."""
 
     path: str
     message: str
     file: str | None = None
+    code: str | None = None
 
     def __str__(self) -> str:
         where = f"{self.file}: " if self.file else ""

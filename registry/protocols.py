@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -369,21 +370,165 @@ class Task(Protocol):
     def run(self, context: Any) -> Any: ...
 
 
-#: The protocol each kind's built object must follow.
-KIND_PROTOCOLS: Mapping[Kind, type] = {
-    Kind.IMAGE_ENCODER: ImageEncoder,
-    Kind.TEXT_DECODER: TextDecoder,
-    Kind.POOLER: Pooler,
-    Kind.MULTIMODAL_DECODER: MultimodalDecoder,
-    Kind.OBJECTIVE: Objective,
-    Kind.HEAD: Head,
-    Kind.MODEL: Model,
-    Kind.TOKENIZER: Tokenizer,
-    Kind.DATASET: MapDataset,
-    Kind.IMPORTER: Importer,
-    Kind.TASK: Task,
-}
 
+# -- training and tracking --------------------------------------------------------------------
+
+
+@runtime_checkable
+class ParallelStrategy(Protocol):
+    """How training spreads the model over the ranks ``torchrun`` started, steps it, and saves it
+    (``train.parallel``). The trainer and the validator use nothing else, and never ask which
+    strategy they have.
+
+    In order: ``setup()`` once, joining a process group if the strategy needs one (even for one
+    process), and returning this rank's device; ``shards`` is then how many ways the parameters
+    are split (1 where every rank holds the whole model: memory estimates divide by it).
+    ``parallelize(build, prepare, device=, seed=, precision=)`` builds the model with
+    ``build(device)`` (``"meta"`` for a strategy that materialises its shards itself, None for the
+    real device), calls ``prepare(model)`` on it (per-block ``torch.compile`` and activation
+    checkpointing, before any wrapping), wraps or shards it, and returns the model whose
+    parameters the optimiser steps; ``module`` is from then on what the training forward calls.
+
+    Each step runs every micro-batch's forward and backward inside ``accumulating(last)``
+    (gradients are reduced only on the last), then ``clip_grad_norm(params, max_norm)``
+    finishes the gradients' reduction and returns their global norm before clipping (clipping
+    to ``max_norm`` unless it is None). ``nonfinite(model)`` names the parameters that are not
+    finite, the same list on every rank. ``evaluate(fn)`` runs an evaluation of the model (rank
+    0 alone while the others wait, or every rank in step where the model is spread over them)
+    and returns ``fn``'s result on rank 0 (None elsewhere).
+
+    ``save(folder, model, optimizer)`` is called on every rank with the same new, empty folder
+    (the checkpointer renames it into place once it is whole) and writes the model and
+    optimiser state there; it returns entries for the checkpoint's ``state.json`` (rank 0's are
+    kept). ``load(folder, model, optimizer, state)`` restores them (``optimizer`` None: the
+    weights only) from a checkpoint written by any strategy, at any world size where the format
+    allows it; a checkpoint that does not fit raises ``ValueError`` or ``RuntimeError``, and a
+    state without optimiser entries ``KeyError``. ``saves_together``: every rank takes part in
+    ``save`` (so no checkpoint can be written after one rank failed alone). ``notes``: lines
+    shown when training starts. ``vlframe.sdk`` has the checkpoint formats a strategy writes.
+    """
+
+    notes: Sequence[str]
+    shards: int
+    saves_together: bool
+    module: Any
+
+    def setup(self) -> Any: ...
+
+    def parallelize(self, build: Any, prepare: Any, *, device: Any, seed: int, precision: str) -> Any: ...
+
+    def accumulating(self, last: bool) -> Any: ...
+
+    def clip_grad_norm(self, params: Sequence[Any], max_norm: float | None) -> Any: ...
+
+    def nonfinite(self, model: Any) -> list[str]: ...
+
+    def evaluate(self, fn: Any) -> Any: ...
+
+    def save(self, folder: Path, model: Any, optimizer: Any) -> dict[str, Any]: ...
+
+    def load(self, folder: Path, model: Any, optimizer: Any, state: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A tracked run as a sink reads it back (sweeps find their variants, ``compare`` their metrics,
+    ``vlframe caption RUN_ID`` its checkpoint): the latest value of each metric."""
+
+    run_id: str
+    name: str = ""
+    status: str = ""
+    start_time: int = 0
+    experiment_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TrackingSink(Protocol):
+    """Where runs are tracked, behind vlframe's journal (MLflow is the built-in sink).
+
+    Every event of a run is first appended to a journal in its folder and then handed to the
+    sink in journal order, at least once: a sink must take an event it already has without
+    harm (a metric identical in key, step, timestamp and value counts once, a param already set
+    keeps its value, tags and the status are overwritten, an artifact replaces itself). Events
+    are mappings with a ``kind``: ``param`` and ``tag`` (``key``, ``value``), ``metric``
+    (``key``, ``value``, ``step``, ``timestamp`` in ms), ``artifact`` (``path``, a local file or
+    folder, and ``artifact_path``), ``status`` (``status``: RUNNING, FINISHED, FAILED or KILLED;
+    ``timestamp``).
+
+    ``create_run(experiment, name, local_id, start_time)`` opens a run, or finds the one an
+    earlier attempt opened with the same ``local_id``, and returns ``(run id, experiment id)``.
+    ``deliver(run_id, events)`` sends them in order, yielding after each request how many are
+    done; it raises when the store cannot be reached (the rest stay journaled, delivery is tried
+    again later), and skips an event the store refuses for good, counting it in ``refused`` with
+    the reason in ``refusal``. ``run_exists(run_id)``; ``describe(run_id, experiment_id)``: lines
+    telling the user where to see the run. Reading back: ``find_runs(experiment, tags)`` (runs of
+    the experiment carrying every tag given, newest first), ``get_run(run_id)`` (a
+    :class:`RunRecord`; ``LookupError`` when there is none) and ``download(run_id, artifact_path,
+    dest)`` (the artifact into folder ``dest``; returns its local path).
+
+    The factory gets the ``uri`` and the ``timeout_s`` every request must end within, so that
+    an unreachable store never stalls training.
+    """
+
+    uri: str
+    refused: int
+    refusal: str
+
+    def create_run(self, experiment: str, name: str, local_id: str, start_time: int) -> tuple[str, str | None]: ...
+
+    def run_exists(self, run_id: str) -> bool: ...
+
+    def deliver(self, run_id: str, events: Sequence[Mapping[str, Any]]) -> Iterator[int]: ...
+
+    def describe(self, run_id: str, experiment_id: str | None) -> list[str]: ...
+
+    def find_runs(self, experiment: str, tags: Mapping[str, str]) -> list[RunRecord]: ...
+
+    def get_run(self, run_id: str) -> RunRecord: ...
+
+    def download(self, run_id: str, artifact_path: str, dest: Path) -> Path: ...
+
+
+# -- capabilities --------------------------------------------------------------------------------
+
+
+def missing_capabilities(needed: Iterable[str], have: Iterable[str]) -> list[str]:
+    """The capabilities of ``needed`` that ``have`` lacks, sorted."""
+    return sorted(set(needed) - set(have))
+
+
+def capabilities_of(model: Any) -> frozenset[str]:
+    """The capabilities a built model declares (none for an object without ``capabilities``)."""
+    return frozenset(getattr(model, "capabilities", None) or ())
+
+
+def require_capabilities(model: Any, needed: Iterable[str], what: str) -> None:
+    """Raise :class:`registry.CapabilityError` naming what ``model`` lacks of ``needed`` for
+    ``what`` (``"task 'zeroshot'"``, ``"vlframe caption"``)."""
+    from registry.errors import CapabilityError
+
+    have = capabilities_of(model)
+    missing = missing_capabilities(needed, have)
+    if missing:
+        kind = getattr(getattr(model, "config", None), "type", type(model).__name__)
+        plural = "capabilities" if len(missing) > 1 else "capability"
+        raise CapabilityError(f"{what} needs the {', '.join(missing)} {plural}, and the model ({kind}) has "
+                              f"{'only ' + ', '.join(sorted(have)) if have else 'none'}")
+
+
+def why_not(needed: Iterable[str], have: Iterable[str]) -> str | None:
+    """Why a model with capabilities ``have`` cannot do what needs ``needed`` (None: it can)."""
+    missing = missing_capabilities(needed, have)
+    return f"no {', '.join(missing)} capability" if missing else None
+
+
+# -- kinds -------------------------------------------------------------------------------------
+
+#: The protocol each kind's built object must follow (from the kinds' records).
+KIND_PROTOCOLS: Mapping[Kind, type] = {kind: globals()[kind.record.protocol] for kind in Kind}
 
 # -- checking --------------------------------------------------------------------------------
 
@@ -438,8 +583,7 @@ def missing_members(obj: Any, protocol: type) -> list[str]:
 
 
 #: Kinds whose components become submodules of a model, so must be ``torch.nn.Module`` objects.
-MODULE_KINDS = frozenset({Kind.IMAGE_ENCODER, Kind.TEXT_DECODER, Kind.POOLER, Kind.MULTIMODAL_DECODER,
-                          Kind.OBJECTIVE, Kind.HEAD, Kind.MODEL})
+MODULE_KINDS = frozenset(kind for kind in Kind if kind.record.module)
 
 
 def _is_module(obj: Any) -> bool:
@@ -496,11 +640,18 @@ __all__ = [
     "OUTPUTS",
     "Objective",
     "Output",
+    "ParallelStrategy",
     "Pooler",
+    "RunRecord",
     "Task",
+    "TrackingSink",
     "TextDecoder",
     "Tokenizer",
+    "capabilities_of",
     "conformance_problems",
+    "missing_capabilities",
     "missing_members",
     "protocol_members",
+    "require_capabilities",
+    "why_not",
 ]

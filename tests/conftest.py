@@ -118,7 +118,7 @@ def new_store(db: Path) -> str:
         import atexit
         import tempfile
 
-        from vlframe.runs import store
+        from vlframe_builtins.tracking import mlflow_store as store
 
         folder = Path(tempfile.mkdtemp(prefix="vlframe-store-template-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""One training forward/backward per variant, spread as the trainer spreads it (vlframe.runtime.parallel).
+"""One training forward/backward per variant, spread as the trainer spreads it (its parallel strategy).
 
     python -m torch.distributed.run --nproc_per_node N tests/fsdp_probe.py OUT.safetensors WORKDIR VARIANT...
 
@@ -11,7 +11,6 @@ Rank 0 writes ``NAME.loss``, ``NAME.loss_OBJECTIVE``, ``NAME.grad.PARAM`` (whole
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
@@ -21,11 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from registry import Kind  # noqa: E402
 from vlframe.api import build_model, build_tokenizer  # noqa: E402
 from vlframe.config import files as configfile  # noqa: E402
-from vlframe.config.root import FSDPConfig  # noqa: E402
 from vlframe.data.loading import Collate, ImageTextSource, build_transform, train_loader  # noqa: E402
-from vlframe.runs.checkpoint import _apply  # noqa: E402
+from vlframe.runs.formats import _apply  # noqa: E402
 from vlframe.runtime import distributed  # noqa: E402
-from vlframe.runtime.parallel import spread  # noqa: E402
+from vlframe.runtime.blocks import prepare_blocks  # noqa: E402
 
 from training_configs import TINY, micro  # noqa: E402
 
@@ -51,7 +49,10 @@ def main(out: Path, workdir: Path, variants: list[str]) -> None:
         extra = dict(OBJECTIVES.get(opts.get("objectives", ""), {}))
         if opts.get("tied") == "1":
             extra["model.lm_head.tied"] = True
-        config, registry = configfile.load(TINY, {**micro(workdir), **extra})
+        strategy = {"type": opts.get("parallel", "ddp")}
+        if "replicate" in opts:
+            strategy["replicate"] = int(opts["replicate"])
+        config, registry = configfile.load(TINY, {**micro(workdir), **extra, "train.parallel": strategy})
         catalog = registry.catalog
         dataset = catalog.build(Kind.DATASET, config.data.train, split="train")
         tokenizer = build_tokenizer(config, registry)
@@ -59,11 +60,12 @@ def main(out: Path, workdir: Path, variants: list[str]) -> None:
         torch.manual_seed(0)
         reference = build_model(config, registry=registry)
         weights = {k: v.detach().clone() for k, v in reference.state_dict().items()}
-        train = SimpleNamespace(parallel=opts.get("parallel", "ddp"), compile=opts.get("compile") == "1",
-                                activation_checkpointing=opts.get("ac", "none"), seed=0,
-                                fsdp=FSDPConfig(replicate=int(opts.get("replicate", "1"))))
-        model, parallel = spread(lambda dev: build_model(config, registry=registry, device=dev), train, device,
-                                 world=world, precision="fp32")
+        parallel = catalog.build(Kind.PARALLEL, config.train.parallel)
+        device = parallel.setup()
+        model = parallel.parallelize(
+            lambda dev: build_model(config, registry=registry, device=dev),
+            lambda m: prepare_blocks(m, compile=opts.get("compile") == "1", activation_checkpointing=opts.get("ac", "none")),
+            device=device, seed=0, precision="fp32")
         _apply(model, weights, strict=True)
         if opts.get("tied") == "1":  # still one parameter after sharding
             assert model.lm_head.proj.weight is model.text_decoder.token_embedding.weight
@@ -73,7 +75,7 @@ def main(out: Path, workdir: Path, variants: list[str]) -> None:
         batch = next(iter(loader))
         output = parallel.module(batch.images, batch.text, batch.text_mask)
         output.loss.backward()
-        parallel.finish_backward()
+        parallel.clip_grad_norm([p for p in model.parameters() if p.grad is not None], None)  # finishes the reduction
         result[f"{name}.loss"] = distributed.all_reduce_mean(output.loss).reshape(1)
         for key, value in output.losses.items():
             result[f"{name}.loss_{key}"] = distributed.all_reduce_mean(value).reshape(1)

@@ -17,7 +17,7 @@ import pytest
 from conftest import clean_env, new_store, run_main
 from hardening import popen_vlframe
 from training_configs import TINY, micro, sets
-from vlframe.runs import store
+from vlframe_builtins.tracking import mlflow_store as store
 
 
 def _tracked(tmp_path: Path, fresh: bool = False, **extra) -> dict:
@@ -102,7 +102,7 @@ def test_a_fresh_run_is_refused_in_a_folder_holding_checkpoints(tmp_path: Path) 
 
 STORE_USER = """
 import sys
-from vlframe.runs import store
+from vlframe_builtins.tracking import mlflow_store as store
 mlflow = store.client(sys.argv[1])
 run = mlflow.create_run(store.experiment_id(mlflow, "race"))
 mlflow.log_metric(run.info.run_id, "x", 1.0)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import clean_env, new_store, run_main
 from hardening import VLFRAME, train_micro
 from training_configs import TINY, micro, sets
-from vlframe.runs import checkpoint
+from vlframe.runs import checkpoint, formats
 
 
 def test_a_loss_that_stops_being_finite_stops_training_before_the_step(tmp_path: Path) -> None:
@@ -90,14 +90,14 @@ def test_a_full_disk_mid_save_is_simulated_then_the_run_resumes(tmp_path: Path, 
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         return real(model, filename, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_model", fills_up)
+    monkeypatch.setattr(formats, "save_model", fills_up)
     run = tmp_path / "run"
     code, out, err = train_micro(tmp_path, run, **{"train.steps": 6, "train.checkpoint_every": 3})
     assert code == 2
     assert f"error: no space left on the device writing {run / 'checkpoints' / 'step_000006'}: it needs about" in err
     assert not list((run / "checkpoints").glob(".step_*"))  # the partial folder is gone
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000003"]
-    monkeypatch.setattr(checkpoint, "save_model", real)
+    monkeypatch.setattr(formats, "save_model", real)
     result = run_main("train", str(TINY), "--resume", str(run), *sets(micro(tmp_path, **{"train.steps": 6,
                                                                                        "train.checkpoint_every": 3})))
     assert result.code == 0, result.err

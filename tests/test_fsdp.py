@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, clean_env, run_main
+from vlframe.inference.trained import load_trained
+from vlframe.runs import checkpoint
 from test_distributed import _free_port, torchrun
 from training_configs import TINY, micro, sets
 
@@ -118,11 +120,16 @@ def _train(tmp: Path, nproc: int, run: Path, *extra: str, **overrides) -> subpro
     return torchrun(nproc, *args)
 
 
+#: The two-rank run ties its LM head to the token embedding: one tensor under two names, which the
+#: sharded format stores once (safetensors keeps no two names for one tensor).
+TIED = {"model.lm_head.tied": True}
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, float]]:
     tmp = tmp_path_factory.mktemp("fsdp_train")
     run = tmp / "two"
-    proc = _train(tmp, 2, run)
+    proc = _train(tmp, 2, run, **TIED)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = _losses(proc.stderr)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6], proc.stderr[-2000:]
@@ -146,8 +153,9 @@ def test_a_two_rank_sharded_checkpoint_resumes_on_one_rank(two_rank_run, tmp_pat
     assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [
         "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
     assert not (ckpt / "model.safetensors").exists()
+    assert checkpoint.read_state(ckpt)["tied"] == {"model.lm_head.proj.weight": "model.text_decoder.token_embedding.weight"}
     branch = _branch(run, tmp_path / "branch", 3)
-    proc = _train(tmp_path, 0, branch, "--resume", str(branch), **{"train.parallel": parallel})
+    proc = _train(tmp_path, 0, branch, "--resume", str(branch), **TIED, **{"train.parallel": parallel})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "differs" not in proc.stderr
     resumed = _losses(proc.stderr)
@@ -181,7 +189,11 @@ def test_export_writes_one_model_file_that_every_command_loads(two_rank_run, tmp
     assert proc.code == 0, proc.err[-2000:]
     assert (out / "model.safetensors").is_file() and not (out / "sharded").exists()
     weights = load_file(str(out / "model.safetensors"))
-    assert "text_decoder.token_embedding.weight" in weights and weights["text_decoder.token_embedding.weight"].shape[0] == 512
+    tied = [k for k in weights if k in ("text_decoder.token_embedding.weight", "lm_head.proj.weight")]
+    assert len(tied) == 1 and weights[tied[0]].shape[0] == 512  # the tied pair, stored once
+    for source in (run, out):  # loaded back, still one tensor
+        model = load_trained(source).model
+        assert model.lm_head.proj.weight is model.text_decoder.token_embedding.weight
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
     sharded, whole = run_main("caption", str(run), str(image)), run_main("caption", str(out), str(image))
@@ -202,7 +214,7 @@ def test_a_pickle_beside_the_shards_is_never_read(two_rank_run, tmp_path: Path) 
     target = branch / "checkpoints" / "step_000003" / "sharded" / ".metadata"
     subprocess.run([sys.executable, "-c", evil, str(target), str(marker)], check=True, env=clean_env())
     assert target.stat().st_size > 0 and not marker.exists()
-    proc = _train(tmp_path, 0, branch, "--resume", str(branch))
+    proc = _train(tmp_path, 0, branch, "--resume", str(branch), **TIED)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not marker.exists()
 
@@ -237,10 +249,10 @@ def test_a_kill_mid_save_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
 
 
 def test_settings_that_cannot_work_are_one_line(tmp_path: Path) -> None:
-    proc = _train(tmp_path, 0, tmp_path / "offload", **{"train.fsdp.cpu_offload": True})
+    proc = _train(tmp_path, 0, tmp_path / "offload", **{"train.parallel": {"type": "fsdp", "cpu_offload": True}})
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-    assert "train.fsdp.cpu_offload" in lines[0] and "Traceback" not in proc.stderr
+    assert "train.parallel.cpu_offload" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "offload").exists()
 
 
@@ -248,11 +260,8 @@ def test_a_part_without_reset_parameters_is_named(tmp_path: Path) -> None:
     code = """
 import torch
 from torch import nn
-from types import SimpleNamespace
+from registry import ComponentError, Kind, Registry
 from vlframe.runtime import distributed
-from vlframe.runtime.parallel import spread
-from vlframe.config.root import FSDPConfig
-from registry import ComponentError
 
 class Part(nn.Module):
     def __init__(self):
@@ -265,10 +274,12 @@ class Model(nn.Module):
         self.part = Part()
     def blocks(self):
         return list(self.part.blocks)
-device = distributed.setup_from_env(group=True)
-train = SimpleNamespace(parallel="fsdp", compile=False, activation_checkpointing="none", seed=0, fsdp=FSDPConfig())
+catalog = Registry.discover().catalog
+strategy = catalog.build(Kind.PARALLEL, catalog.validate(catalog.get(Kind.PARALLEL, "fsdp").spec.config, {"type": "fsdp"}))
+device = strategy.setup()
 try:
-    spread(lambda dev: Model().to(dev) if dev else Model(), train, device, world=1, precision="fp32")
+    strategy.parallelize(lambda dev: Model().to(dev) if dev else Model(), lambda model: None, device=device, seed=0,
+                         precision="fp32")
 except ComponentError as exc:
     print(exc)
 distributed.teardown()

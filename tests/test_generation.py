@@ -245,7 +245,8 @@ def test_ids_beyond_the_tokenizers_vocabulary_are_never_generated(tiny, images, 
 
 
 def test_captioning_commands_default_to_blocked_beam_search_and_plain_greedy_stays_available() -> None:
-    from vlframe.cli import _generation_config, _parser as build_parser
+    from vlframe.cli import parser as build_parser
+    from vlframe.commands.base import generation_config as _generation_config
     from vlframe_builtins.tasks.caption import CaptionTaskConfig
 
     plain = GenerationConfig()  # generate() itself decodes plainly

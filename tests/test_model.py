@@ -312,7 +312,7 @@ def test_heads_that_do_not_divide_the_width_name_the_part(registry: Registry) ->
 
 
 def test_sincos_patch_positions_are_fixed_rebuilt_and_left_out_of_the_weights(registry: Registry) -> None:
-    from vlframe.runtime.parallel import uninitialised
+    from vlframe.testing import uninitialised
 
     sets = ["model.image_encoder.pos_embed=sincos"]
     model = build_model(CONFIGS / "coca_tiny.yaml", sets, registry=registry)

@@ -216,7 +216,7 @@ def test_tracking_changes_nothing_in_the_process_environment(tmp_path: Path, mon
     import subprocess
     import sys
 
-    probe = ("import os; before = dict(os.environ); import vlframe.runs.tracking, vlframe.runs.store; "
+    probe = ("import os; before = dict(os.environ); import vlframe.runs.tracking, vlframe_builtins.tracking.mlflow_sink; "
              "assert dict(os.environ) == before, set(os.environ) ^ set(before)")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600).returncode == 0
 

@@ -114,7 +114,7 @@ def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
     tracker.log_artifact(tmp_path)
     tracker.set_tags({"a": "b"})
     tracker.flush()
-    assert tracker.finish() == [] and tracker.undelivered == 0
+    assert tracker.finish().lines == [] and tracker.undelivered == 0
     assert list(tmp_path.iterdir()) == []
 
 
@@ -202,7 +202,7 @@ def test_unreachable_from_start(tmp_path: Path, servers, monkeypatch: pytest.Mon
         tracker.log_metrics({"loss": float(step), "acc": step / 10}, step=step)
     lines = tracker.finish()
     assert time.monotonic() - began < 5
-    assert "not created" in lines[0] and any("vlframe tracking sync" in line for line in lines)
+    assert "not created" in lines.where[0] and any("vlframe tracking sync" in line for line in lines)
     assert tracker.undelivered == 2 + 1 + 20 + 1  # params, tag, metrics, status
 
     with pytest.raises(TrackingError, match="connection refused"):

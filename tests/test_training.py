@@ -15,7 +15,7 @@ import torch
 
 from registry import Kind, Registry
 from vlframe.config import files as configfile
-from vlframe.runs import checkpoint
+from vlframe.runs import checkpoint, formats
 from vlframe.runs.folder import RunDir
 from vlframe.data.loading import DataError
 from vlframe.training.trainer import Trainer
@@ -190,7 +190,7 @@ def test_loading_what_fits_counts_tied_weights_as_loaded(tmp_path: Path) -> None
 
     source, target = tied(2), tied(4)
     save_model(source, str(tmp_path / checkpoint.WEIGHTS))  # the tied pair is stored once
-    fresh, unused = checkpoint.load_fitting(tmp_path, target)
+    fresh, unused = formats.load_fitting(tmp_path, target)
     assert fresh == ["extra.weight"] and unused == ["extra.weight"]  # resized: kept fresh, the saved one unused
     assert torch.equal(target.head.weight, source.embed.weight)
 

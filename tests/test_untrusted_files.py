@@ -130,7 +130,7 @@ def test_eval_of_a_run_id_on_a_shared_server_never_runs_its_artifact(good: Path,
     result = run_main("eval", run.info.run_id, "--tracking-uri", server.uri, "--task", "retrieval",
                       "--data", "synthetic", "--limit", "8", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     _refused(result, marker)
-    downloaded = tmp_path / "cache" / "vlframe" / "mlflow" / run.info.run_id / "checkpoint"
+    downloaded = tmp_path / "cache" / "vlframe" / "runs" / run.info.run_id / "checkpoint"
     assert (downloaded / "state.pt").is_file()  # what was refused is the artifact, not the tagged folder
     assert f"{downloaded / 'state.pt'}: refused" in result.err
 

@@ -10,8 +10,7 @@ with torch alone, as on a GPU machine that has no pydantic or MLflow.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vlframe.lazy import lazy
 
 __version__ = "0.1.0"
 
@@ -32,9 +31,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vlframe' has no attribute {name!r}")
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)

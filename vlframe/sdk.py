@@ -27,12 +27,26 @@ Evaluation tasks
     ``score_captions`` (with ``per_image`` scores), ``CAPTION_METRICS``,
     ``zero_shot_classifier``, ``classify``, ``PROMPT_TEMPLATES``, ``GenerationConfig``, ``CAPTION_DEFAULTS``,
     ``generate``, ``write_caption_table``, ``thumbnail``.
+Parallel strategies (``vlframe_parallel_strategies``; the contract is
+:class:`registry.protocols.ParallelStrategy`)
+    ``setup_process_group`` (join the group torchrun describes; ``group=True`` makes one even for
+    a single process), ``barrier``, ``broadcast_object``, ``gather_names`` (the union of name
+    lists over ranks), ``local_only`` (compute as if alone: an evaluation on one rank),
+    ``save_whole`` / ``save_sharded`` (write the model and optimiser in a checkpoint format:
+    one ``model.safetensors`` by rank 0, or every rank's shards through
+    ``torch.distributed.checkpoint``; each returns the state entries to record),
+    ``load_checkpoint`` (restore either format into a whole or sharded model), and
+    ``reset_all_parameters`` (initialise a model built on the meta device).
+Tracking sinks (``vlframe_tracking_sinks``; the contract is :class:`registry.protocols.TrackingSink`)
+    need nothing from here: events arrive as plain mappings, runs go back as
+    :class:`registry.RunRecord`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vlframe.lazy import lazy
 
 _EXPORTS = {
     # building blocks
@@ -93,21 +107,20 @@ _EXPORTS = {
     "generate": "vlframe.inference.generation",
     # importers and pretrained weights
     "read_weights_file": "vlframe.interchange.weights",
+    # parallel strategies
+    "setup_process_group": "vlframe.runtime.distributed",
+    "barrier": "vlframe.runtime.distributed",
+    "broadcast_object": "vlframe.runtime.distributed",
+    "gather_names": "vlframe.runtime.distributed",
+    "local_only": "vlframe.runtime.distributed",
+    "save_whole": "vlframe.runs.formats",
+    "save_sharded": "vlframe.runs.formats",
+    "load_checkpoint": "vlframe.runs.formats",
+    "reset_all_parameters": "vlframe.nn.model",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'vlframe.sdk' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time the names load lazily
@@ -128,4 +141,18 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from vlframe.nn.model import ModelBase, ModelBuilderConfig
     from vlframe.nn.outputs import ModelOutput
     from vlframe.nn.transformer import ACTIVATIONS, MLP, Block, QuickGELU, init_weights
-    from vlframe.runtime.distributed import all_reduce_sum, gather_with_grad, rank, ring_shift_with_grad, world_size
+    from vlframe.nn.model import reset_all_parameters
+    from vlframe.runs.formats import load as load_checkpoint
+    from vlframe.runs.formats import save_sharded, save_whole
+    from vlframe.runtime.distributed import (
+        all_reduce_sum,
+        barrier,
+        broadcast_object,
+        gather_names,
+        gather_with_grad,
+        local_only,
+        rank,
+        ring_shift_with_grad,
+        setup_process_group,
+        world_size,
+    )

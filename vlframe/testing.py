@@ -95,53 +95,67 @@ def select(registry: Registry, names: Sequence[str]) -> list[Case]:
     return chosen
 
 
-def check(registry: Registry | None, case: Case, *, config: Mapping[str, Any] | None = None) -> list[str]:
+class CheckResult(list):
+    """The problems of one component, one line each (empty: it conforms), with ``skipped`` (why
+    it could not be checked, e.g. a dataset needing files; None when it was) and ``errors`` (the
+    exceptions behind problems, for their tracebacks: ``vlframe --debug plugins check``)."""
+
+    def __init__(self, problems: Iterable[str] = (), *, skipped: str | None = None,
+                 errors: Iterable[BaseException] = ()) -> None:
+        super().__init__(problems)
+        self.skipped = skipped
+        self.errors = list(errors)
+
+
+def check(registry: Registry | None, case: Case, *, config: Mapping[str, Any] | None = None) -> CheckResult:
     """The problems of one component (empty: it conforms). ``config`` replaces the spec's example.
 
     A component that cannot be built from what is known (a dataset needing files, with no
-    example) gives one line starting ``skipped:``.
+    example) is ``skipped``, saying why.
     """
     registry = registry or Registry.discover()
     catalog = registry.catalog
     try:
         entry = catalog.get(case.kind, case.name)
     except VlframeError as exc:  # contested, or its spec unusable
-        return [str(exc)]
+        return CheckResult([str(exc)], errors=[exc])
     block = dict(config if config is not None else (entry.spec.example or {"type": case.name}))
     block.setdefault("type", case.name)
-    problems: list[str] = []
+    result = CheckResult()
     try:
         cfg = catalog.validate(entry.spec.config, block)
     except ValidationError as exc:
         missing = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "missing"]
         if missing and config is None and entry.spec.example is None:
-            return [f"skipped: its config needs {', '.join(missing)}; give the spec an example or pass --config"]
+            return CheckResult(skipped=f"its config needs {', '.join(missing)}; give the spec an example or pass --config")
         from vlframe.config.files import problems_from
 
-        return [f"config {block}: " + "; ".join(map(str, problems_from(exc, entry.spec.config, block, catalog, None)))]
-    problems += _config_round_trip(catalog, entry.spec.config, cfg, case)
+        return CheckResult([f"config {block}: " + "; ".join(map(str, problems_from(exc, entry.spec.config, block,
+                                                                                   catalog, None)))], errors=[exc])
+    result += _config_round_trip(catalog, entry.spec.config, cfg, case)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            problems += CHECKS[case.kind](catalog, cfg, case)
+            result += CHECKS[case.kind](catalog, cfg, case)
     except Skipped as exc:
-        problems.append(f"skipped: {exc}")
-    except (BuildError, VlframeError) as exc:
-        problems.append(str(exc))
+        result.skipped = str(exc)
+    except VlframeError as exc:
+        result.append(str(exc))
+        result.errors.append(exc)
     except Exception as exc:  # noqa: BLE001 - a plugin's failure is the finding
-        problems.append(f"{type(exc).__name__}: {exc}")
-    return problems
+        result.append(f"{type(exc).__name__}: {exc}")
+        result.errors.append(exc)
+    return result
 
 
 def assert_conforms(case: Case, registry: Registry | None = None, *, config: Mapping[str, Any] | None = None) -> None:
     """``check`` for pytest: fails listing the problems (and skips, saying why, when it must)."""
-    problems = check(registry, case, config=config)
-    skips = [p for p in problems if p.startswith("skipped:")]
-    if skips and len(skips) == len(problems):
+    result = check(registry, case, config=config)
+    if result.skipped and not result:
         import pytest
 
-        pytest.skip(f"{case}: {skips[0]}")
-    assert not problems, f"{case} does not conform:\n" + "\n".join(problems)
+        pytest.skip(f"{case}: {result.skipped}")
+    assert not result, f"{case} does not conform:\n" + "\n".join(result)
 
 
 # -- shared checks ------------------------------------------------------------------------------
@@ -382,8 +396,6 @@ def _model(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
     names = {name for name, _ in model.named_parameters()}
     spared = set(model.no_weight_decay())
     problems += [f"no_weight_decay(): {name} is not a parameter" for name in sorted(spared - names)]
-    from vlframe.runtime.parallel import uninitialised
-
     with torch.device("meta"):  # train.parallel: fsdp builds it so, then resets every part
         meta = _build(catalog, Kind.MODEL, cfg, catalog=catalog)
     missing = uninitialised(meta)
@@ -548,18 +560,51 @@ def _task(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
     return problems
 
 
-CHECKS: dict[Kind, Callable[[Catalog, ComponentConfig, Case], list[str]]] = {
-    Kind.IMAGE_ENCODER: _image_encoder,
-    Kind.TEXT_DECODER: _text_decoder,
-    Kind.POOLER: _pooler,
-    Kind.MULTIMODAL_DECODER: _multimodal_decoder,
-    Kind.OBJECTIVE: _objective,
-    Kind.HEAD: _head,
-    Kind.MODEL: _model,
-    Kind.TOKENIZER: _tokenizer,
-    Kind.DATASET: _dataset,
-    Kind.IMPORTER: _importer,
-    Kind.TASK: _task,
-}
+def _parallel(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
+    problems = []
+    if not isinstance(getattr(type(cfg), "default", False), bool):
+        problems.append("config: default is not a boolean")
+    _build(catalog, Kind.PARALLEL, cfg)  # conforms (its members are there) or raises
+    return problems
 
-__all__ = ["Case", "assert_conforms", "cases", "check", "conformance_problems", "select"]
+
+def _tracking_sink(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
+    schemes = getattr(type(cfg), "schemes", None)
+    problems = []
+    if not isinstance(schemes, frozenset) or not schemes or not all(isinstance(s, str) for s in schemes):
+        return ["config: schemes is not a non-empty frozenset of URI schemes"]
+    scheme = sorted(schemes)[0]
+    with tempfile.TemporaryDirectory() as folder:
+        uri = f"{scheme}://{folder}/store" if scheme else f"{folder}/store"
+        sink = _build(catalog, Kind.TRACKING_SINK, cfg, uri=uri, timeout_s=5.0)
+        if getattr(sink, "uri", None) != uri:
+            problems.append(f"uri: {getattr(sink, 'uri', None)!r}, not the {uri!r} it was built for")
+    return problems
+
+
+#: The check of each kind: ``_<kind value>`` (a kind without one fails here, at import).
+CHECKS: dict[Kind, Callable[[Catalog, ComponentConfig, Case], list[str]]] = {
+    kind: globals()[f"_{kind.value}"] for kind in Kind}
+
+
+
+def uninitialised(model: nn.Module) -> list[str]:
+    """The parameters of a meta-built ``model`` that no ``reset_parameters()`` initialises (the
+    model is materialised on the CPU, whole, for the check)."""
+    import math
+
+    from vlframe.nn.model import reset_all_parameters
+
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(math.nan)
+    state = torch.random.get_rng_state()
+    try:
+        reset_all_parameters(model)
+    finally:
+        torch.random.set_rng_state(state)
+    return [name for name, p in model.named_parameters() if bool(torch.isnan(p).any())]
+
+
+__all__ = ["Case", "CheckResult", "assert_conforms", "cases", "check", "conformance_problems", "select", "uninitialised"]

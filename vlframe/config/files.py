@@ -258,7 +258,7 @@ def problems_from(
             got = err.get("input")
             if not isinstance(got, (dict, list)) and got is not None:
                 msg = f"{msg} (got {got!r})"
-        problems.append(Problem(_dotted(loc), msg, source))
+        problems.append(Problem(_dotted(loc), msg, source, code=kind))
     return problems
 
 
@@ -302,7 +302,7 @@ def _concrete(annotation: Any, node: Any, catalog: Catalog | None) -> Any:
     return getattr(annotation, "__origin__", annotation) if get_origin(annotation) is Annotated else annotation
 
 
-_HOW_IT_RUNS = ("parallel", "fsdp", "activation_checkpointing", "recompute", "compile", "output_dir")
+_HOW_IT_RUNS = ("parallel", "activation_checkpointing", "recompute", "compile", "output_dir")
 
 
 def config_hash(config: BaseModel, plugins: Mapping[str, str] | None = None) -> str:
@@ -325,9 +325,11 @@ def config_hash(config: BaseModel, plugins: Mapping[str, str] | None = None) -> 
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def used_plugins(config: BaseModel, catalog: Catalog) -> set[str]:
-    """The plugins whose components a validated config selects (walking every component slot)."""
-    from registry import ComponentConfig
+def used_plugins(config: BaseModel, catalog: Catalog, *, computing: bool = False) -> set[str]:
+    """The plugins whose components a validated config selects (walking every component slot);
+    ``computing``: only those of what the run computes, not of how it is spread (the parallel
+    strategy), as the config hash counts them."""
+    from registry import ComponentConfig, Kind
 
     found: set[str] = set()
 
@@ -335,7 +337,8 @@ def used_plugins(config: BaseModel, catalog: Catalog) -> set[str]:
         if isinstance(node, BaseModel):
             if isinstance(node, ComponentConfig):
                 for entry in catalog.entries():
-                    if entry.spec.name == node.type and isinstance(node, entry.spec.config):
+                    if entry.spec.name == node.type and isinstance(node, entry.spec.config) and not (
+                            computing and entry.kind is Kind.PARALLEL):
                         found.add(entry.plugin)
             for name in type(node).model_fields:
                 walk(getattr(node, name))
@@ -350,5 +353,11 @@ def used_plugins(config: BaseModel, catalog: Catalog) -> set[str]:
     return found
 
 
+def run_hash(config: BaseModel, registry: Registry) -> str:
+    """:func:`config_hash` with the fingerprint of the plugins the config computes with: the hash a
+    run, a sweep variant and a converted checkpoint record."""
+    return config_hash(config, registry.fingerprint(used_plugins(config, registry.catalog, computing=True)))
+
+
 __all__ = ["apply_overrides", "compose", "config_hash", "dump", "load", "merge", "problems_from", "read_yaml",
-           "registry_for", "to_yaml", "used_plugins", "validate"]
+           "registry_for", "run_hash", "to_yaml", "used_plugins", "validate"]

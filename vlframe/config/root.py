@@ -6,12 +6,15 @@ engine reads ``config.model.vocab_size``, ``context_length`` and ``pad_id`` of e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from registry import ConfigModel, Kind, component, raise_problems
+from registry.config import CONTEXT_KEY
+from registry.protocols import missing_capabilities
 
 
 class PluginSettings(ConfigModel):
@@ -57,23 +60,6 @@ class DataConfig(ConfigModel):
         return scale
 
 
-class FSDPConfig(ConfigModel):
-    """How ``train.parallel: fsdp`` shards the model (``torch.distributed.fsdp.fully_shard``, FSDP2)."""
-
-    reshard_after_forward: bool = Field(
-        True, description="Free each block's gathered parameters after its forward and gather them again for "
-        "backward (ZeRO-3); false keeps them until backward (ZeRO-2: more memory, one all-gather less per block).")
-    replicate: int = Field(
-        1, gt=0, description="Hybrid sharding (HSDP): ranks form a (replicate x shard) mesh; each group of "
-        "world/replicate ranks (e.g. one node) shards the model and the groups replicate it. 1: shard over all ranks.")
-    param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Dtype the gathered parameters compute in; gradients are reduced in float32. auto: "
-        "bfloat16 on CUDA when train.precision resolves to bf16, else float32 (CPU ranks use autocast instead).")
-    cpu_offload: bool = Field(
-        False, description="Keep the sharded parameters, gradients and optimiser state in CPU memory, copied to "
-        "the GPU block by block (FSDP2's CPUOffloadPolicy): fits larger models at the cost of speed. GPUs only.")
-
-
 class TrainConfig(ConfigModel):
     """The optimisation: steps, batch, optimiser, schedule, precision, checkpoints."""
 
@@ -103,15 +89,15 @@ class TrainConfig(ConfigModel):
         "registered periodic task the model can run (retrieval for a contrastive model); {}: losses only.")
     checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept (the newest).")
-    output_dir: Path = Field(Path("runs"), description="Run directories go here, and the default MLflow store.")
+    output_dir: Path = Field(Path("runs"), description="Run directories go here, sweeps' in sweeps/, and the default "
+                             "tracking store (MLflow's embedded sqlite store).")
     init_from: Path | None = Field(
         None, description="Start from these weights (a checkpoint or run folder, e.g. from `vlframe convert`): "
         "fine-tuning. Its tokenizer is used unless tokenizer.path is set; optimiser and step start afresh.")
-    parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Across ranks (torchrun): ddp replicates the model on every rank; fsdp shards "
-        "parameters, gradients and optimiser state over the ranks (FSDP2, per block the model names), builds "
-        "the model on the meta device, and writes sharded checkpoints (torch.distributed.checkpoint).")
-    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    parallel: component(Kind.PARALLEL) | None = Field(
+        None, description="How training spreads the model over the ranks torchrun starts: a registered parallel "
+        "strategy, by name or as a block with its settings (vlframe plugins list --kind parallel); none: the "
+        "default strategy (replicas: DDP under torchrun, plain in one process).")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations in backward instead of keeping them: full: all of every "
         "block's; selective: keep each block's matmul, attention and convolution outputs, recompute the rest.")
@@ -147,6 +133,25 @@ class TrainConfig(ConfigModel):
                 break
         return path
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_settings_inside(cls, data: Any) -> Any:
+        """Configs of earlier versions kept a strategy's settings beside its name (``parallel: X`` and
+        ``X: {...}``); they now go in the strategy's block. Read the old form, and say so once."""
+        if not isinstance(data, Mapping):
+            return data
+        chosen = data.get("parallel")
+        name = chosen if isinstance(chosen, str) else chosen.get("type") if isinstance(chosen, Mapping) else None
+        if isinstance(name, str) and name not in cls.model_fields and isinstance(data.get(name), Mapping):
+            import warnings
+
+            data = dict(data)
+            settings = data.pop(name)
+            data["parallel"] = {**settings, **(chosen if isinstance(chosen, Mapping) else {}), "type": name}
+            warnings.warn(f"train.{name}: the parallel strategy's settings now go in its block, train.parallel: "
+                          f"{{type: {name}, ...}} (read this time; see CHANGELOG.md)", DeprecationWarning, stacklevel=2)
+        return data
+
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
         if self.batch_size % self.grad_accum:
@@ -172,26 +177,39 @@ class VlframeConfig(ConfigModel):
         have = set(self.model.capabilities()) if callable(getattr(self.model, "capabilities", None)) else set()
         problems = []
         for name, task in (self.train.val_tasks or {}).items():
-            missing = sorted(set(getattr(type(task), "requires", ())) - have)
+            missing = missing_capabilities(getattr(type(task), "requires", ()), have)
             if missing:
                 problems.append((("train", "val_tasks", name), f"task '{task.type}' needs the {', '.join(missing)} "
                                  f"capability, which this model does not have (it has: {', '.join(sorted(have)) or 'none'})"))
         raise_problems("VlframeConfig", problems)
         return self
 
+    @model_validator(mode="after")
+    def _the_default_strategy(self, info: ValidationInfo) -> VlframeConfig:
+        """``train.parallel`` unset: the strategy the registry's default names, written out so that the
+        resolved config says which one runs."""
+        catalog = (info.context or {}).get(CONTEXT_KEY)
+        if self.train.parallel is None and catalog is not None:
+            entry = catalog.default(Kind.PARALLEL)
+            if entry is not None:
+                self.train.parallel = catalog.validate(entry.spec.config, {"type": entry.spec.name})
+        return self
+
 
 class TrackingConfig(ConfigModel):
-    """Where and how a run is tracked in MLflow."""
+    """Where and how a run is tracked (MLflow, or the tracking sink a plugin adds)."""
 
-    enabled: bool = Field(True, description="Track the run in MLflow.")
+    enabled: bool = Field(True, description="Track the run.")
     uri: str | None = Field(
-        None, description="MLflow tracking URI; default: the embedded store sqlite:///<runs dir>/mlflow.db."
+        None, description="Tracking URI; its scheme chooses the tracking sink (vlframe plugins list --kind "
+        "tracking_sink). Default: the default sink's (MLflow: $MLFLOW_TRACKING_URI, else the embedded store "
+        "sqlite:///<train.output_dir>/mlflow.db)."
     )
     experiment: str = Field("vlframe", min_length=1)
     run_name: str | None = Field(None, description="Default: the run directory's name.")
     flush_every_s: float = Field(5.0, gt=0, description="How often buffered metrics are sent.")
     timeout_s: float = Field(5.0, gt=0, description="Per-request timeout; an unreachable server never stalls training.")
-    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the MLflow run (sweeps set their own).")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the tracked run (sweeps set their own).")
 
 
 VlframeConfig.model_rebuild()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +249,8 @@ def eval_loader(source: ImageTextSource, collate: Collate, cfg: DataConfig, *, b
 
 
 class SkipLedger:
-    """Unusable samples seen so far; stops the run past the configured fraction."""
+    """Unusable samples seen so far; stops the run past the configured fraction. ``Stateful``: a
+    resumed run remembers the samples skipped before (``skipped`` in a checkpoint's state)."""
 
     #: A stream's fraction is judged once this many samples have been read (no length to judge by).
     STREAM_MIN = 1000
@@ -281,6 +282,18 @@ class SkipLedger:
                 f"{self.count} of {self.size} samples are unusable ({self.count / self.size:.1%}, more than "
                 f"data.max_skip_fraction {self.max_fraction:.1%}): {names}{more}"
             )
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"skipped": dict(self.reasons)}
+        if self.streaming:  # a stream's fraction counts from the start of the run
+            state["samples_read"] = self.size
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key, reason in dict(state.get("skipped") or {}).items():
+            self.reasons.setdefault(str(key), str(reason))
+        if self.streaming:
+            self.size = int(state.get("samples_read", self.size))
 
     def report(self) -> str:
         if not self.count:

@@ -4,8 +4,8 @@ Tasks are plugins (``vlframe_tasks``; the built-in caption, retrieval, zeroshot,
 understanding tasks are ``vlframe_builtins.tasks``). ``vlframe eval``, sweeps and the trainer's
 periodic validation all come here: :func:`run_task` checks that the model has the capabilities
 the task's config ``requires``, builds the task through the catalog and runs it with a
-:class:`TaskContext`; :func:`log_results` files the results under the training run in MLflow,
-through a journal, so that nothing is lost while the store is unreachable.
+:class:`TaskContext`; :func:`log_results` files the results under the training run in its
+tracking store, through a journal, so that nothing is lost while the store is unreachable.
 """
 
 from __future__ import annotations
@@ -19,11 +19,23 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from registry import Catalog, ComponentError, ConfigError, Kind, Problem, TaskConfig, VlframeError
-from registry.catalog import one_line
+from registry import (
+    CapabilityError,
+    Catalog,
+    ComponentError,
+    ConfigError,
+    Kind,
+    Problem,
+    TaskConfig,
+    VlframeError,
+    one_line,
+    require_capabilities,
+)
+from registry.protocols import why_not
 
 if TYPE_CHECKING:
     from vlframe.inference.trained import Trained
+    from vlframe.runs.tracking import TrackingReport
 
 
 @dataclass
@@ -48,10 +60,6 @@ class EvalResult:
         return f"{self.task}: {values}"
 
 
-class CapabilityError(VlframeError):
-    """The model lacks a capability what was asked needs."""
-
-
 class TaskError(ComponentError):
     """A task failed while it ran (its plugin's code raised)."""
 
@@ -74,23 +82,6 @@ class TaskContext:
         if spec is None and self.default_dataset is not None:
             return self.default_dataset
         return build_dataset(self.trained, spec, split)
-
-
-def require(model: Any, needed: Iterable[str], what: str) -> None:
-    """Raise :class:`CapabilityError` naming what ``model`` lacks of ``needed`` for ``what``."""
-    have = frozenset(getattr(model, "capabilities", ()))
-    missing = sorted(set(needed) - have)
-    if missing:
-        kind = getattr(getattr(model, "config", None), "type", type(model).__name__)
-        plural = "capabilities" if len(missing) > 1 else "capability"
-        raise CapabilityError(f"{what} needs the {', '.join(missing)} {plural}, and the model ({kind}) has "
-                              f"{'only ' + ', '.join(sorted(have)) if have else 'none'}")
-
-
-def why_not(config: TaskConfig, capabilities: Iterable[str]) -> str | None:
-    """Why a model with ``capabilities`` cannot run the task (None when it can)."""
-    missing = sorted(set(type(config).requires) - set(capabilities))
-    return f"no {', '.join(missing)} capability" if missing else None
 
 
 def task_config(catalog: Catalog, block: Mapping[str, Any], where: str) -> TaskConfig:
@@ -132,7 +123,7 @@ def periodic_tasks(catalog: Catalog, capabilities: Iterable[str] | None) -> dict
     out = {}
     for entry in catalog.entries(Kind.TASK):
         config_class = entry.spec.config
-        if config_class.periodic and (capabilities is None or set(config_class.requires) <= set(capabilities)):
+        if config_class.periodic and (capabilities is None or why_not(config_class.requires, capabilities) is None):
             out[entry.spec.name] = task_config(catalog, {"type": entry.spec.name}, f"task {entry.spec.name}")
     return out
 
@@ -146,7 +137,7 @@ def run_task(trained: Trained, config: TaskConfig, *, name: str | None = None, o
     ``dataset``: the run's validation split, when already built.
     """
     catalog = trained.registry.catalog
-    require(trained.model, type(config).requires, f"task '{config.type}'")
+    require_capabilities(trained.model, type(config).requires, f"task '{config.type}'")
     where = f"task {name or config.type} ({config.type} [{catalog.get(Kind.TASK, config.type).plugin}])"
     task = catalog.build(Kind.TASK, config, path=f"task {name or config.type}")
     if out_dir is not None:
@@ -200,8 +191,8 @@ def default_out_dir(trained: Trained, task: str) -> Path:
 
 def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *, uri: str | None = None,
                 step: int | None = None, extra_metrics: Mapping[str, float] | None = None,
-                extra_tags: Mapping[str, str] | None = None) -> list[str]:
-    """File ``results`` under the training run in MLflow; return lines saying where they went.
+                extra_tags: Mapping[str, str] | None = None) -> TrackingReport:
+    """File ``results`` under the training run in its tracking store; report where they went.
 
     Metrics go to the run as ``eval/<task>/<metric>`` at the checkpoint's step, each result's
     info as the tag ``vlframe.eval.<task>`` and its files as artifacts under ``eval/<task>``. A
@@ -214,7 +205,7 @@ def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *
 
     uri = uri or trained.tracking_uri
     step = trained.step if step is None else step
-    tracker = Tracker(folder, uri=uri, experiment=trained.config.tracking.experiment)
+    tracker = Tracker(folder, uri=uri, experiment=trained.config.tracking.experiment, catalog=trained.registry.catalog)
     record = trained.run.record() or {}
     attached = trained.run_id is not None or bool(record.get("local_id"))
     if trained.run_id is not None:
@@ -236,4 +227,4 @@ def log_results(trained: Trained, results: Sequence[EvalResult], folder: Path, *
 
 
 __all__ = ["ITEMS_FILE", "CapabilityError", "EvalResult", "TaskContext", "default_out_dir", "log_results", "periodic_tasks",
-           "require", "run_task", "settings_block", "task_config", "why_not"]
+           "run_task", "settings_block", "task_config"]

@@ -1,4 +1,4 @@
-"""A trained model, loaded back from its run folder, a checkpoint, or its MLflow run id.
+"""A trained model, loaded back from its run folder, a checkpoint, or its tracked run's id.
 
 Every checkpoint holds the resolved config, the tokenizer and the weights, so a run can be
 reloaded without the YAML it started from. :class:`Trained` bundles the three with the image
@@ -21,21 +21,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from registry import Capability, ConfigError, Problem, Registry, VlframeError
+from registry import Capability, ConfigError, Problem, Registry, VlframeError, in_one_line, require_capabilities
+from registry.config import UNKNOWN_COMPONENT
 from vlframe.config import files as configfile
 from vlframe.config.root import DataConfig, VlframeConfig
 from vlframe.data.loading import build_transform
 from vlframe.data.samples import load_image, set_max_image_pixels
 from vlframe.inference.generation import GenerationConfig, caption
-from vlframe.runs import checkpoint, store, tags
+from vlframe.runs import checkpoint, formats, sinks, tags
 from vlframe.runs.folder import RunDir
 from vlframe.runtime.precision import autocast, resolve_precision
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+#: What a tracked run's id looks like (MLflow's: 32 hex digits), as opposed to a path.
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{7,127}$")
 
 
 class LoadError(VlframeError):
-    """What was named is not a run folder, a checkpoint, or a reachable MLflow run with one."""
+    """What was named is not a run folder, a checkpoint, or a reachable tracked run with one."""
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Trained:
     run: RunDir | None = None
     run_id: str | None = None
     step: int = 0
-    #: The MLflow store a run id was loaded from (evaluations are logged there too).
+    #: The tracking store a run id was loaded from (evaluations are logged there too).
     source_uri: str | None = None
     #: Config entries that named files no longer there (the training data, a tokenizer or weights
     #: file): the model does not need them, but "the run's validation split" is then unknown.
@@ -79,7 +81,8 @@ class Trained:
         """Where the training run was tracked: the store it was loaded from, else as its run folder
         recorded it, else its configured URI, else the embedded store of its output folder."""
         return (self.source_uri or self.run.tracking_uri
-                or store.store_uri(configured=self.config.tracking.uri, output_dir=self.run.path.resolve().parent))
+                or sinks.store_uri(configured=self.config.tracking.uri, output_dir=self.run.path.resolve().parent,
+                                   catalog=self.registry.catalog))
 
     @property
     def image_size(self) -> int:
@@ -103,9 +106,7 @@ class Trained:
         return ids.to(self.device), mask.to(self.device)
 
     def require(self, capability: str, what: str) -> None:
-        from vlframe.evaluation.tasks import require
-
-        require(self.model, {capability}, what)
+        require_capabilities(self.model, {capability}, what)
 
     @torch.no_grad()  # not inference_mode, under which autocast re-casts the weights at every call
     def embed_images(self, images: Tensor, batch_size: int = 64) -> Tensor:
@@ -147,27 +148,24 @@ def _run_folder_of(run_id: str, tagged: str | None) -> Path | None:
     return folder.newest_checkpoint()
 
 
-def _checkpoint_from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Path, str]:
-    """The run's checkpoint: its run folder when still on this machine, else its logged artifact."""
+def _checkpoint_from_store(run_id: str, tracking_uri: str | None) -> tuple[Path, str]:
+    """The run's checkpoint: its run folder when still on this machine, else its tracked artifact."""
     import shutil
     import tempfile
 
-    from mlflow.exceptions import MlflowException
-
-    uri = store.store_uri(given=tracking_uri)
-    mlflow = store.client(uri)
+    uri = sinks.store_uri(given=tracking_uri)
+    sink = sinks.sink_for(uri)
     try:
-        with store.bounded(30):
-            run = mlflow.get_run(run_id)
-    except MlflowException as exc:
-        raise LoadError(f"MLflow run {run_id} not found at {uri} ({exc.message.splitlines()[0]}); "
-                        "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to name its store") from None
+        run = sink.get_run(run_id)
+    except LookupError as exc:
+        raise LoadError(f"{exc}; pass --tracking-uri (or set the store's environment variable, e.g. "
+                        "MLFLOW_TRACKING_URI) to name its store") from None
     except Exception as exc:  # noqa: BLE001 - the store is down or not a store
-        raise LoadError(f"MLflow at {uri} could not be reached ({type(exc).__name__}: {exc})") from None
-    local = _run_folder_of(run_id, run.data.tags.get(tags.RUN_DIR))
+        raise LoadError(f"{uri} could not be reached ({type(exc).__name__}: {in_one_line(exc, 200)})") from None
+    local = _run_folder_of(run_id, run.tags.get(tags.RUN_DIR))
     if local is not None:
         return local, uri
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlframe" / "mlflow" / run_id
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlframe" / "runs" / run_id
     target = cache / "checkpoint"
     if checkpoint.find(target) is None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -175,19 +173,19 @@ def _checkpoint_from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[Path
         # Into a temporary folder first: an interrupted download never looks like a checkpoint.
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             try:
-                with store.bounded(300):
-                    mlflow.download_artifacts(run_id, "checkpoint", tmp)
+                sink.download(run_id, "checkpoint", Path(tmp))
             except Exception as exc:  # noqa: BLE001 - any store failure means the same thing here
-                raise LoadError(f"MLflow run {run_id} at {uri} has no usable 'checkpoint' artifact ({exc})") from None
+                raise LoadError(f"run {run_id} at {uri} has no usable 'checkpoint' artifact "
+                                f"({in_one_line(exc, 200)})") from None
             os.replace(Path(tmp) / "checkpoint", target)
     found = checkpoint.find(target)
     if found is None:
-        raise LoadError(f"MLflow run {run_id}: the downloaded 'checkpoint' artifact in {target} is incomplete")
+        raise LoadError(f"run {run_id}: the downloaded 'checkpoint' artifact in {target} is incomplete")
     return found, uri
 
 
 def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> tuple[Path, str | None, list[str]]:
-    """A checkpoint folder from a run folder, a checkpoint folder, or an MLflow run id; the store
+    """A checkpoint folder from a run folder, a checkpoint folder, or a tracked run's id; the store
     it came from (for a run id); and the newer checkpoints of a run folder passed over because
     they could not be read, each with why."""
     path = Path(source)
@@ -201,8 +199,8 @@ def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> t
                             f"folder with {checkpoint.STATE}, or a run folder holding checkpoints/)")
         return found, None, passed
     if _RUN_ID.match(str(source)):
-        return (*_checkpoint_from_mlflow(str(source), tracking_uri), [])
-    raise LoadError(f"{source}: neither a run folder, a checkpoint folder nor an MLflow run id")
+        return (*_checkpoint_from_store(str(source), tracking_uri), [])
+    raise LoadError(f"{source}: neither a run folder, a checkpoint folder nor a tracked run's id")
 
 
 def read_checkpoint_config(ckpt: Path, registry: Registry | None = None) -> tuple[VlframeConfig, Registry, tuple[str, ...]]:
@@ -224,7 +222,7 @@ def read_checkpoint_config(ckpt: Path, registry: Registry | None = None) -> tupl
         config, _ = configfile.load(data, (), registry)
         return config, registry, ()
     except ConfigError as err:
-        if any("unknown" in p.message for p in err.problems):
+        if any(p.code == UNKNOWN_COMPONENT for p in err.problems):
             built = (checkpoint.read_state(ckpt).get("plugins") or {}) if checkpoint.is_checkpoint(ckpt) else {}
             if built:
                 hint = ", ".join(f"{name} ({source.split(', source')[0]})" for name, source in built.items())
@@ -252,11 +250,12 @@ def load_trained(
     registry: Registry | None = None,
     tracking_uri: str | None = None,
 ) -> Trained:
-    """Load a trained model from a run folder (its newest checkpoint), a checkpoint, or an MLflow run id.
+    """Load a trained model from a run folder (its newest checkpoint), a checkpoint, or a tracked run's id.
 
     ``precision``: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 where the hardware computes it
-    natively). ``tracking_uri`` names the MLflow store of a run id (default: $MLFLOW_TRACKING_URI,
-    else ./runs/mlflow.db). The model is built with the plugins the run's config names.
+    natively). ``tracking_uri`` names the store of a run id (default: the default sink's, MLflow's
+    $MLFLOW_TRACKING_URI, else ./runs/mlflow.db). The model is built with the plugins the run's
+    config names.
     """
     from vlframe.api import build_model, build_tokenizer
 
@@ -265,7 +264,7 @@ def load_trained(
     set_max_image_pixels((config.data or DataConfig()).max_image_pixels)
     device = torch.device(device)
     model = build_model(config, registry=registry)
-    state = checkpoint.load(ckpt, model)
+    state = formats.load(ckpt, model)
     tokenizer = build_tokenizer(config, registry, path=ckpt / checkpoint.TOKENIZER)
     model.to(device).eval()
     # A run trained offline has no id in its checkpoints; its folder's record has one once synced.

@@ -114,7 +114,7 @@ def convert_checkpoint(
     plugins = registry.fingerprint(configfile.used_plugins(config, registry.catalog))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        state = {"step": 0, "converted_from": source, "config_hash": configfile.config_hash(config, plugins),
+        state = {"step": 0, "converted_from": source, "config_hash": configfile.run_hash(config, registry),
                  "plugins": plugins}
         files = {checkpoint.CONFIG: configfile.to_yaml(config), checkpoint.TOKENIZER: tokenizer.save(Path(tmp))}
         return checkpoint.write(out, model, state, files)

@@ -17,8 +17,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from registry import Catalog, ComponentConfig, ComponentError, Kind, ModelConfig, VlframeError
-from registry.catalog import one_line
+from registry import Catalog, ComponentConfig, ComponentError, Kind, ModelConfig, VlframeError, in_one_line, one_line
 from vlframe.nn.attention import check_backend, set_attention_backend
 from vlframe.nn.outputs import ModelOutput
 
@@ -136,3 +135,17 @@ class ModelBase(nn.Module):
     def summary_groups(self) -> dict[str, list[str]]:
         """Sums of top-level parts ``vlframe model summary`` adds (none by default)."""
         return {}
+
+
+def reset_all_parameters(model: nn.Module) -> None:
+    """Run every module's ``reset_parameters()``, children before parents, as construction does (a
+    part's own initialisation overrides its layers' defaults): how a model built on the meta device
+    gets its weights. A reset that fails is a :class:`registry.ComponentError` naming the module."""
+    for module in reversed(list(model.modules())):
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            try:
+                reset()
+            except Exception as exc:
+                raise ComponentError(f"{type(module).__name__}.reset_parameters() failed on the meta-built "
+                                     f"model: {in_one_line(exc)}") from exc

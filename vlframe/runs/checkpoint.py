@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights plus everything needed to continue exactly, none of it code.
+"""Checkpoint folders: their layout, their state, and writing one whole or not at all.
 
 A checkpoint is a folder holding ``model.safetensors`` (the weights), ``state.json`` (step, and
 for training checkpoints the optimiser's settings, the schedule, the RNG states, the data
@@ -9,7 +9,9 @@ colleague's folder) is safe to read. Checkpoints of earlier versions (``state.pt
 are read with ``torch.load(weights_only=True)`` and only the few numpy types their RNG state
 needs; one that holds anything else is refused, naming the file.
 
-:func:`write` is the one writer of checkpoint folders (training's ``step_NNNNNN/`` and converted
+How the model and optimiser tensors are stored is a *format* (:mod:`vlframe.runs.formats`:
+whole, ``model.safetensors``; or sharded, one file per rank); this module knows the folder
+around them. :func:`write` is the one writer of checkpoint folders (training's ``step_NNNNNN/`` and converted
 models alike): it writes under a temporary name beside the target and renames it into place, so
 a crash mid-write never leaves a half checkpoint where ``--resume`` would look, and a write that
 fails (a full disk) removes what it wrote and leaves the previous checkpoints as they were.
@@ -21,6 +23,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from registry import VlframeError
+from registry import VlframeError, in_one_line
 
 STATE = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -40,6 +43,8 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.model"
 #: The folder of a run that holds its checkpoints.
 FOLDER = "checkpoints"
+#: The folder of a sharded checkpoint holding each rank's shards (:mod:`vlframe.runs.sharded`).
+SHARDS = "sharded"
 
 
 class CheckpointError(VlframeError):
@@ -155,8 +160,6 @@ def read_state(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_legacy_globals()):
             state = torch.load(legacy, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        from vlframe.interchange.weights import refusal
-
         raise CheckpointError(f"{legacy}: refused: {refusal(exc)}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {STATE} (not a vlframe checkpoint)") from None
@@ -168,37 +171,56 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    return in_one_line(exc)
+
+
+def refusal(exc: BaseException) -> str:
+    """Why torch's safe unpickler refused a file, in one line."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    what = f"it holds {found.group(1)}, " if found else "it holds objects other than tensors and numbers, "
+    return what + "which would run code when loaded; vlframe never unpickles such files"
 
 
 # -- writing ---------------------------------------------------------------------------------------
 
 
 def write(target: Path, model: nn.Module, state: dict[str, Any], files: dict[str, Path | str]) -> Path:
-    """Write the checkpoint folder ``target`` atomically (replacing one already there); return it.
+    """Write the checkpoint folder ``target`` in the whole format (``model.safetensors``),
+    atomically, replacing one already there; return it. For converted and exported models.
 
     ``files`` maps names to copy in (paths) or to write (text), e.g. the config and tokenizer.
     A full disk is a :class:`DiskFullError` saying where and how much was needed; what was
     written is removed and the folder there before (if any) is left as it was.
     """
-    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary(target)
     try:
-        tmp.mkdir(parents=True)
         save_model(model, str(tmp / WEIGHTS))  # handles tied weights (saved once)
         write_state(tmp, state)
         finish(tmp, target, files)
     except Exception as exc:  # OSError, or safetensors' own error for the same thing
-        shutil.rmtree(tmp, ignore_errors=True)
         if no_space(exc):
-            raise DiskFullError(f"no space left on the device writing {target}: it needs about "
-                                f"{checkpoint_size(model, state) / 2**20:.0f} MiB, and "
-                                f"{free_space(target.parent) / 2**20:.0f} MiB are free there; the "
-                                "checkpoints before it are intact") from None
+            raise disk_full(target, checkpoint_size(model, state)) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def temporary(target: Path) -> Path:
+    """A new, empty folder beside ``target`` to write it in (``.step_000300.tmpPID``): renamed into
+    place by :func:`finish` once whole, swept by :func:`sweep_partial` once its writer is gone."""
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def disk_full(target: Path, needed: int | None = None) -> DiskFullError:
+    """The error of a write of ``target`` that found the disk full (``needed``: about how many bytes)."""
+    need = f"it needs about {needed / 2**20:.0f} MiB, and " if needed else ""
+    return DiskFullError(f"no space left on the device writing {target}: {need}"
+                         f"{free_space(target.parent) / 2**20:.0f} MiB are free there; the checkpoints before it "
+                         "are intact")
 
 
 def finish(tmp: Path, target: Path, files: dict[str, Path | str]) -> None:
@@ -257,23 +279,6 @@ def checkpoint_size(model: nn.Module, state: dict[str, Any]) -> int:
     return total + walk(state)
 
 
-def save(
-    directory: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    *,
-    extra: dict[str, Any],
-    files: dict[str, Path | str],
-) -> Path:
-    """Write the training checkpoint ``directory/step_{step:06d}`` and return it."""
-    sweep_partial(directory)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), **extra}
-    return write(step_folder(directory, step), model, state, files)
-
-
 def step_folder(directory: Path, step: int) -> Path:
     """Where the checkpoint of ``step`` goes in a checkpoints folder: ``step_000300``."""
     return directory / f"step_{step:06d}"
@@ -308,82 +313,6 @@ def _alive(pid: int) -> bool:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from vlframe.runs import sharded
-
-    if sharded.is_sharded(path) and not (path / WEIGHTS).is_file():
-        try:
-            return sharded.read_weights(path)
-        except Exception as exc:  # noqa: BLE001 - a truncated shard, or a foreign file
-            raise CheckpointError(f"{path / sharded.SHARDS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
-    try:
-        return load_file(str(path / WEIGHTS))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {WEIGHTS}") from None
-    except Exception as exc:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file
-        raise CheckpointError(f"{path / WEIGHTS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
-
-
-def _is_sharded_model(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
-def _apply(model: nn.Module, weights: dict[str, torch.Tensor], *, strict: bool) -> None:
-    """Load whole tensors into ``model``, whole or sharded (each rank keeps its shards)."""
-    if not _is_sharded_model(model):
-        model.load_state_dict(weights, strict=strict)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
-
-
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}  # a DTensor's shape is the whole one
-
-
-def load_fitting(path: Path, model: nn.Module) -> tuple[list[str], list[str]]:
-    """Load the weights of checkpoint ``path`` whose names and shapes fit ``model``; return the
-    model's parameters left as they were and the checkpoint's weights not used."""
-    saved = _load_weights(path)
-    own, shapes = model.state_dict(keep_vars=True), _shapes(model)
-    fitting = {k: v for k, v in saved.items() if k in shapes and shapes[k] == tuple(v.shape)}
-    _apply(model, fitting, strict=False)
-    loaded = {id(own[k]) for k in fitting}  # a tied weight is one Parameter: loaded through its twin
-    fresh = [k for k in own if k not in fitting and id(own[k]) not in loaded]
-    return sorted(fresh), sorted(set(saved) - set(fitting))
-
-
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
-    """Restore weights (and optimiser/scheduler when given) from a checkpoint folder; return its state.
-
-    Raises :class:`CheckpointError` for a checkpoint that cannot be read, ``ValueError`` /
-    ``RuntimeError`` for one that does not fit the model, ``KeyError`` when the optimiser or
-    scheduler state asked for is not there (not a training checkpoint)."""
-    from vlframe.runs import sharded
-
-    if sharded.is_sharded(path) and not (path / WEIGHTS).is_file():  # written under train.parallel: fsdp
-        return sharded.load(path, model, optimizer, scheduler)
-    state = read_state(path)  # the state first: a refused or unreadable state touches nothing
-    if optimizer is not None and _is_sharded_model(model):
-        raise ValueError("it was written without train.parallel: fsdp and resumes only without it; to go on "
-                         "sharded, start from its weights with train.init_from")
-    saved = _load_weights(path)
-    own = model.state_dict(keep_vars=True)
-    # Tied weights are stored once, under one of their names.
-    missing = [k for k in own if k not in saved and not any(own[k] is own[o] and o in saved for o in own)]
-    unexpected = [k for k in saved if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS} does not fit the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    _apply(model, saved, strict=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    return state
-
-
 def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a complete checkpoint folder (of this version or an earlier one)."""
     return (path / STATE).is_file() or (path / LEGACY_STATE).is_file()
@@ -413,30 +342,48 @@ def find(path: Path) -> Path | None:
 def check(path: Path) -> None:
     """Raise :class:`CheckpointError` unless checkpoint ``path`` looks whole: its JSON parses and
     its safetensors files' headers fit their sizes (a truncated file fails), without reading
-    the tensors themselves."""
-    from safetensors import safe_open
-
+    the tensors themselves. A sharded checkpoint has every shard file its state lists."""
     if not (path / STATE).is_file():
         read_state(path)  # an earlier version's state.pt: small, read whole
+        state: Any = {}
     else:
         try:
-            json.loads((path / STATE).read_text(encoding="utf-8"))
+            state = json.loads((path / STATE).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{path / STATE}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
-    from vlframe.runs import sharded
+    files = [path / STATE_TENSORS] if (path / STATE).is_file() else []
+    if (path / WEIGHTS).is_file() or not (path / SHARDS).is_dir():
+        files.append(path / WEIGHTS)
+    else:
+        files += _shard_files(path, state)
+    for file in files:
+        _check_header(file)
 
-    names = (STATE_TENSORS, WEIGHTS) if (path / STATE).is_file() else (WEIGHTS,)
-    if sharded.is_sharded(path) and not (path / WEIGHTS).is_file():
-        sharded.check(path)
-        names = (STATE_TENSORS,)
-    for name in names:
-        try:
-            with safe_open(str(path / name), "pt") as handle:
-                handle.keys()
-        except FileNotFoundError:
-            raise CheckpointError(f"{path / name}: unreadable (the file is missing)") from None
-        except Exception as exc:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file
-            raise CheckpointError(f"{path / name}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+
+def _shard_files(path: Path, state: Any) -> list[Path]:
+    """The shard files of a sharded checkpoint, every one its state lists (a lost rank's file would
+    leave its part of every tensor unread)."""
+    files = sorted((path / SHARDS).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path / SHARDS}: no shard files")
+    listed = state.get("shard_files") if isinstance(state, dict) else None
+    missing = sorted(set(listed) - {f.name for f in files}) if isinstance(listed, list) else []
+    if missing:
+        raise CheckpointError(f"{path / SHARDS}: {len(missing)} of {len(listed)} shard files missing "
+                              f"({', '.join(map(str, missing[:3]))})")
+    return files
+
+
+def _check_header(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as handle:
+            handle.keys()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: unreadable (the file is missing)") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file
+        raise CheckpointError(f"{file}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
 
 
 def find_readable(path: Path) -> tuple[Path | None, list[str]]:

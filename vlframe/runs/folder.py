@@ -4,7 +4,7 @@
       config.yaml            the resolved config (always written, tracked or not)
       tokenizer.model        the tokenizer the run trains with
       checkpoints/step_NNNNNN/   a checkpoint (see vlframe.runs.checkpoint)
-      tracking/              the MLflow journal: journal.jsonl, delivered.json, run.json
+      tracking/              the tracking journal: journal.jsonl, delivered.json, run.json
       eval/NAME/             evaluations of the run's checkpoints (each with its own tracking/)
       .lock                  while a process trains here: which one (see vlframe.runs.lock)
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from vlframe.runs import checkpoint, tracking
+from vlframe.runs import checkpoint, journal
 from vlframe.runs.lock import FolderLock
 
 
@@ -35,7 +35,7 @@ class RunDir:
     CONFIG = "config.yaml"
     TOKENIZER = checkpoint.TOKENIZER
     CHECKPOINTS = checkpoint.FOLDER
-    TRACKING = tracking.FOLDER
+    TRACKING = journal.FOLDER
     EVAL = "eval"
 
     def __init__(self, path: str | Path) -> None:
@@ -123,7 +123,7 @@ class RunDir:
         """Where the run is tracked, as the tracker recorded it (``tracking/run.json``): uri,
         experiment, run id; None for a run never tracked (or an unreadable record)."""
         try:
-            data = json.loads((self.tracking / tracking.RUN_FILE).read_text(encoding="utf-8"))
+            data = json.loads((self.tracking / journal.RUN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None

@@ -1,25 +1,28 @@
-"""Sharded checkpoints (``train.parallel: fsdp``) with ``torch.distributed.checkpoint`` (DCP).
+"""The sharded checkpoint format, written by every rank with ``torch.distributed.checkpoint`` (DCP).
 
-Layout of ``step_NNNNNN/`` (the same folder as an unsharded checkpoint, minus ``model.safetensors``):
+Layout of ``step_NNNNNN/`` (the folder of :mod:`vlframe.runs.checkpoint`, minus ``model.safetensors``):
 
     sharded/shard-0000R-model-00001-of-00001.safetensors   each rank's shards of the weights and of
                                                           the optimiser's tensors (DCP's safetensors
                                                           storage: offsets in the JSON header)
-    state.json + state.safetensors                        step, schedule, RNG, optimiser hyper-parameters,
-                                                          data position, skip ledger (rank 0)
-    config.yaml, tokenizer.model
+    state.json + state.safetensors                        what :func:`save` returns (the format, the
+                                                          world size, the shard files, the optimiser's
+                                                          plain values, tied names) with the run's state
 
 Every file is safetensors or JSON: nothing read from a checkpoint is unpickled (DCP's default
 storage keeps its metadata as a pickle, which is why it is not used). DCP reshards on load, so a
 checkpoint written by N ranks resumes on M ranks, sharded or not, and :func:`read_weights`
 assembles whole tensors without any process group (``vlframe export``, and every inference
 command reading a sharded checkpoint directly).
+
+Tied weights (an LM head sharing the token embedding) are one tensor under two names; safetensors
+stores no two names for one tensor, so the second name is written as an alias (``tied`` in the
+state) and given the first one's tensor again on load.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlframe.runs import checkpoint
-from vlframe.runtime import distributed
+from vlframe.runs.checkpoint import SHARDS
 
-SHARDS = "sharded"
 FORMAT = "sharded"
 
 
@@ -61,69 +62,56 @@ def _split(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[d
     return tensors, plain
 
 
-def save(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
-         extra: dict[str, Any], files: dict[str, Path | str]) -> Path:
-    """Every rank writes its shards of ``step``'s checkpoint; rank 0 the rest; return the folder.
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
-    Written into a temporary folder renamed into place once whole, so a kill mid-save leaves the
-    previous checkpoint as the newest complete one (and the partial folder is swept later).
-    """
-    target = checkpoint.step_folder(directory, step)
-    rank0 = not _group() or dist.get_rank() == 0
-    tmp_name, setup_error = None, None
-    if rank0:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            checkpoint.sweep_partial(directory)
-            tmp = directory / f".{target.name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            tmp_name = tmp.name
-        except OSError as exc:  # said on every rank below: none is left waiting
-            setup_error = f"cannot write {target}: {exc.strerror or exc}"
-    tmp_name, setup_error = distributed.broadcast_object((tmp_name, setup_error)) if _group() else (tmp_name, setup_error)
-    if setup_error is not None:
-        raise checkpoint.CheckpointError(f"{setup_error}; the checkpoints before it are intact")
-    tmp = directory / str(tmp_name)
+
+def untie(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``tensors`` with each tensor under one name only, and ``{alias: name}`` for the names left
+    out (tied weights: the same tensor, the same view). Tensors sharing memory as different views
+    are copied, since safetensors stores no two tensors sharing memory."""
+    kept: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        local = _local(tensor)
+        view = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride())
+        if local.numel() and view in views:
+            aliases[name] = views[view]
+            continue
+        if local.numel() and local.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        views[view] = name
+        storages.add(local.untyped_storage().data_ptr())
+        kept[name] = tensor
+    return kept, aliases
+
+
+def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Every rank writes its shards of ``model`` (and ``optimizer``) into ``folder/sharded``; returns
+    the state entries that describe them (rank 0's name every shard file)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
     tensors, plain = _split(model, optimizer)
-    problem = None
-    try:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
-
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True),
-                 no_dist=not _group())
-        if rank0:
-            world = dist.get_world_size() if _group() else 1
-            state = {"step": step, "format": FORMAT, "world": world,
-                     "shard_files": sorted(p.name for p in (tmp / SHARDS).glob("*.safetensors")),
-                     "optimizer_plain": plain, "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                     **extra}
-            checkpoint.write_state(tmp, state)
-            checkpoint.finish(tmp, target, files)
-    except Exception as exc:  # noqa: BLE001 - said below, after every rank knows
-        problem = exc
-    failed = distributed.broadcast_object(problem is not None and rank0) if _group() else problem is not None
-    if problem is not None or failed:
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if problem is not None and checkpoint.no_space(problem):
-            raise checkpoint.DiskFullError(
-                f"no space left on the device writing {target}: the shards need about "
-                f"{_bytes(tensors) / 2**20:.0f} MiB on this rank, and {checkpoint.free_space(directory) / 2**20:.0f} "
-                "MiB are free there; the checkpoints before it are intact") from None
-        if problem is not None:
-            raise problem
-        raise checkpoint.CheckpointError(f"writing {target} failed on rank 0; the checkpoints before it are intact")
-    return target
+    tensors, tied = untie(tensors)
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / SHARDS), save_distributed=True),
+             no_dist=not _group())
+    world = dist.get_world_size() if _group() else 1
+    state: dict[str, Any] = {"format": FORMAT, "world": world,
+                             "shard_files": sorted(p.name for p in (folder / SHARDS).glob("*.safetensors"))}
+    if optimizer is not None:
+        state["optimizer_plain"] = plain
+    if tied:
+        state["tied"] = tied
+    return state
 
 
-def _bytes(tensors: dict[str, Any]) -> int:
-    total = 0
-    for t in tensors.values():
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
-    return total
+def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes this rank's shards of ``model`` and ``optimizer`` take on disk, roughly."""
+    tensors, _ = _split(model, optimizer)
+    return sum(_local(t).numel() * _local(t).element_size() for t in untie(tensors)[0].values())
 
 
 def _quiet_load(tensors: dict[str, Any], path: Path, *, no_dist: bool) -> None:
@@ -143,73 +131,50 @@ def _reader(path: Path) -> Any:
     return HuggingFaceStorageReader(str(path / SHARDS))
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         scheduler: Any = None) -> dict[str, Any]:
-    """Restore a sharded checkpoint into ``model`` (sharded or whole, any world size); its state.
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any]) -> None:
+    """Restore the sharded checkpoint ``path`` (its ``state`` read) into ``model`` (sharded or whole,
+    any world size) and ``optimizer``.
 
-    Raises ``RuntimeError`` when the checkpoint does not fit the model (DCP names the key)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    Raises ``KeyError`` when the optimiser is asked for and the checkpoint has none, ``RuntimeError``
+    when it does not fit the model (DCP names the key)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    state = checkpoint.read_state(path)
     if optimizer is not None and "optimizer_plain" not in state:
         raise KeyError("optimizer")
     tensors, _ = _split(model, optimizer)
+    tied = {str(k): str(v) for k, v in dict(state.get("tied") or {}).items()}
+    stored = {k: v for k, v in tensors.items() if k not in tied}
     try:
-        _quiet_load(tensors, path, no_dist=not _group())
+        _quiet_load(stored, path, no_dist=not _group())
     except Exception as exc:  # DCP wraps a per-rank failure; its message names the key
         raise RuntimeError(f"{path / SHARDS}: {' '.join(str(exc).split())[:400]}") from exc
-    model_sd = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    for alias, source in tied.items():
+        if alias in tensors and source in stored:
+            stored[alias] = stored[source]
+    model_sd = {k.removeprefix("model."): v for k, v in stored.items() if k.startswith("model.")}
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
         set_model_state_dict(model, model_sd, options=_options())
-    else:
-        optim_sd = {k.removeprefix("optim."): v for k, v in tensors.items() if k.startswith("optim.")}
-        optim_sd.update({k: tuple(v) if isinstance(v, list) else v for k, v in state["optimizer_plain"].items()})
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_options())
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    return state
+        return
+    optim_sd = {k.removeprefix("optim."): v for k, v in stored.items() if k.startswith("optim.")}
+    optim_sd.update({k: tuple(v) if isinstance(v, list) else v for k, v in state["optimizer_plain"].items()})
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_options())
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The whole model weights of a sharded checkpoint, assembled in this process (no group needed)."""
-    import torch.distributed.checkpoint as dcp
+def read_weights(path: Path, tied: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The whole model weights of a sharded checkpoint, assembled in this process (no group needed);
+    a tied name shares its source's tensor."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = _reader(path)
-    metadata = reader.read_metadata()
+    metadata = _reader(path).read_metadata()
     wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
               if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
     _quiet_load(wanted, path, no_dist=True)
-    return {k.removeprefix("model."): v for k, v in wanted.items()}
+    weights = {k.removeprefix("model."): v for k, v in wanted.items()}
+    for alias, source in dict(tied or {}).items():
+        alias, source = str(alias), str(source)
+        if alias.startswith("model.") and source.removeprefix("model.") in weights:
+            weights[alias.removeprefix("model.")] = weights[source.removeprefix("model.")]
+    return weights
 
 
-def check(path: Path) -> None:
-    """Raise :class:`checkpoint.CheckpointError` unless every shard file's header reads."""
-    from safetensors import safe_open
-
-    files = sorted((path / SHARDS).glob("*.safetensors"))
-    if not files:
-        raise checkpoint.CheckpointError(f"{path / SHARDS}: no shard files")
-    try:
-        import json
-
-        listed = json.loads((path / checkpoint.STATE).read_text(encoding="utf-8")).get("shard_files") or []
-    except (OSError, ValueError):
-        listed = []
-    missing = sorted(set(listed) - {f.name for f in files}) if isinstance(listed, list) else []
-    if missing:  # a lost rank's file would leave its part of every tensor unread
-        raise checkpoint.CheckpointError(f"{path / SHARDS}: {len(missing)} of {len(listed)} shard files missing "
-                                         f"({', '.join(missing[:3])})")
-    for file in files:
-        try:
-            with safe_open(str(file), "pt") as handle:
-                handle.keys()
-        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-            raise checkpoint.CheckpointError(f"{file}: unreadable ({type(exc).__name__}: "
-                                             f"{' '.join(str(exc).split())[:200]})") from None
-
-
-__all__ = ["FORMAT", "SHARDS", "check", "is_sharded", "load", "read_weights", "save"]
+__all__ = ["FORMAT", "is_sharded", "load", "local_bytes", "read_weights", "save", "untie"]

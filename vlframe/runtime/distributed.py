@@ -71,6 +71,10 @@ def setup_from_env(*, group: bool = False) -> torch.device:
     return device
 
 
+#: The name plugins (parallel strategies) use: ``vlframe.sdk.setup_process_group``.
+setup_process_group = setup_from_env
+
+
 def teardown(*, wait: bool = False) -> None:
     """Leave the process group; ``wait``: after every other rank has got here too."""
     if dist.is_available() and dist.is_initialized():
@@ -97,9 +101,27 @@ def agreed_signal(local: int | None) -> int | None:
     return int(flag.item()) or None
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
+    if not is_distributed():
+        return flag
+    box = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def gather_names(names: list[str]) -> list[str]:
+    """The union of ``names`` over ranks, sorted (every rank gets the same list)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, names)
+        names = [n for part in every for n in part]  # type: ignore[union-attr]
+    return sorted(set(names))
 
 
 class _GatherWithGrad(torch.autograd.Function):

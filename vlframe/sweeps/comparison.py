@@ -1,4 +1,4 @@
-"""Comparing a sweep's variants side by side, read back from MLflow.
+"""Comparing a sweep's variants side by side, read back from their tracking store.
 
 One row per variant (the child runs of the sweep's parent run), one column per metric the
 variants logged (validation losses and periodic tasks ``val/*``, evaluations ``eval/*``, cost
@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from registry import VlframeError
-from vlframe.runs import store, tags
+from registry.protocols import TrackingSink
+from vlframe.runs import sinks, tags
 from vlframe.sweeps import stats
 from vlframe.sweeps.sweep import children, expand, find_parent, load_sweep, sweep_folder, tracking_target
 
@@ -45,7 +46,7 @@ NOT_APPLICABLE = "n/a"
 
 @dataclass(frozen=True)
 class Column:
-    key: str  # the MLflow metric
+    key: str  # the tracked metric
     label: str
     higher_is_better: bool
 
@@ -87,57 +88,56 @@ def resolve_parent(source: str, tracking_uri: str | None) -> tuple[str, str, lis
         sweep = load_sweep(path)
         uri, experiment = tracking_target(sweep)
         uri = tracking_uri or uri
-        with store.bounded(30):
-            parent = find_parent(store.client(uri), experiment, sweep.name)
+        parent = find_parent(sinks.sink_for(uri), experiment, sweep.name)
         if parent is None:
             raise CompareError(f"{path}: sweep '{sweep.name}' has no runs in experiment '{experiment}' at {uri} "
                                f"(run it with: vlframe sweep {path})")
         return uri, parent, [name for name, _ in expand(sweep)], sweep_folder(sweep)
-    if re.fullmatch(r"[0-9a-f]{32}", source):
-        return store.store_uri(given=tracking_uri), source, [], None
-    raise CompareError(f"{source}: neither a sweep file nor an MLflow run id")
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]{7,127}", source) and not path.suffix:
+        return sinks.store_uri(given=tracking_uri), source, [], None
+    raise CompareError(f"{source}: neither a sweep file nor a parent run's id")
 
 
-def collect(mlflow: Any, parent_id: str, order: Sequence[str] = ()) -> list[Row]:
+def collect(sink: TrackingSink, parent_id: str, order: Sequence[str] = ()) -> list[Row]:
     """Each variant's newest run under the parent (a seeded variant: its newest run per seed, the
     metrics averaged over the finished seeds), with its latest metric values."""
     newest: dict[str, dict[str, Any]] = {}
-    for run in sorted(children(mlflow, parent_id), key=lambda r: r.info.start_time or 0):
-        if run.data.tags.get(tags.VARIANT_GROUP) == "true":
+    for run in sorted(children(sink, parent_id), key=lambda r: r.start_time or 0):
+        if run.tags.get(tags.VARIANT_GROUP) == "true":
             continue
-        name = run.data.tags.get(tags.VARIANT, run.info.run_name or run.info.run_id)
-        newest.setdefault(name, {})[run.data.tags.get(tags.SEED, "")] = run
+        name = run.tags.get(tags.VARIANT, run.name or run.run_id)
+        newest.setdefault(name, {})[run.tags.get(tags.SEED, "")] = run
     rank = {name: i for i, name in enumerate(order)}
     rows = []
 
     def started(item: tuple[str, dict[str, Any]]) -> tuple[int, int]:
-        return rank.get(item[0], len(rank)), min(r.info.start_time or 0 for r in item[1].values())
+        return rank.get(item[0], len(rank)), min(r.start_time or 0 for r in item[1].values())
 
     for name, by_seed in sorted(newest.items(), key=started):
         runs = [by_seed[k] for k in sorted(by_seed, key=lambda k: (k == "", int(k) if k.isdigit() else 0))]
         first = runs[0]
-        run_tags = first.data.tags
+        run_tags = first.tags
         skipped = {k.removeprefix(tags.EVAL_SKIPPED_PREFIX): v for k, v in run_tags.items()
                    if k.startswith(tags.EVAL_SKIPPED_PREFIX)}
         val_skipped = {k.removeprefix(tags.VAL_SKIPPED_PREFIX): v for k, v in run_tags.items()
                        if k.startswith(tags.VAL_SKIPPED_PREFIX)}
-        row = Row(name, first.info.status.lower(), first.info.run_id,
-                  list(_json_list(run_tags.get(tags.OVERRIDES, "[]"))), dict(first.data.metrics),
+        row = Row(name, first.status.lower(), first.run_id,
+                  list(_json_list(run_tags.get(tags.OVERRIDES, "[]"))), dict(first.metrics),
                   run_tags.get(tags.ERROR, ""), skipped, val_skipped)
-        if first.info.status == "FINISHED":
-            row.runs = {0: first.info.run_id}
-        seeded = [r for r in runs if r.data.tags.get(tags.SEED, "").lstrip("-").isdigit()]
+        if first.status == "FINISHED":
+            row.runs = {0: first.run_id}
+        seeded = [r for r in runs if r.tags.get(tags.SEED, "").lstrip("-").isdigit()]
         if seeded:
             row.overrides = [k for k in row.overrides if k != "train.seed"]
-            finished = [r for r in seeded if r.info.status == "FINISHED"]
-            row.seeds = {int(r.data.tags[tags.SEED]): dict(r.data.metrics) for r in finished}
-            row.runs = {int(r.data.tags[tags.SEED]): r.info.run_id for r in finished}
+            finished = [r for r in seeded if r.status == "FINISHED"]
+            row.seeds = {int(r.tags[tags.SEED]): dict(r.metrics) for r in finished}
+            row.runs = {int(r.tags[tags.SEED]): r.run_id for r in finished}
             keys = {k for m in row.seeds.values() for k in m}
             row.metrics = {k: row.summary(k).mean for k in keys if row.summary(k).n}
             failed = len(seeded) - len(finished)
             row.status = "finished" if not failed else f"{len(finished)}/{len(seeded)} seeds"
-            row.run_id = first.data.tags.get(tags.PARENT, first.info.run_id)
-            row.error = next((r.data.tags.get(tags.ERROR, "") for r in seeded if r.data.tags.get(tags.ERROR)), "")
+            row.run_id = first.tags.get(tags.PARENT, first.run_id)
+            row.error = next((r.tags.get(tags.ERROR, "") for r in seeded if r.tags.get(tags.ERROR)), "")
         rows.append(row)
     return rows
 
@@ -226,15 +226,13 @@ def bootstrapped(rows: Sequence[Row], baseline: str | None, column: Column) -> d
             if r is not base and column.key in r.items}
 
 
-def load_items(mlflow: Any, rows: Sequence[Row], columns: Sequence[Column], folder: Path) -> None:
+def load_items(sink: TrackingSink, rows: Sequence[Row], columns: Sequence[Column], folder: Path) -> None:
     """Fill each row's ``items`` from its runs' ``eval/<task>/items.json`` artifacts (a run
     evaluated before vlframe saved them has none: its metrics are then only tested over seeds)."""
     import json
-    import os
 
     from vlframe.evaluation.tasks import ITEMS_FILE
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small file otherwise
     tasks = sorted({_task_of(c.key) for c in columns if c.key.startswith("eval/")} - {None})
     for row in rows:
         for seed, run_id in row.runs.items():
@@ -244,7 +242,7 @@ def load_items(mlflow: Any, rows: Sequence[Row], columns: Sequence[Column], fold
                 if not path.is_file():
                     target.mkdir(parents=True, exist_ok=True)
                     try:
-                        mlflow.download_artifacts(run_id, f"eval/{task}/{ITEMS_FILE}", str(target))
+                        sink.download(run_id, f"eval/{task}/{ITEMS_FILE}", target)
                     except Exception:  # noqa: BLE001 - absent (older run, or a task without items)
                         continue
                 try:
@@ -411,27 +409,28 @@ def plot(rows: Sequence[Row], columns: Sequence[Column], path: Path, title: str)
 
 
 def compare(source: str, *, tracking_uri: str | None = None, out_dir: Path | None = None,
-            metrics: Sequence[str] = (), baseline: str | None = None) -> tuple[str, str, list[Path], list[str]]:
-    """Read a sweep back; return (parent run id, the table as text, the files written, and lines
-    saying where they were filed). ``metrics``: glob patterns of the columns to show."""
+            metrics: Sequence[str] = (), baseline: str | None = None) -> tuple[str, str, list[Path], Any]:
+    """Read a sweep back; return (parent run id, the table as text, the files written, and the
+    tracking report of filing them). ``metrics``: glob patterns of the columns to show."""
     from vlframe.runs.tracking import Tracker
 
     uri, parent_id, order, folder = resolve_parent(source, tracking_uri)
-    mlflow = store.client(uri)
-    with store.bounded(30):
-        rows = collect(mlflow, parent_id, order)
-        name = mlflow.get_run(parent_id).data.tags.get(tags.SWEEP, parent_id)
+    sink = sinks.sink_for(uri)
+    try:
+        name = sink.get_run(parent_id).tags.get(tags.SWEEP, parent_id)
+    except LookupError as exc:
+        raise CompareError(f"{exc}; pass --tracking-uri to name its store") from None
+    rows = collect(sink, parent_id, order)
     if not rows:
         raise CompareError(f"parent run {parent_id} at {uri} has no variant runs yet")
     if baseline is not None and baseline not in {r.variant for r in rows}:
         raise CompareError(f"--baseline {baseline}: no such variant; variants: {', '.join(r.variant for r in rows)}")
     columns = columns_for(rows, metrics)
-    out_dir = out_dir or (folder / "comparison" if folder is not None else store.DEFAULT_OUTPUT / "sweeps" / name /
+    out_dir = out_dir or (folder / "comparison" if folder is not None else sinks.DEFAULT_OUTPUT / "sweeps" / name /
                           "comparison")
     out_dir.mkdir(parents=True, exist_ok=True)
     if baseline is not None:
-        with store.bounded(60):
-            load_items(mlflow, rows, columns, out_dir / "items")
+        load_items(sink, rows, columns, out_dir / "items")
     text = render_text(rows, columns, baseline)
     files = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png"]
     files[0].write_text(render_csv(rows, columns, baseline), encoding="utf-8")

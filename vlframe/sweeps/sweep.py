@@ -1,8 +1,8 @@
-"""Ablation sweeps: variants of one base config, trained and evaluated alike, tracked in MLflow.
+"""Ablation sweeps: variants of one base config, trained and evaluated alike, tracked together.
 
 A sweep file names a base config, overrides shared by every variant (``set``), named variants
 (each a set of overrides) and/or grid axes (every combination), and the evaluation tasks every
-variant gets. ``vlframe sweep FILE`` opens (or reopens) one MLflow parent run for the sweep and
+variant gets. ``vlframe sweep FILE`` opens (or reopens) one tracked parent run for the sweep and
 trains each variant in its own process as a child run, tagged with the keys it overrides and
 its config hash (which covers the plugins its components come from, so a fixed plugin trains
 again). A variant whose hash already finished under this parent is skipped, so an interrupted
@@ -11,7 +11,7 @@ the sweep goes on.
 
 Each variant is then evaluated by every task of the sweep that applies to it, through the same
 dispatcher as ``vlframe eval``; a task the variant cannot run (it lacks the capability) is
-recorded with the reason. Every MLflow write goes through a journal (the parent's in the sweep
+recorded with the reason. Every tracking write goes through a journal (the parent's in the sweep
 folder, each variant's in its run folder), so a tracking server that goes away mid-sweep loses
 nothing: ``vlframe tracking sync`` delivers it later.
 """
@@ -32,10 +32,11 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from registry import ConfigError, ConfigModel, Problem, Registry, TaskConfig, VlframeError
+from registry import Catalog, ConfigError, ConfigModel, Problem, Registry, RunRecord, TaskConfig, VlframeError
+from registry.protocols import TrackingSink
 from vlframe.config import files as configfile
 from vlframe.config.root import VlframeConfig
-from vlframe.runs import store, tags
+from vlframe.runs import sinks, tags
 from vlframe.runs.folder import RunDir, unique_name
 from vlframe.runs.lock import FolderLock
 
@@ -63,7 +64,9 @@ class SweepConfig(ConfigModel):
         "variant x seed is a run nested under its variant's run; compare reports means, intervals and tests. "
         "None: one run per variant at its config's seed.")
     evaluation: SweepEvaluation = Field(default_factory=SweepEvaluation)
-    output_dir: Path = Field(Path("runs/sweeps"), description="Variant run folders go in OUTPUT_DIR/NAME/.")
+    output_dir: Path | None = Field(
+        None, description="Variant run folders go in OUTPUT_DIR/NAME/; default: sweeps/ in the base config's "
+        "train.output_dir (runs/sweeps).")
 
 
 @dataclass
@@ -92,7 +95,26 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def load_sweep(path: Path) -> SweepConfig:
+@dataclass(frozen=True)
+class Target:
+    """Where a sweep is tracked: the store's URI, the experiment, and the plugins (its sink) of the base config."""
+
+    uri: str
+    experiment: str
+    catalog: Catalog | None = None
+
+    def tracker(self, folder: Path) -> Any:
+        from vlframe.runs.tracking import Tracker
+
+        return Tracker(folder, uri=self.uri, experiment=self.experiment, catalog=self.catalog)
+
+    def sink(self) -> TrackingSink:
+        return sinks.sink_for(self.uri, self.catalog)
+
+
+def load_sweep(path: Path, cli_sets: Sequence[str] = ()) -> SweepConfig:
+    """The sweep file ``path``, its base config found; ``cli_sets``: the command line's ``--set``
+    (they decide, with the sweep's ``set``, the output folder its runs go in when it names none)."""
     data = configfile.read_yaml(path)
     try:
         sweep = SweepConfig.model_validate(data)
@@ -102,6 +124,11 @@ def load_sweep(path: Path) -> SweepConfig:
         sweep = sweep.model_copy(update={"base": (path.parent / sweep.base).resolve()})
     if not sweep.base.is_file():
         raise ConfigError([Problem("base", f"no such config: {sweep.base}", str(path))])
+    if sweep.output_dir is None:  # beside the base config's runs
+        train = configfile.compose(sweep.base).get("train") or {}
+        data = configfile.apply_overrides(configfile.apply_overrides({"train": train}, sweep.set), cli_sets)
+        output = (data.get("train") or {}).get("output_dir")
+        sweep = sweep.model_copy(update={"output_dir": Path(output or sinks.DEFAULT_OUTPUT) / "sweeps"})
     return sweep
 
 
@@ -125,7 +152,7 @@ def expand(sweep: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def variant_hash(config: VlframeConfig, registry: Registry) -> str:
     """The config hash of a variant, with the fingerprint of the plugins it uses."""
-    return configfile.config_hash(config, registry.fingerprint(configfile.used_plugins(config, registry.catalog)))
+    return configfile.run_hash(config, registry)
 
 
 def build_variants(sweep: SweepConfig, sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None,
@@ -196,47 +223,42 @@ def eval_hash(tasks: dict[str, TaskConfig] | None, registry: Registry) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-# -- MLflow ----------------------------------------------------------------------------------------
+# -- tracking --------------------------------------------------------------------------------------
 
 
-def tracking_target(sweep: SweepConfig, cli_sets: Sequence[str] = ()) -> tuple[str, str]:
+def tracking_target(sweep: SweepConfig, cli_sets: Sequence[str] = (), registry: Registry | None = None) -> tuple[str, str]:
     """(tracking URI, experiment) of the sweep: those of its base config (with the sweep's ``set``
-    and the command line's ``--set``), by the store rule of :mod:`vlframe.runs.store`."""
+    and the command line's ``--set``), by the rule of :mod:`vlframe.runs.sinks`."""
     data = configfile.apply_overrides(configfile.apply_overrides(configfile.compose(sweep.base), sweep.set), cli_sets)
     tracking = data.get("tracking") or {}
-    output = Path((data.get("train") or {}).get("output_dir", store.DEFAULT_OUTPUT))
-    return store.store_uri(configured=tracking.get("uri"), output_dir=output), tracking.get("experiment", "vlframe")
+    output = Path((data.get("train") or {}).get("output_dir", sinks.DEFAULT_OUTPUT))
+    registry = registry or configfile.registry_for(data, str(sweep.base))
+    uri = sinks.store_uri(configured=tracking.get("uri"), output_dir=output, catalog=registry.catalog)
+    return uri, tracking.get("experiment", "vlframe")
 
 
-def find_parent(mlflow: Any, experiment: str, sweep_name: str) -> str | None:
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{tags.SWEEP}` = '{sweep_name}' "
-                              f"and tags.`{tags.SWEEP_PARENT}` = 'true'", order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0].info.run_id if runs else None
+def find_parent(sink: TrackingSink, experiment: str, sweep_name: str) -> str | None:
+    """The newest parent run of sweep ``sweep_name`` in ``experiment`` (None: the sweep never ran there)."""
+    runs = sink.find_runs(experiment, {tags.SWEEP: sweep_name, tags.SWEEP_PARENT: "true"})
+    return runs[0].run_id if runs else None
 
 
-def children(mlflow: Any, parent_id: str) -> list[Any]:
+def children(sink: TrackingSink, parent_id: str) -> list[RunRecord]:
     """Every run of the sweep under ``parent_id``: its children, and (seeded sweeps) the seed runs
     nested under their variant's run; each once."""
-    parent = mlflow.get_run(parent_id)
     found = {}
-    for query in (f"tags.`{tags.PARENT}` = '{parent_id}'", f"tags.`{tags.SWEEP_ROOT}` = '{parent_id}'"):
-        for run in mlflow.search_runs([parent.info.experiment_id], filter_string=query, max_results=5000):
-            found[run.info.run_id] = run
+    for tag in (tags.PARENT, tags.SWEEP_ROOT):
+        for run in sink.find_runs(None, {tag: parent_id}):
+            found[run.run_id] = run
     return list(found.values())
 
 
-def open_group(sweep: SweepConfig, name: str, parent_id: str, uri: str, experiment: str, known: str | None) -> Any:
+def open_group(sweep: SweepConfig, name: str, parent_id: str, target: Target, known: str | None) -> Any:
     """The run a seeded variant's seed runs nest under (a child of the sweep's parent)."""
-    from vlframe.runs.tracking import Tracker
-
     folder = sweep_folder(sweep) / _safe(name) / "variant"
     record = RunDir(folder).record() or {}
-    run_id = known or (record.get("run_id") if record.get("uri") == uri else None)
-    tracker = Tracker(folder, uri=uri, experiment=experiment)
+    run_id = known or (record.get("run_id") if record.get("uri") == target.uri else None)
+    tracker = target.tracker(folder)
     tracker.start(run_name=name, run_id=run_id, tags={tags.PARENT: parent_id, tags.SWEEP_ROOT: parent_id,
                                                       tags.SWEEP: sweep.name, tags.VARIANT: name,
                                                       tags.VARIANT_GROUP: "true"})
@@ -244,26 +266,30 @@ def open_group(sweep: SweepConfig, name: str, parent_id: str, uri: str, experime
 
 
 def sweep_folder(sweep: SweepConfig) -> Path:
-    return sweep.output_dir / sweep.name
+    return Path(sweep.output_dir or sinks.DEFAULT_OUTPUT / "sweeps") / sweep.name
 
 
-def open_parent(sweep: SweepConfig, sweep_file: Path, uri: str, experiment: str) -> Any:
+def open_parent(sweep: SweepConfig, sweep_file: Path, target: Target) -> Any:
     """The sweep's parent run, through a tracker in the sweep's folder: the run that folder already
     is in this store, else the newest run tagged with this sweep's name there, else a new one."""
-    from vlframe.runs.tracking import Tracker
-
+    uri = target.uri
     folder = sweep_folder(sweep) / "parent"
     record = RunDir(folder).record() or {}
     known = record.get("run_id") if record.get("uri") == uri else None
     if known is None:
-        with store.bounded(30):
-            known = find_parent(store.client(uri), experiment, sweep.name)
-    tracker = Tracker(folder, uri=uri, experiment=experiment)
+        try:
+            known = find_parent(target.sink(), target.experiment, sweep.name)
+        except VlframeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store is down: said below, as when the run cannot open
+            raise VlframeError(f"{uri} could not be reached ({type(exc).__name__}): a sweep needs its store to find "
+                               "the variants that already finished; nothing was trained") from exc
+    tracker = target.tracker(folder)
     tracker.start(run_name=f"sweep-{sweep.name}", run_id=known,
                   tags={tags.SWEEP: sweep.name, tags.SWEEP_PARENT: "true",
                         tags.NOTE: sweep.description or f"sweep {sweep.name}"})
     if tracker.run_id is None:
-        raise VlframeError(f"MLflow at {uri} could not be reached ({tracker.reason}): a sweep needs its store to find "
+        raise VlframeError(f"{uri} could not be reached ({tracker.reason}): a sweep needs its store to find "
                            "the variants that already finished; nothing was trained")
     if known is None:  # a new parent: file the sweep itself with it
         tracker.log_artifact(sweep_file)
@@ -284,12 +310,10 @@ def _child_tags(variant: Variant, sweep: SweepConfig, parent_id: str) -> dict[st
     return out
 
 
-def _record_failure(run_dir: Path, uri: str, experiment: str, variant: Variant, sweep: SweepConfig, parent_id: str,
+def _record_failure(run_dir: Path, target: Target, variant: Variant, sweep: SweepConfig, parent_id: str,
                     message: str) -> str | None:
     """Mark the variant's run FAILED with the error (creating it when training never opened one)."""
-    from vlframe.runs.tracking import Tracker
-
-    tracker = Tracker(run_dir, uri=uri, experiment=experiment)
+    tracker = target.tracker(run_dir)
     run_id = RunDir(run_dir).run_id
     tracker.start(run_name=variant.label, tags=_child_tags(variant, sweep, parent_id), run_id=run_id,
                   attach=run_id is not None)
@@ -299,13 +323,15 @@ def _record_failure(run_dir: Path, uri: str, experiment: str, variant: Variant, 
 
 
 def evaluate_variant(run_dir: Path, blocks: dict[str, Any] | None, uri: str,
-                     extra_tags: dict[str, str]) -> tuple[dict[str, float], dict[str, str], dict[str, str], list[str]]:
+                     extra_tags: dict[str, str]) -> tuple[dict[str, float], dict[str, str], dict[str, str], Any]:
     """The sweep's evaluation of one trained variant, logged to its run (through a journal), with the
     plugins the variant's own config names: (metrics, skipped tasks with the reason, failed tasks
     with the error, lines saying where it went). One task failing does not stop the others."""
-    from vlframe.evaluation.tasks import log_results, periodic_tasks, run_task, task_config, why_not
+    from registry.protocols import why_not
+
+    from vlframe.evaluation.tasks import log_results, periodic_tasks, run_task, task_config
     from vlframe.inference.trained import load_trained
-    from vlframe.runs.tracking import journal_metrics
+    from vlframe.runs.journal import journal_metrics
 
     trained = load_trained(run_dir, precision="auto")
     catalog, capabilities = trained.registry.catalog, trained.model.capabilities
@@ -313,7 +339,7 @@ def evaluate_variant(run_dir: Path, blocks: dict[str, Any] | None, uri: str,
         tasks = periodic_tasks(catalog, capabilities)
     else:
         tasks = {name: task_config(catalog, block, f"evaluation.tasks.{name}") for name, block in blocks.items()}
-    skipped = {name: why for name, task in tasks.items() if (why := why_not(task, capabilities))}
+    skipped = {name: why for name, task in tasks.items() if (why := why_not(type(task).requires, capabilities))}
     folder = trained.run.eval_dir(unique_name("sweep"))
     results, failed = [], {}
     for name, task in tasks.items():
@@ -328,71 +354,70 @@ def evaluate_variant(run_dir: Path, blocks: dict[str, Any] | None, uri: str,
     cost = {"cost/params_m": sum(p.numel() for p in trained.model.parameters()) / 1e6,
             "cost/images_per_s": per_s, "cost/s_per_step": trained.config.train.batch_size / per_s}
     done = {} if failed else {tags.SWEEP_DONE: "true"}
-    lines = log_results(trained, results, folder, uri=uri, extra_metrics=cost,
+    report = log_results(trained, results, folder, uri=uri, extra_metrics=cost,
                         extra_tags={**extra_tags, **done,
                                     **{f"{tags.EVAL_SKIPPED_PREFIX}{n}": why for n, why in skipped.items()}})
     metrics = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items()}
-    return {**metrics, **cost}, skipped, failed, lines
+    return {**metrics, **cost}, skipped, failed, report
 
 
 def run_sweep(sweep_file: Path, *, cli_sets: Sequence[str] = (), steps: int | None = None, only: Sequence[str] = (),
               seeds: Sequence[int] | None = None, say: Any = print) -> tuple[str, list[Outcome]]:
     """Run (or resume) a sweep; return its parent run id and each variant's (x seed's) outcome.
     ``seeds``: instead of the file's ``seeds``."""
-    sweep = load_sweep(sweep_file)
+    sweep = load_sweep(sweep_file, cli_sets)
     variants, registry = build_variants(sweep, sweep_file, cli_sets=cli_sets, steps=steps, only=only, seeds=seeds)
     tasks = sweep_tasks(sweep, sweep_file, registry)  # checked once, before anything runs
     blocks = sweep.evaluation.tasks
     scored = eval_hash(tasks, registry)
-    uri, experiment = tracking_target(sweep, cli_sets)
+    uri, experiment = tracking_target(sweep, cli_sets, registry)
+    target = Target(uri, experiment, registry.catalog if registry is not None else None)
     sweep_folder(sweep).mkdir(parents=True, exist_ok=True)
     with FolderLock(sweep_folder(sweep), what="running this sweep", hint="then run it again"):  # one process per sweep folder
-        return _run_sweep(sweep, sweep_file, variants, blocks, scored, uri, experiment, say)
+        return _run_sweep(sweep, sweep_file, variants, blocks, scored, target, say)
 
 
 def _run_sweep(sweep: SweepConfig, sweep_file: Path, variants: list[Variant], blocks: dict[str, Any] | None,
-               scored: str, uri: str, experiment: str, say: Any) -> tuple[str, list[Outcome]]:
-    parent = open_parent(sweep, sweep_file, uri, experiment)
+               scored: str, target: Target, say: Any) -> tuple[str, list[Outcome]]:
+    parent = open_parent(sweep, sweep_file, target)
     parent_id = parent.run_id
     names, seeds = {v.name for v in variants}, {v.seed for v in variants if v.seed is not None}
     runs = f"{len(names)} variant(s)" + (f" x {len(seeds)} seed(s)" if seeds else "")
-    say(f"sweep {sweep.name}: {runs}; MLflow parent run {parent_id} at {uri}")
-    with store.bounded(30):
-        done = {r.data.tags.get(tags.CONFIG_HASH): r for r in children(store.client(uri), parent_id)
-                if r.data.tags.get(tags.SWEEP_DONE) == "true" and r.info.status == "FINISHED"}
-        groups_known = {r.data.tags.get(tags.VARIANT): r.info.run_id for r in children(store.client(uri), parent_id)
-                        if r.data.tags.get(tags.VARIANT_GROUP) == "true"}
+    say(f"sweep {sweep.name}: {runs}; parent run {parent_id} at {target.uri}")
+    known = children(target.sink(), parent_id)
+    done = {r.tags.get(tags.CONFIG_HASH): r for r in known
+            if r.tags.get(tags.SWEEP_DONE) == "true" and r.status == "FINISHED"}
+    groups_known = {r.tags.get(tags.VARIANT): r.run_id for r in known if r.tags.get(tags.VARIANT_GROUP) == "true"}
     outcomes = []
     groups: dict[str, Any] = {}
     for variant in variants:
         if variant.seed is not None:  # seed runs nest under their variant's run
             if variant.name not in groups:
-                groups[variant.name] = open_group(sweep, variant.name, parent_id, uri, experiment,
+                groups[variant.name] = open_group(sweep, variant.name, parent_id, target,
                                                   groups_known.get(variant.name))
             variant.parent_run = groups[variant.name].run_id or parent_id
         run_dir = _variant_folder(sweep, variant)
         if variant.error is not None:
-            run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, variant.error)
+            run_id = _record_failure(run_dir, target, variant, sweep, parent_id, variant.error)
             say(f"[{variant.label}] failed: {variant.error}")
             outcomes.append(Outcome(variant.label, "failed", run_id, variant.error))
             continue
         before = done.get(variant.hash)
-        if before is not None and before.data.tags.get(tags.EVAL_HASH) == scored:
-            say(f"[{variant.label}] skipped: finished before as run {before.info.run_id}")
-            outcomes.append(Outcome(variant.label, "skipped", before.info.run_id))
+        if before is not None and before.tags.get(tags.EVAL_HASH) == scored:
+            say(f"[{variant.label}] skipped: finished before as run {before.run_id}")
+            outcomes.append(Outcome(variant.label, "skipped", before.run_id))
             continue
-        trained_before = before is not None and RunDir(run_dir).run_id == before.info.run_id
-        outcomes.append(_run_variant(variant, sweep, run_dir, parent_id, uri, experiment, blocks, scored, say,
+        trained_before = before is not None and RunDir(run_dir).run_id == before.run_id
+        outcomes.append(_run_variant(variant, sweep, run_dir, parent_id, target, blocks, scored, say,
                                      train=not trained_before))
     for group in groups.values():
         group.finish("FINISHED")
-    for line in parent.finish("FINISHED"):
-        if "not delivered" in line or "deliver them" in line:
-            say(line)
+    for line in parent.finish("FINISHED").problems:
+        say(line)
     return parent_id, outcomes
 
 
-def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id: str, uri: str, experiment: str,
+def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id: str, target: Target,
                  blocks: dict[str, Any] | None, scored: str, say: Any, *, train: bool = True) -> Outcome:
     """Train a variant (unless ``train`` is false: it trained before and only its evaluation
     changed), then evaluate it."""
@@ -402,7 +427,7 @@ def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id:
     if train:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = variant.config.model_copy(update={"tracking": variant.config.tracking.model_copy(
-            update={"uri": uri, "experiment": experiment, "run_name": variant.label,
+            update={"uri": target.uri, "experiment": target.experiment, "run_name": variant.label,
                     "tags": {**variant.config.tracking.tags, **_child_tags(variant, sweep, parent_id)}})})
         config_file = run_dir / "variant.yaml"
         config_file.write_text(configfile.to_yaml(config), encoding="utf-8")
@@ -415,27 +440,26 @@ def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id:
         if proc.returncode != 0:
             tail = [line for line in proc.stdout.strip().splitlines() if line.strip()][-3:]
             message = f"training exited with code {proc.returncode}: " + " | ".join(tail)
-            run_id = _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
+            run_id = _record_failure(run_dir, target, variant, sweep, parent_id, message)
             say(f"[{variant.label}] failed: {message}")
             return Outcome(variant.label, "failed", run_id, message)
     else:
         say(f"[{variant.label}] trained before; its evaluation changed: evaluating again")
     run_id = RunDir(run_dir).run_id
     try:
-        metrics, skipped, failed, lines = evaluate_variant(run_dir, blocks, uri, {tags.EVAL_HASH: scored})
+        metrics, skipped, failed, report = evaluate_variant(run_dir, blocks, target.uri, {tags.EVAL_HASH: scored})
     except Exception as exc:  # noqa: BLE001 - one variant's evaluation failing must not end the sweep
         message = f"evaluation failed: {type(exc).__name__}: {exc}"
-        _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
+        _record_failure(run_dir, target, variant, sweep, parent_id, message)
         say(f"[{variant.label}] {message}")
         return Outcome(variant.label, "failed", run_id, message)
     shown = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in metrics.items() if not k.startswith("cost/"))
     not_run = "".join(f"; {name} not run ({why})" for name, why in skipped.items())
-    for line in lines:
-        if "not delivered" in line or "deliver them" in line:
-            say(f"[{variant.label}] {line}")
+    for line in report.problems:
+        say(f"[{variant.label}] {line}")
     if failed:
         message = "evaluation failed: " + "; ".join(f"{name}: {why}" for name, why in failed.items())
-        _record_failure(run_dir, uri, experiment, variant, sweep, parent_id, message)
+        _record_failure(run_dir, target, variant, sweep, parent_id, message)
         say(f"[{variant.label}] {message} (the other tasks were logged: {shown})")
         return Outcome(variant.label, "failed", run_id, message, metrics)
     say(f"[{variant.label}] finished in {time.time() - began:.0f} s: {shown}{not_run}")

@@ -1,9 +1,7 @@
-"""Which MLflow store a command uses, and talking to it. One rule for every command:
+"""Talking to an MLflow store: bounded requests, and an embedded store made safely.
 
-1. the store named on the command line (``--tracking-uri``);
-2. the run's config (``tracking.uri``), or the store a run folder recorded;
-3. ``$MLFLOW_TRACKING_URI``;
-4. the embedded store ``sqlite:///<output folder>/mlflow.db`` (``train.output_dir``, default ``runs``).
+Where a run is tracked when its config names no store: ``$MLFLOW_TRACKING_URI``, else the embedded
+store ``sqlite:///<output folder>/mlflow.db`` (``train.output_dir``, default ``runs``).
 
 MLflow retries a dead server for minutes by default. vlframe bounds every request it makes
 (:func:`bounded`), for the duration of its own calls only: nothing in the process environment
@@ -35,17 +33,16 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 ENV_URI = "MLFLOW_TRACKING_URI"
-DEFAULT_OUTPUT = Path("runs")
 _LIMITS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
 
-def embedded_uri(output_dir: Path | None = None) -> str:
-    return f"sqlite:///{(output_dir or DEFAULT_OUTPUT).resolve() / 'mlflow.db'}"
+def embedded_uri(output_dir: Path) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
-def store_uri(given: str | None = None, configured: str | None = None, output_dir: Path | None = None) -> str:
-    """The tracking URI by the rule above."""
-    return given or configured or os.environ.get(ENV_URI) or embedded_uri(output_dir)
+def default_uri(output_dir: Path) -> str:
+    """``$MLFLOW_TRACKING_URI``, else the embedded store of ``output_dir``."""
+    return os.environ.get(ENV_URI) or embedded_uri(output_dir)
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -1,0 +1,81 @@
+"""The run's state in ``Stateful`` parts (``state_dict`` / ``load_state_dict``), as torchtitan keeps it.
+
+Each part owns its entries of a checkpoint's ``state.json`` (the names below), so checkpoints of
+earlier versions load unchanged; the model and the optimiser are saved by the parallel strategy
+(their format is its own), everything else here:
+
+==================  ==========================================================================
+``step``            :class:`TrainState`: optimiser steps taken
+``rng``             :class:`RNGState`: Python's, numpy's and torch's generators (and CUDA's)
+``scheduler``       :class:`SchedulerState`: the learning-rate schedule
+``skipped``         the skip ledger (:class:`vlframe.data.loading.SkipLedger`): unusable samples
+``micro_batches``   :class:`DataPosition`: micro-batches the loader has handed out
+==================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch.distributed.checkpoint.stateful import Stateful
+
+from vlframe.runs import checkpoint
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: optimiser steps taken."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+class RNGState:
+    """The random generators, so that a resumed run draws what the uninterrupted one would."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": checkpoint.rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        checkpoint.set_rng_state(state["rng"])
+
+
+class SchedulerState:
+    """The learning-rate schedule (a ``torch.optim.lr_scheduler`` object) under its entry."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+@dataclass
+class DataPosition:
+    """How far the training data has been read, in micro-batches (the loader starts there)."""
+
+    grad_accum: int
+    micro_batches: int = 0
+
+    def advance(self) -> None:
+        self.micro_batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # Checkpoints of earlier versions did not record it: step x micro-batches per step.
+        self.micro_batches = int(state.get("micro_batches", int(state["step"]) * self.grad_accum))
+
+
+__all__ = ["DataPosition", "RNGState", "SchedulerState", "Stateful", "TrainState"]

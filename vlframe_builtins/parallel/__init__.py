@@ -1,0 +1,1 @@
+"""Built-in parallel strategies: replicas (DDP) and shards (FSDP2)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from registry import Registry
+from vlframe.runtime.compiling import key_caches_by_isa
 
 try:
     from mlflow_server import servers  # noqa: F401 - a fixture shared by the tracking tests
@@ -20,6 +21,10 @@ except ImportError:  # a GPU machine without MLflow runs the kernel tests only (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+# Tests call torch.compile directly too: their cached graphs are keyed by the CPU's vector ISA, as
+# vlframe's own are (vlframe.runtime.compiling), so a suite run held to AVX2 never loads AVX-512 code.
+key_caches_by_isa()
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,9 @@ def _compiled_step(model: Captioner) -> Any:
     int: after the first change dynamo makes it symbolic, so one graph serves every step."""
     step = _COMPILED.get(model)
     if step is None:
+        from vlframe.runtime.compiling import key_caches_by_isa
+
+        key_caches_by_isa()
         step = _COMPILED[model] = torch.compile(model.caption_logits, dynamic=None)
     return step
 

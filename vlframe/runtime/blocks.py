@@ -56,6 +56,9 @@ def checkpoint_blocks(model: nn.Module, mode: str) -> int:
 
 def compile_blocks(model: nn.Module) -> int:
     """``torch.compile`` each block in place (the same module objects, so sharding still finds them)."""
+    from vlframe.runtime.compiling import key_caches_by_isa
+
+    key_caches_by_isa()
     blocks = list(model.blocks())
     for block in blocks:
         block.compile()

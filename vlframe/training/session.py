@@ -148,6 +148,15 @@ class RunSession:
 
     # -- tracking ------------------------------------------------------------------------------
 
+    def check_tracking(self) -> None:
+        """A URI no tracking sink serves is said before anything is written (by every rank: each
+        stops, none is left waiting for rank 0)."""
+        cfg = self.config
+        if cfg.tracking.enabled:
+            uri = sinks.store_uri(configured=cfg.tracking.uri, output_dir=cfg.train.output_dir,
+                                  catalog=self.registry.catalog)
+            sinks.sink_entry(uri, self.registry.catalog)
+
     def track(self, *, run_id: str | None, config_hash: str, same_config: bool, resumed_from: Path | None,
               plugins: Mapping[str, str], skipped_tasks: Mapping[str, str]) -> None:
         """Open the tracked run (rank 0; a resumed run reopens ``run_id``), with the run's params and tags."""

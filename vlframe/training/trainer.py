@@ -197,6 +197,7 @@ class Trainer:
         if t.batch_size % (world * t.grad_accum):
             raise ConfigError([Problem("train.batch_size", f"{t.batch_size} does not split into {world} rank(s) "
                                                           f"x {t.grad_accum} micro-batch(es)")])
+        self.session.check_tracking()
         ckpt, init = starting_point(self.resume, t.init_from, say)
         torch.manual_seed(t.seed)
         random.seed(t.seed)

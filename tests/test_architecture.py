@@ -8,6 +8,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 ENGINE = ROOT / "vlframe"
@@ -93,3 +95,83 @@ def test_the_registry_depends_only_on_pluggy_and_pydantic() -> None:
             if top not in allowed and top not in __import__("sys").stdlib_module_names:
                 found.append((str(path.relative_to(ROOT)), module))
     assert found == []
+
+
+def _import_graph(package: Path, root: Path = ROOT) -> dict[str, set[str]]:
+    """Every module of ``package`` and the modules of the same package it imports: at the top and
+    inside functions alike (an import deferred for speed is still a dependency)."""
+
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name_of(p): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                while name and name not in files:  # the module itself, or the one its name lives in
+                    name = name.rpartition(".")[0]
+                if name and name not in (module, package.name):
+                    graph[module].add(name)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+@pytest.mark.parametrize("package", ["vlframe", "registry", "vlframe_builtins"])
+def test_no_import_cycles(package: str) -> None:
+    graph = _import_graph(ROOT / package)
+    assert len(graph) > 5
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import f\n")
+    (package / "b.py").write_text("def f():\n    from pkg import a\n    return a\n")
+    (package / "c.py").write_text("from . import a\n")
+    assert _cycles(_import_graph(package, root=tmp_path)) == [["pkg.a", "pkg.b"]]

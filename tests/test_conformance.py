@@ -209,6 +209,8 @@ def test_plugins_check_from_the_command_line(tmp_path: Path) -> None:
     block.write_text("type: vit\nimage_size: 32\npatch_size: 8\nwidth: 24\nlayers: 1\nheads: 5\n")
     result = run_main("plugins", "check", "vit", "--config", str(block))
     assert result.code == 2 and "FAIL image_encoder vit [encoders.vit]: config" in result.out
-    assert "5 heads do not divide width 24" in result.out
+    assert "5 heads do not divide width 24" in result.out and "Traceback" not in result.err
+    debug = run_main("--debug", "plugins", "check", "vit", "--config", str(block))  # the traceback behind the line
+    assert debug.code == 2 and "Traceback (most recent call last)" in debug.err and "ValidationError" in debug.err
     result = run_main("plugins", "check", "vitt")
     assert result.code == 2 and "no component or plugin named 'vitt' (did you mean 'vit'?)" in result.err

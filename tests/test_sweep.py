@@ -61,6 +61,23 @@ def test_grid_axes_cross_every_variant(tmp_path: Path) -> None:
                                                              "model.objectives.caption.weight": 2.0}
 
 
+def test_a_sweep_without_an_output_dir_puts_its_runs_beside_its_base_configs(tmp_path: Path) -> None:
+    """Under the base config's train.output_dir (with the sweep's and the command line's --set), not
+    under whatever folder the sweep was started from."""
+    from vlframe.sweeps.sweep import sweep_folder
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"extends: {CONFIGS / 'coca_tiny.yaml'}\ntrain:\n  output_dir: {tmp_path / 'mine'}\n")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "where", "base": str(base)}))
+    assert sweep_folder(load_sweep(path)) == tmp_path / "mine" / "sweeps" / "where"
+    assert sweep_folder(load_sweep(path, [f"train.output_dir={tmp_path / 'cli'}"])) == tmp_path / "cli" / "sweeps" / "where"
+    path.write_text(yaml.safe_dump({"name": "where", "base": str(base), "set": {"train.output_dir": str(tmp_path / "set")}}))
+    assert sweep_folder(load_sweep(path)) == tmp_path / "set" / "sweeps" / "where"
+    path.write_text(yaml.safe_dump({"name": "where", "base": str(base), "output_dir": str(tmp_path / "own")}))
+    assert sweep_folder(load_sweep(path)) == tmp_path / "own" / "where"
+
+
 @pytest.mark.slow
 def test_micro_sweep_tracks_resumes_records_failures_and_compares(tmp_path: Path) -> None:
     sweep_file = _sweep_file(tmp_path)

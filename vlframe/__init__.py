@@ -10,7 +10,7 @@ with torch alone, as on a GPU machine that has no pydantic or MLflow.
 
 from __future__ import annotations
 
-from vlframe.lazy import lazy
+from vlframe.lazy import install_moved_modules, lazy
 
 __version__ = "0.1.0"
 
@@ -32,3 +32,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy(__name__, _EXPORTS)
+install_moved_modules()  # `import vlframe.distributed` (moved to vlframe.runtime) still works, and says where

@@ -149,7 +149,7 @@ class TrainConfig(ConfigModel):
             settings = data.pop(name)
             data["parallel"] = {**settings, **(chosen if isinstance(chosen, Mapping) else {}), "type": name}
             warnings.warn(f"train.{name}: the parallel strategy's settings now go in its block, train.parallel: "
-                          f"{{type: {name}, ...}} (read this time; see CHANGELOG.md)", DeprecationWarning, stacklevel=2)
+                          f"{{type: {name}, ...}} (read this time; see CHANGELOG.md)", FutureWarning, stacklevel=2)
         return data
 
     @model_validator(mode="after")

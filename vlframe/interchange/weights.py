@@ -9,9 +9,11 @@ holding anything else is refused with one line naming what it holds.
 from __future__ import annotations
 
 import pickle
-import re
 from pathlib import Path
 from typing import Any
+
+from registry import in_one_line
+from vlframe.runs.checkpoint import refusal
 
 
 def read_weights_file(path: str | Path) -> Any:
@@ -31,12 +33,4 @@ def read_weights_file(path: str | Path) -> Any:
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path}: refused: {refusal(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - truncated, foreign, not weights at all
-        text = " ".join(str(exc).split())[:300]
-        raise ValueError(f"{path}: not a readable weights file ({type(exc).__name__}: {text})") from None
-
-
-def refusal(exc: BaseException) -> str:
-    """Why torch's safe unpickler refused a file, in one line."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-    what = f"it holds {found.group(1)}, " if found else "it holds objects other than tensors and numbers, "
-    return what + "which would run code when loaded; vlframe never unpickles such files"
+        raise ValueError(f"{path}: not a readable weights file ({type(exc).__name__}: {in_one_line(exc)})") from None

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from registry import in_one_line
 from vlframe.runs.checkpoint import SHARDS
 
 FORMAT = "sharded"
@@ -147,7 +148,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     try:
         _quiet_load(stored, path, no_dist=not _group())
     except Exception as exc:  # DCP wraps a per-rank failure; its message names the key
-        raise RuntimeError(f"{path / SHARDS}: {' '.join(str(exc).split())[:400]}") from exc
+        raise RuntimeError(f"{path / SHARDS}: {in_one_line(exc, 400)}") from exc
     for alias, source in tied.items():
         if alias in tensors and source in stored:
             stored[alias] = stored[source]

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from registry import ComponentSpec, DatasetConfig, hookimpl, raise_problems
+from registry import ComponentSpec, DatasetConfig, hookimpl, in_one_line, raise_problems
 from vlframe.sdk import Sample, SampleError, clean_captions, load_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -201,7 +201,7 @@ class ShardStream:
         def handler(exc: Exception) -> bool:  # a shard that cannot be read: counted, the stream goes on
             url = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else "a shard"  # webdataset appends it
             errors.append(SampleError(url, f"unreadable shard data ({type(exc).__name__}: "
-                                           f"{' '.join(str(exc.args[0] if exc.args else exc).split())[:200]})"))
+                                           f"{in_one_line(exc.args[0] if exc.args else exc, 200)})"))
             return True
 
         sources = ({"url": url} for url in self._shards(slot, slots, epoch, seed))

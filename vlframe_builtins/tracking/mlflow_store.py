@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from registry import VlframeError
+from registry import VlframeError, in_one_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -135,7 +135,7 @@ def _prepare_locked(db: Path, uri: str) -> None:
         _touch(uri)
     except Exception as exc:  # noqa: BLE001 - even a new store fails: a full disk, a read-only folder
         raise StoreError(f"the MLflow store {db} was half-migrated and a new one could not be made there "
-                         f"({' '.join(str(exc).split())[:200]}); the old file is {aside.name}") from None
+                         f"({in_one_line(exc, 200)}); the old file is {aside.name}") from None
     logging.getLogger("vlframe").warning(
         "the MLflow store %s was half-migrated (%s) and held nothing: a new one replaces it (the old file is %s)",
         db, problem, aside.name)

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from numerics import assert_close
+
 from vlframe.nn import BACKENDS, Attention, set_attention_backend
 from vlframe.nn.attention import EAGER_MAX_KEYS, auto_attention, eager_attention, math_attention, sdpa_attention
 
@@ -67,7 +69,7 @@ def test_backends_match_reference(backend: str, case: str) -> None:
     lq, lk, causal, padded = CASES[case]
     q, k, v, mask = _inputs(lq, lk, padded)
     out = BACKENDS[backend](q, k, v, mask, causal)
-    torch.testing.assert_close(out.double(), reference(q, k, v, mask, causal), atol=1e-5, rtol=1e-5)
+    assert_close(out, reference(q, k, v, mask, causal), dtype=torch.float32, depth="layer")
 
 
 @pytest.mark.parametrize("fn", [sdpa_attention, eager_attention, math_attention, auto_attention])
@@ -99,7 +101,7 @@ def test_module_self_and_cross_attention_agree_across_backends() -> None:
         results[backend] = (self_attn(x, key_mask=mask), cross(x, ctx, key_mask=ctx_mask))
     for backend in RUNNABLE:
         for a, b in zip(results[backend], results["math"]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert_close(a, b, depth="layer", what=backend)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -109,7 +111,7 @@ def test_bf16_backends_agree_and_auto_picks_eager_for_short_cpu_keys(case: str, 
                      for t in _inputs(lq, lk, padded))
     want = reference(q.float(), k.float(), v.float(), mask, causal)
     for fn in (sdpa_attention, eager_attention):
-        torch.testing.assert_close(fn(q, k, v, mask, causal).double(), want, atol=2e-2, rtol=2e-2)
+        assert_close(fn(q, k, v, mask, causal), want, dtype=torch.bfloat16, depth="layer")
     chosen = []
     import vlframe.nn.attention as attention
 
@@ -140,7 +142,7 @@ def test_mlp_recomputing_its_activation_matches_plain_autograd(activation: str) 
     expected = torch.autograd.grad(plain.square().sum(), [x, *mlp.parameters()])
     torch.testing.assert_close(out, plain)
     for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert_close(got, want, depth="backward")
 
 
 def test_blocks_with_fused_norms_match_plain_autograd() -> None:
@@ -163,9 +165,9 @@ def test_blocks_with_fused_norms_match_plain_autograd() -> None:
     with torch.autocast("cpu", enabled=False):
         reference = plain(x, ctx)
     expected = torch.autograd.grad(reference.square().sum(), [x, ctx, *block.parameters()])
-    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
+    assert_close(out, reference, depth="layer")
     for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert_close(got, want, depth="backward")
 
 
 def test_fused_paths_follow_autocast_like_plain_modules() -> None:
@@ -180,7 +182,7 @@ def test_fused_paths_follow_autocast_like_plain_modules() -> None:
         with torch.no_grad():  # the no-grad path is the plain modules
             plain = block(x)
     assert out.dtype == plain.dtype
-    torch.testing.assert_close(out, plain, atol=2e-2, rtol=2e-2)
+    assert_close(out, plain, dtype=torch.bfloat16, depth="layer")
     out.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in block.parameters())

@@ -13,6 +13,7 @@ from vlframe import build_model, load_config, set_attention_backend
 from vlframe.config import files as configfile
 
 from conftest import CONFIGS
+from numerics import assert_close
 
 torch.set_num_threads(2)
 
@@ -69,7 +70,7 @@ def test_embeddings_are_normalised_and_ignore_padding(tiny) -> None:
         alone = [tiny.encode_text(row[row != 0][None]) for row in text]
     torch.testing.assert_close(image_embeds.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(padded.norm(dim=-1), torch.ones(4))
-    torch.testing.assert_close(padded, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert_close(padded, torch.cat(alone))
 
 
 def test_captioning_loss_ignores_padding(tiny) -> None:
@@ -95,7 +96,7 @@ def test_chunked_caption_loss_matches_full_logits_in_value_and_gradient(chunk, r
                                 retain_graph=True)
     expected = torch.autograd.grad(manual, [model.lm_head.proj.weight, model.caption_pooler.queries])
     for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+        assert_close(got, want, depth="backward")
 
 
 def json_null(value):
@@ -110,7 +111,7 @@ def test_attention_backends_give_the_same_losses(registry: Registry) -> None:
         sdpa = model(images, text)
         math = set_attention_backend(model, "math")(images, text)
     for name in sdpa.losses:
-        torch.testing.assert_close(sdpa.losses[name], math.losses[name], atol=1e-4, rtol=1e-4)
+        assert_close(sdpa.losses[name], math.losses[name], what=name)
 
 
 def test_contrastive_only_has_no_multimodal_parameters(registry: Registry) -> None:
@@ -270,7 +271,7 @@ def test_mean_text_embedding_and_mean_image_pooler(registry: Registry) -> None:
     assert_every_parameter_learns(model, out)
     with torch.no_grad():
         alone = torch.cat([model.encode_text(row[row != 0][None]) for row in text])
-        torch.testing.assert_close(model.encode_text(text), alone, atol=1e-5, rtol=1e-5)
+        assert_close(model.encode_text(text), alone)
 
 
 def test_contrastive_temperature_starts_at_007_and_is_clamped(tiny) -> None:

@@ -173,7 +173,7 @@ def test_two_plugins_with_one_name_and_the_override_that_settles_it(tmp_path: Pa
     using = ("config", "validate", str(TINY), "--set", "model.contrastive_pooler={type: mean}")
     result = run_main(*using)
     assert result.code == 2 and "pooler 'mean' is registered twice: by plugin '" in result.err
-    assert "plugin 'meaner' (meaner 1.2.3)" in result.err and "plugin 'poolers' (vlframe 0.1.0)" in result.err
+    assert "plugin 'meaner' (meaner 1.2.3)" in result.err and "plugin 'poolers' (vlframe 0.2.0)" in result.err
     assert "choose one with plugins.override: {pooler.mean: PLUGIN}" in result.err
     chosen = run_main(*using, "--set", "plugins.override={pooler.mean: meaner}")
     assert chosen.code == 0, chosen.err

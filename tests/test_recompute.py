@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_main
+from numerics import assert_close
 from registry import Registry
 from test_model import batch
 from training_configs import micro, sets
@@ -39,10 +40,10 @@ def test_every_choice_gives_the_losses_and_gradients_of_no_recomputation(parts, 
     images, text = batch(model)
     loss, grads = _grads(model, images, text, [])
     got_loss, got = _grads(model, images, text, parts)
-    torch.testing.assert_close(got_loss, loss, atol=1e-6, rtol=1e-5)
+    assert_close(got_loss, loss)
     assert got.keys() == grads.keys()
     for name in grads:
-        torch.testing.assert_close(got[name], grads[name], atol=1e-6, rtol=1e-4, msg=name)
+        assert_close(got[name], grads[name], depth="backward", what=name)
 
 
 def test_a_choice_reaches_the_recomputing_functions(registry: Registry) -> None:

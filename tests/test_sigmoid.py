@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from numerics import assert_close
 from test_distributed import torchrun
 from vlframe_builtins.objectives import SigmoidConfig, SigmoidLoss
 
@@ -33,7 +34,7 @@ def test_the_sigmoid_loss_equals_a_double_loop_over_pairs() -> None:
             z = 1.0 if i == j else -1.0
             logit = 3.0 * float(image[i] @ text[j]) - 2.0
             expected += -math.log(1.0 / (1.0 + math.exp(-z * logit)))
-    assert abs(float(loss) - expected / 7) < 1e-6
+    assert_close(float(loss), expected / 7, depth="layer")
     assert loss_fn.metrics() == pytest.approx({"scale": 3.0, "bias": -2.0})
     defaults = SigmoidLoss(SigmoidConfig(type="sigmoid"))
     assert float(defaults.log_scale) == pytest.approx(math.log(10)) and float(defaults.bias) == -10.0
@@ -65,7 +66,8 @@ def test_ranks_give_the_loss_and_gradients_of_one_process_in_flat_memory(tmp_pat
     for world in (2, 4):
         single, spread = load_file(str(tmp_path / f"one_{local * world}.st")), results[world]
         for key in ("loss", "grad_image", "grad_text", "grad_log_scale", "grad_bias"):
-            torch.testing.assert_close(spread[key], single[key], atol=1e-6, rtol=1e-5, msg=f"{world} ranks: {key}")
+            assert_close(spread[key], single[key], depth="backward" if key.startswith("grad") else "layer",
+                         what=f"{world} ranks: {key}")
         results[f"one{world}"] = single
     # Per rank, the loss of a fixed local batch holds one local x local block at a time: its
     # memory does not grow with the ranks, while one process scoring the global batch does.

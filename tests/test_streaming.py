@@ -20,6 +20,7 @@ from vlframe.data.loading import Collate, ImageTextSource, build_transform, trai
 from vlframe.data.samples import SampleError
 
 from conftest import run_main
+from numerics import assert_close
 from training_configs import TINY, micro, sets
 
 SHARDS = 8
@@ -183,7 +184,7 @@ def test_trains_on_a_stream_counts_bad_samples_and_resumes_where_it_was(tmp_path
     after = _losses(resumed.err)
     assert sorted(after) == list(range(7, 13))
     for step, loss in after.items():  # the same world size and workers: the same samples
-        assert abs(loss - losses[step]) <= 2e-3, (step, loss, losses[step])
+        assert_close(loss, losses[step], depth="steps", printed=1e-3, what=f"step {step}")
 
 
 def test_evaluating_a_stream_is_one_clear_line(tmp_path: Path, shards: Path) -> None:

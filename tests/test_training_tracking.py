@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 
 import json
@@ -53,8 +55,10 @@ def test_a_run_lands_in_the_embedded_store(tmp_path: Path, registry: Registry) -
     # distribution, version and source digest.
     plugins = json.loads(run.data.tags["vlframe.plugins"])
     assert set(plugins) == {"encoders.vit", "decoders.text", "decoders.multimodal", "poolers", "objectives", "heads",
-                            "models.coca", "tokenizers.sentencepiece", "datasets.synthetic", "tasks.retrieval"}
-    assert all(value.startswith("vlframe 0.1.0, source sha256:") for value in plugins.values())
+                            "models.coca", "tokenizers.sentencepiece", "datasets.synthetic", "tasks.retrieval",
+                            "parallel.ddp"}
+    version = importlib.metadata.version("vlframe")
+    assert all(value.startswith(f"vlframe {version}, source sha256:") for value in plugins.values())
     losses = _history(client, result.run_id, "train/loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses == {h["step"]: h["train/loss"] for h in result.history}

@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from numerics import assert_close
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -63,7 +65,7 @@ def _inputs(lq, lk, d, lengths, dtype, seed=0):
     return q, k, v, mask
 
 
-def _check(case: str, dtype: torch.dtype, atol: float) -> None:
+def _check(case: str, dtype: torch.dtype) -> None:
     from vlframe.nn.triton_attention import triton_attention
 
     lq, lk, d, causal, lengths = CASES[case]
@@ -75,20 +77,20 @@ def _check(case: str, dtype: torch.dtype, atol: float) -> None:
     want_out = reference(*leaves, mask, causal)
     want = torch.autograd.grad(want_out, leaves, grad_out.double())
     assert out.dtype == dtype and torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=atol)
+    assert_close(out, want_out, dtype=dtype, depth="layer", what="out")
     for name, g, w in zip("qkv", got, want):
-        torch.testing.assert_close(g.double(), w, atol=atol, rtol=atol, msg=lambda m: f"d{name}: {m}")
+        assert_close(g, w, dtype=dtype, depth="backward", what=f"d{name}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_float32_forward_and_gradients_match_the_reference(case: str) -> None:
-    _check(case, torch.float32, atol=2e-4)
+    _check(case, torch.float32)
 
 
 @pytest.mark.parametrize("case", ["causal_text_padded", "cross_text_to_image_hd80", "pool_one_query_hd96"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_inputs_accumulate_in_float32(case: str, dtype: torch.dtype) -> None:
-    _check(case, dtype, atol=3e-2 if dtype == torch.bfloat16 else 5e-3)
+    _check(case, dtype)
 
 
 def test_rows_without_a_visible_key_give_zeros_and_zero_gradients() -> None:
@@ -115,8 +117,8 @@ def test_any_batch_head_sequence_strides() -> None:
     leaf = qkv.detach().double().requires_grad_(True)
     want_out = reference(*leaf.permute(2, 0, 3, 1, 4), mask, True)
     want = torch.autograd.grad(want_out.square().sum(), leaf)[0]
-    torch.testing.assert_close(out.double(), want_out, atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=5e-4)
+    assert_close(out, want_out, dtype=torch.float32, depth="layer")
+    assert_close(got, want, dtype=torch.float32, depth="backward")
 
 
 def test_a_coca_training_step_with_the_triton_backend_matches_sdpa(registry, tmp_path) -> None:
@@ -140,7 +142,7 @@ def test_a_coca_training_step_with_the_triton_backend_matches_sdpa(registry, tmp
         results[backend] = (out.losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (sdpa_losses, sdpa_grads), (triton_losses, triton_grads) = results["sdpa"], results["triton"]
     for name in sdpa_losses:
-        torch.testing.assert_close(triton_losses[name], sdpa_losses[name], atol=1e-4, rtol=1e-4)
+        assert_close(triton_losses[name], sdpa_losses[name], what=name)
     assert sdpa_grads.keys() == triton_grads.keys()
     for name in sdpa_grads:
-        torch.testing.assert_close(triton_grads[name], sdpa_grads[name], atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+        assert_close(triton_grads[name], sdpa_grads[name], depth="backward", what=name)

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from numerics import assert_close
+
 from vlframe.evaluation.metrics import topk_accuracy
 from vlframe.evaluation.zeroshot import PROMPT_TEMPLATES, classify, zero_shot_classifier
 
@@ -105,10 +107,11 @@ def test_batching_does_not_change_the_classifier() -> None:
     assert len(calls) == 37 and all(len(c) == len(PROMPT_TEMPLATES) for c in calls)
     assert whole.shape == (37, 16)
     assert torch.allclose(whole.norm(dim=1), torch.ones(37))
-    assert torch.allclose(default, whole, atol=1e-6) and torch.allclose(one_class, whole, atol=1e-6)
+    assert_close(default, whole, depth="layer")
+    assert_close(one_class, whole, depth="layer")
     # each row is this class's own ensemble, whatever its neighbours in the batch
     alone = zero_shot_classifier(encode, [names[20]])
-    assert torch.allclose(alone[0], whole[20], atol=1e-6)
+    assert_close(alone[0], whole[20], depth="layer")
 
 
 def test_classifier_end_to_end_and_errors() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vlframe.lazy import install_moved_modules, lazy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "ConfigError": "registry",

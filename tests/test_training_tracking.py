@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-
-import pytest
-
 import json
 import os
 import subprocess
@@ -13,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from registry import Registry

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_main
-from numerics import assert_close
+from numerics import assert_all_close, assert_close
 from registry import Registry
 from test_model import batch
 from training_configs import micro, sets
@@ -41,9 +41,7 @@ def test_every_choice_gives_the_losses_and_gradients_of_no_recomputation(parts, 
     loss, grads = _grads(model, images, text, [])
     got_loss, got = _grads(model, images, text, parts)
     assert_close(got_loss, loss)
-    assert got.keys() == grads.keys()
-    for name in grads:
-        assert_close(got[name], grads[name], depth="backward", what=name)
+    assert_all_close(got, grads)
 
 
 def test_a_choice_reaches_the_recomputing_functions(registry: Registry) -> None:

@@ -11,6 +11,7 @@ message, and keeps the checkpoints before it.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -46,8 +47,16 @@ class Checkpointer:
         """Whether ``step`` is a periodic checkpoint (the final one is saved anyway)."""
         return bool(self.every) and step % self.every == 0 and step < total
 
-    def save(self, step: int) -> Path:
-        """Checkpoint ``step`` (call on every rank); the folder written."""
+    def save(self, step: int, *, alone: bool = False) -> Path:
+        """Checkpoint ``step``; the folder written. Every rank calls it, unless ``alone``: then rank 0
+        writes without a collective (after an error on one rank, where the others may be anywhere;
+        only for a strategy that does not save together)."""
+        if alone and distributed.rank() != 0:
+            return checkpoint.step_folder(self.folder, step)
+        with distributed.local_only() if alone else contextlib.nullcontext():
+            return self._save(step)
+
+    def _save(self, step: int) -> Path:
         bad = self.strategy.nonfinite(self.model)  # the same list on every rank: all stop together
         if bad:  # never over the last good checkpoint
             raise NumericalError(f"step {step}: the weight {bad[0]} is not finite: not checkpointed")

@@ -285,9 +285,10 @@ class Trainer:
             if self.session.tracker is not None:
                 self.session.tracker.log_metrics(metrics, step=self.step)
 
-    def save(self, *, final: bool = False) -> Path:
-        """Checkpoint this step (every rank takes part); the final one is also a tracked artifact."""
-        path = self.checkpointer.save(self.step)
+    def save(self, *, final: bool = False, alone: bool = False) -> Path:
+        """Checkpoint this step (every rank takes part, unless ``alone``); the final one is also a
+        tracked artifact."""
+        path = self.checkpointer.save(self.step, alone=alone)
         if final and self.session.tracker is not None:
             self.session.tracker.log_artifact(path, "checkpoint")
         return path
@@ -301,8 +302,8 @@ class Trainer:
         signalled = isinstance(exc, (Interrupted, KeyboardInterrupt))
         if (not isinstance(translated, NumericalError) and (signalled or not self.strategy.saves_together)
                 and self.step > self.checkpointer.last_saved and self.step > 0):
-            try:
-                self.save()
+            try:  # after a signal every rank is here; after an error maybe this one alone
+                self.save(alone=not signalled)
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
         latest = self.session.run.newest_checkpoint()

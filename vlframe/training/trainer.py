@@ -89,6 +89,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.val_metrics: dict[str, float] = {}
         self.began = False  # set-up finished: training began
+        self.batches: Any = None
         self._stop_signal: int | None = None
         self._handlers: dict[int, Any] = {}
 
@@ -314,6 +315,9 @@ class Trainer:
     def close(self, status: str) -> None:
         for sig, handler in self._handlers.items():
             signal.signal(sig, handler)
+        # The loader's worker processes end with the run, not whenever the garbage collector gets to
+        # them (possibly inside a later import, holding its lock while they are joined).
+        self.batches = None
         if self.began:  # say what the data held
             self.display.say(f"data: {self.ledger.report()}")
         self.session.close(status, set_up=self.began, skipped=self.ledger.count if self.began else None)

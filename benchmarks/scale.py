@@ -70,23 +70,25 @@ def _precisions() -> list[str]:
 
 
 def child_rank(strategy: str, ac: str, steps: int, batch: int) -> None:
-    """One rank of coca_base under DDP or FSDP; rank 0 prints a JSON line."""
-    from types import SimpleNamespace
-
+    """One rank of coca_base under DDP or FSDP (the trainer's parallel strategy plugins); rank 0 prints
+    a JSON line."""
     import torch
 
+    from registry import Kind
     from vlframe.api import build_model
-    from vlframe.config.root import FSDPConfig
+    from vlframe.config import files as configfile
     from vlframe.runtime import distributed
-    from vlframe.runtime.parallel import spread
+    from vlframe.runtime.blocks import prepare_blocks
 
     torch.set_num_threads(1)
-    device = distributed.setup_from_env(group=True)
+    config, registry = configfile.load(ROOT / "configs" / "coca_base.yaml", [f"train.parallel={strategy}"])
+    parallel = registry.catalog.build(Kind.PARALLEL, config.train.parallel)
+    device = parallel.setup()
     world = distributed.world_size()
-    config = ROOT / "configs" / "coca_base.yaml"
-    train = SimpleNamespace(parallel=strategy, compile=False, activation_checkpointing=ac, seed=0, fsdp=FSDPConfig())
     before = current_rss_mib()
-    model, parallel = spread(lambda dev: build_model(config, device=dev), train, device, world=world, precision="fp32")
+    model = parallel.parallelize(lambda dev: build_model(config, registry=registry, device=dev),
+                                 lambda m: prepare_blocks(m, compile=False, activation_checkpointing=ac),
+                                 device=device, seed=0, precision="fp32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
     images = torch.randn(batch, 3, model.image_size, model.image_size)
     text = torch.randint(3, 64000, (batch, model.context_length))
@@ -95,7 +97,7 @@ def child_rank(strategy: str, ac: str, steps: int, batch: int) -> None:
     def forward_backward() -> None:
         loss = parallel.module(images, text).loss
         loss.backward()
-        parallel.finish_backward()
+        parallel.clip_grad_norm([p for p in model.parameters() if p.grad is not None], None)  # the reduction
 
     def one_step() -> None:
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as between real steps
@@ -141,7 +143,7 @@ def child_compile(which: str, compiled: bool, precision: str, steps: int, batch:
     torch.manual_seed(0)
     if which == "vlframe":
         import vlframe
-        from vlframe.runtime.parallel import compile_blocks
+        from vlframe.runtime.blocks import compile_blocks
 
         model = vlframe.build_model(ROOT / "configs" / "coca_tiny.yaml")
         if compiled:
@@ -192,7 +194,7 @@ def child_ac(ac: str, precision: str, steps: int, batch: int) -> None:
     import torch
 
     import vlframe
-    from vlframe.runtime.parallel import checkpoint_blocks
+    from vlframe.runtime.blocks import checkpoint_blocks
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

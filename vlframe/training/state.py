@@ -17,11 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from torch.distributed.checkpoint.stateful import Stateful
+from typing import Any, Protocol, runtime_checkable
 
 from vlframe.runs import checkpoint
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """What ``torch.distributed.checkpoint.stateful.Stateful`` declares, written here because
+    importing that module pulls in ``torch._dynamo`` (half a second for every run)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 @dataclass

@@ -12,8 +12,8 @@ variants differ by more than that spread.
   averaged over seeds, recomputed each time. It measures how much the test set's sampling moves
   a difference, needs no extra training and works with one seed.
 
-scipy (installed with mlflow, which requires it) gives the t quantiles and tail probabilities,
-and the bootstrap (``scipy.stats.bootstrap``, percentile method).
+scipy gives the t quantiles and tail probabilities, and the bootstrap (``scipy.stats.bootstrap``,
+percentile method).
 """
 
 from __future__ import annotations

@@ -310,6 +310,12 @@ class TrackingSinkConfig(ComponentConfig):
         the default sink only)."""
         return None
 
+    @classmethod
+    def example_uri(cls, folder: Path) -> str | None:
+        """A URI of a store in the new, empty ``folder`` that this sink can create: the
+        conformance kit opens a run there and reads it back (None: the kit only builds the sink)."""
+        return None
+
 
 #: The config base class each kind's config must subclass (from the kinds' records).
 KIND_CONFIG_BASE: dict[Kind, type[ComponentConfig]] = {kind: globals()[kind.record.config_base] for kind in Kind}

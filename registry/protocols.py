@@ -467,7 +467,8 @@ class TrackingSink(Protocol):
     telling the user where to see the run. Reading back: ``find_runs(experiment, tags)`` (runs of
     the experiment carrying every tag given, newest first), ``get_run(run_id)`` (a
     :class:`RunRecord`; ``LookupError`` when there is none) and ``download(run_id, artifact_path,
-    dest)`` (the artifact into folder ``dest``; returns its local path).
+    dest)`` (the artifact, a file or a folder, into the existing folder ``dest``; returns its local
+    path).
 
     The factory gets the ``uri`` and the ``timeout_s`` every request must end within, so that
     an unreachable store never stalls training.

@@ -22,6 +22,7 @@ From the command line: ``vlframe plugins check NAME`` (a component, ``KIND.NAME`
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -560,25 +561,142 @@ def _task(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
     return problems
 
 
+class _Toy(nn.Module):
+    """The smallest model the contract allows (two blocks and a head), for checking strategies."""
+
+    image_size, context_length, pad_id = 4, 4, 0
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.head = nn.Linear(8, 1)
+        self.objectives = nn.ModuleDict()
+
+    def forward(self, images: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Any:
+        from types import SimpleNamespace
+
+        x = images.flatten(1)[:, :8]
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        loss = self.head(x).square().mean()
+        return SimpleNamespace(loss=loss, losses={"toy": loss})
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
 def _parallel(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
+    """In this process (world size 1): spread a toy model, take an optimiser step, evaluate, save,
+    and load into a fresh copy; a process group the strategy made is left again."""
+    import torch.distributed as dist
+
+    from vlframe.runtime import distributed
+
     problems = []
     if not isinstance(getattr(type(cfg), "default", False), bool):
         problems.append("config: default is not a boolean")
-    _build(catalog, Kind.PARALLEL, cfg)  # conforms (its members are there) or raises
+    had_group = dist.is_available() and dist.is_initialized()
+    try:
+        strategy = _build(catalog, Kind.PARALLEL, cfg)
+        device = strategy.setup()
+        prepared: list[nn.Module] = []
+
+        def build(where: Any) -> nn.Module:
+            with torch.device(where) if where is not None else contextlib.nullcontext():
+                return _Toy()
+
+        torch.manual_seed(0)
+        model = strategy.parallelize(build, prepared.append, device=device, seed=0, precision="fp32")
+        if len(prepared) != 1:
+            problems.append(f"parallelize: called prepare {len(prepared)} times, not once (per-block compile and "
+                            "checkpointing never happen)")
+        if strategy.module is None:
+            return [*problems, "parallelize: module (what the forward calls) is still None"]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        images, text = torch.randn(4, 3, 4, 4, device=device), torch.zeros(4, 4, dtype=torch.long, device=device)
+        with strategy.accumulating(True):
+            strategy.module(images, text).loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = float(strategy.clip_grad_norm(params, 1e-3))
+        if not norm > 0:
+            problems.append(f"clip_grad_norm: returned {norm}, not the gradients' norm")
+        optimizer.step()
+        if strategy.nonfinite(model) != []:
+            problems.append(f"nonfinite: names {strategy.nonfinite(model)} of a finite model")
+        if strategy.evaluate(lambda: 42) != 42:
+            problems.append("evaluate: does not return the evaluation's result (on rank 0)")
+        with tempfile.TemporaryDirectory() as folder:
+            entries = strategy.save(Path(folder), model, optimizer)
+            if not isinstance(entries, dict):
+                problems.append(f"save: returned a {type(entries).__name__}, not the state entries (a dict)")
+            from vlframe.runs import checkpoint
+
+            checkpoint.write_state(Path(folder), {"step": 1, **(entries or {})})
+            fresh = strategy.parallelize(build, lambda m: None, device=device, seed=1, precision="fp32")
+            strategy.load(Path(folder), fresh, None, checkpoint.read_state(Path(folder)))
+            saved = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+            loaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in fresh.state_dict().items()}
+            if saved.keys() != loaded.keys() or any(not torch.equal(saved[k], loaded[k]) for k in saved):
+                problems.append("save then load: the weights that come back differ from those saved")
+    finally:
+        if not had_group:
+            distributed.teardown()
     return problems
 
 
 def _tracking_sink(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
+    """Build the sink; where its config offers a scratch URI (``example_uri``), open a run there,
+    deliver one event of each kind (twice: delivery is at least once), and read the run back."""
     schemes = getattr(type(cfg), "schemes", None)
-    problems = []
     if not isinstance(schemes, frozenset) or not schemes or not all(isinstance(s, str) for s in schemes):
         return ["config: schemes is not a non-empty frozenset of URI schemes"]
-    scheme = sorted(schemes)[0]
-    with tempfile.TemporaryDirectory() as folder:
-        uri = f"{scheme}://{folder}/store" if scheme else f"{folder}/store"
-        sink = _build(catalog, Kind.TRACKING_SINK, cfg, uri=uri, timeout_s=5.0)
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        uri = type(cfg).example_uri(folder / "store")
+        if uri is None:  # only built: the kit cannot know where this sink may write
+            return []
+        sink = _build(catalog, Kind.TRACKING_SINK, cfg, uri=uri, timeout_s=30.0)
         if getattr(sink, "uri", None) != uri:
             problems.append(f"uri: {getattr(sink, 'uri', None)!r}, not the {uri!r} it was built for")
+        (folder / "note.txt").write_text("an artifact")
+        run_id, _ = sink.create_run("kit", "check", "local-1", 1_700_000_000_000)
+        if sink.create_run("kit", "check", "local-1", 1_700_000_000_000)[0] != run_id:
+            problems.append("create_run: a second call with the same local_id opened another run")
+        events = [{"kind": "param", "key": "p", "value": "1"}, {"kind": "tag", "key": "t", "value": "v"},
+                  {"kind": "metric", "key": "m", "value": 0.5, "step": 1, "timestamp": 1_700_000_000_001},
+                  {"kind": "metric", "key": "m", "value": 0.25, "step": 2, "timestamp": 1_700_000_000_002},
+                  {"kind": "artifact", "path": str(folder / "note.txt"), "artifact_path": "notes",
+                   "timestamp": 1_700_000_000_003},
+                  {"kind": "status", "status": "FINISHED", "timestamp": 1_700_000_000_004}]
+        for _ in range(2):
+            done = list(sink.deliver(run_id, events))
+            if not done or done[-1] != len(events):
+                problems.append(f"deliver: yielded {done}, not counts ending at {len(events)}")
+        run = sink.get_run(run_id)
+        if (run.run_id, dict(run.params), run.tags.get("t"), run.metrics.get("m"), run.status) != (
+                run_id, {"p": "1"}, "v", 0.25, "FINISHED"):
+            problems.append(f"get_run: {run} is not the run delivered (param p=1, tag t=v, metric m=0.25 at step 2, "
+                            "FINISHED)")
+        if [r.run_id for r in sink.find_runs("kit", {"t": "v"})] != [run_id]:
+            problems.append("find_runs: does not find the run by its experiment and tag")
+        if sink.find_runs("kit", {"t": "other"}):
+            problems.append("find_runs: finds a run whose tag differs")
+        if not sink.run_exists(run_id):
+            problems.append("run_exists: says no for the run just made")
+        (folder / "back").mkdir()
+        got = sink.download(run_id, "notes/note.txt", folder / "back")
+        if not Path(got).is_file() or Path(got).read_text() != "an artifact":
+            problems.append(f"download: {got} is not the artifact delivered")
+        try:
+            sink.get_run("0" * 32)
+            problems.append("get_run: no LookupError for a run that does not exist")
+        except LookupError:
+            pass
     return problems
 
 

@@ -46,6 +46,10 @@ class MLflowSinkConfig(TrackingSinkConfig):
     def default_uri(cls, output_dir: Path) -> str:
         return store.default_uri(output_dir)
 
+    @classmethod
+    def example_uri(cls, folder: Path) -> str:
+        return store.embedded_uri(folder)
+
 
 def _is_rejection(exc: Exception) -> bool:
     """MLflow refused the data itself (HTTP 400: bad key, bad value); retrying cannot help.

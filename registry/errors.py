@@ -28,12 +28,12 @@ def in_one_line(exc: BaseException | str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``TypeError: message`` on one line, with the hint to ask for the traceback (unless asked):
-    how a plugin's unexpected exception is reported."""
+def one_line(exc: BaseException, limit: int = 300, *, hint: bool = True) -> str:
+    """``TypeError: message`` on one line, with (``hint``) the way to ask for the traceback unless
+    it was asked for: how an unexpected exception (a plugin's, a library's) is reported."""
     first = in_one_line(exc, limit)
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text if debugging() else f"{text} ({DEBUG_HINT})"
+    return text if debugging() or not hint else f"{text} ({DEBUG_HINT})"
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

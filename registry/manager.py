@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from registry import hookspecs
 from registry.catalog import Broken, Catalog, Entry, parse_key
 from registry.config import KIND_CONFIG_BASE
-from registry.errors import PluginError, PluginLoadError, did_you_mean
+from registry.errors import PluginError, PluginLoadError, did_you_mean, one_line
 from registry.kinds import Kind
 from registry.specs import ComponentSpec
 
@@ -175,7 +175,7 @@ class Registry:
             except Exception as exc:  # any import-time failure of third-party code
                 raise PluginLoadError(
                     f"plugin '{ep.name}' from distribution {dist or '(unknown)'} failed to import "
-                    f"'{ep.value}': {type(exc).__name__}: {exc}"
+                    f"'{ep.value}': {one_line(exc, hint=False)}"
                 ) from exc
             self.register(plugin, name=ep.name, distribution=dist)
         if only:
@@ -314,7 +314,7 @@ def _specs_of(kind: Kind, plugin: str, function: Any, distribution: str | None) 
     try:
         specs = function()
     except Exception as exc:
-        return [], [Broken(kind, None, plugin, f"{hook} raised {type(exc).__name__}: {exc}")]
+        return [], [Broken(kind, None, plugin, f"{hook} raised {one_line(exc, hint=False)}")]
     if specs is None:
         return [], []
     if not isinstance(specs, (list, tuple)):

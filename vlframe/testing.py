@@ -33,7 +33,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from registry import BuildError, Catalog, ComponentConfig, Kind, Registry, VlframeError
+from registry import BuildError, Catalog, ComponentConfig, Kind, Registry, VlframeError, one_line
 from registry.protocols import Capability, Output, conformance_problems
 
 
@@ -144,7 +144,7 @@ def check(registry: Registry | None, case: Case, *, config: Mapping[str, Any] | 
         result.append(str(exc))
         result.errors.append(exc)
     except Exception as exc:  # noqa: BLE001 - a plugin's failure is the finding
-        result.append(f"{type(exc).__name__}: {exc}")
+        result.append(one_line(exc, hint=False))
         result.errors.append(exc)
     return result
 
@@ -362,7 +362,7 @@ def _objective(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[str]:
         try:
             values = {k: float(v) for k, v in report().items()}
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"metrics(): {type(exc).__name__}: {exc}")
+            problems.append(f"metrics(): {one_line(exc, hint=False)}")
         else:
             problems += [f"metrics(): {k} is not finite" for k, v in values.items() if v != v or abs(v) == float("inf")]
     return problems + _gradients(objective, "backward")

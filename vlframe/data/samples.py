@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from registry import one_line
+
 #: Images with more pixels are unusable samples (a decompression bomb would fill the memory):
 #: PIL's own default, changed with ``data.max_image_pixels`` (:func:`set_max_image_pixels`).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -63,7 +65,7 @@ def load_image(path: str | Path, key: str | None = None) -> Image.Image:
         raise SampleError(key, f"image too large ({size}more than data.max_image_pixels "
                                f"{_pixels(_max_pixels)})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SampleError(key, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise SampleError(key, f"cannot decode image ({one_line(exc, hint=False)})") from None
     except MemoryError:
         raise SampleError(key, "not enough memory to decode the image") from None
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from registry import Capability, ConfigError, Problem, Registry, VlframeError, in_one_line, require_capabilities
+from registry import Capability, ConfigError, Problem, Registry, VlframeError, in_one_line, one_line, require_capabilities
 from registry.config import UNKNOWN_COMPONENT
 from vlframe.config import files as configfile
 from vlframe.config.root import DataConfig, VlframeConfig
@@ -161,7 +161,7 @@ def _checkpoint_from_store(run_id: str, tracking_uri: str | None) -> tuple[Path,
         raise LoadError(f"{exc}; pass --tracking-uri (or set the store's environment variable, e.g. "
                         "MLFLOW_TRACKING_URI) to name its store") from None
     except Exception as exc:  # noqa: BLE001 - the store is down or not a store
-        raise LoadError(f"{uri} could not be reached ({type(exc).__name__}: {in_one_line(exc, 200)})") from None
+        raise LoadError(f"{uri} could not be reached ({one_line(exc, 200, hint=False)})") from None
     local = _run_folder_of(run_id, run.tags.get(tags.RUN_DIR))
     if local is not None:
         return local, uri

@@ -12,7 +12,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from registry import in_one_line
+from registry import one_line
 from vlframe.runs.checkpoint import refusal
 
 
@@ -33,4 +33,4 @@ def read_weights_file(path: str | Path) -> Any:
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path}: refused: {refusal(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - truncated, foreign, not weights at all
-        raise ValueError(f"{path}: not a readable weights file ({type(exc).__name__}: {in_one_line(exc)})") from None
+        raise ValueError(f"{path}: not a readable weights file ({one_line(exc, hint=False)})") from None

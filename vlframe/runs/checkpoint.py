@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from registry import VlframeError, in_one_line
+from registry import VlframeError, one_line
 
 STATE = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -147,9 +147,9 @@ def read_state(path: Path) -> dict[str, Any]:
             tensors = load_file(str(path / STATE_TENSORS)) if (path / STATE_TENSORS).is_file() else {}
             state = _decode(data, tensors)
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise CheckpointError(f"{state_file}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+            raise CheckpointError(f"{state_file}: unreadable ({one_line(exc, hint=False)})") from None
         except Exception as exc:  # safetensors' own errors for a truncated file
-            raise CheckpointError(f"{path / STATE_TENSORS}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+            raise CheckpointError(f"{path / STATE_TENSORS}: unreadable ({one_line(exc, hint=False)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{state_file}: not a checkpoint state (a {type(state).__name__})")
         return state
@@ -164,14 +164,10 @@ def read_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {STATE} (not a vlframe checkpoint)") from None
     except Exception as exc:  # noqa: BLE001 - truncated or not a pickle at all
-        raise CheckpointError(f"{legacy}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+        raise CheckpointError(f"{legacy}: unreadable ({one_line(exc, hint=False)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{legacy}: not a checkpoint state (a {type(state).__name__})")
     return state
-
-
-def _short(exc: BaseException) -> str:
-    return in_one_line(exc)
 
 
 def refusal(exc: BaseException) -> str:
@@ -350,7 +346,7 @@ def check(path: Path) -> None:
         try:
             state = json.loads((path / STATE).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{path / STATE}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+            raise CheckpointError(f"{path / STATE}: unreadable ({one_line(exc, hint=False)})") from None
     files = [path / STATE_TENSORS] if (path / STATE).is_file() else []
     if (path / WEIGHTS).is_file() or not (path / SHARDS).is_dir():
         files.append(path / WEIGHTS)
@@ -383,7 +379,7 @@ def _check_header(file: Path) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"{file}: unreadable (the file is missing)") from None
     except Exception as exc:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file
-        raise CheckpointError(f"{file}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+        raise CheckpointError(f"{file}: unreadable ({one_line(exc, hint=False)})") from None
 
 
 def find_readable(path: Path) -> tuple[Path | None, list[str]]:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from registry import in_one_line
+from registry import one_line
 from vlframe.runs import sharded
 from vlframe.runs.checkpoint import WEIGHTS, CheckpointError, read_state
 
@@ -63,14 +63,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             return sharded.read_weights(path, tied=_tied(path))
         except Exception as exc:  # noqa: BLE001 - a truncated shard, or a foreign file
-            raise CheckpointError(f"{path / sharded.SHARDS}: unreadable ({type(exc).__name__}: "
-                                  f"{in_one_line(exc)})") from None
+            raise CheckpointError(f"{path / sharded.SHARDS}: unreadable ({one_line(exc, hint=False)})") from None
     try:
         return load_file(str(path / WEIGHTS))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {WEIGHTS}") from None
     except Exception as exc:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file
-        raise CheckpointError(f"{path / WEIGHTS}: unreadable ({type(exc).__name__}: {in_one_line(exc)})") from None
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable ({one_line(exc, hint=False)})") from None
 
 
 def _tied(path: Path) -> dict[str, str]:

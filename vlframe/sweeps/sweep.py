@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from registry import Catalog, ConfigError, ConfigModel, Problem, Registry, RunRecord, TaskConfig, VlframeError
+from registry import Catalog, ConfigError, ConfigModel, Problem, Registry, RunRecord, TaskConfig, VlframeError, one_line
 from registry.protocols import TrackingSink
 from vlframe.config import files as configfile
 from vlframe.config.root import VlframeConfig
@@ -449,7 +449,7 @@ def _run_variant(variant: Variant, sweep: SweepConfig, run_dir: Path, parent_id:
     try:
         metrics, skipped, failed, report = evaluate_variant(run_dir, blocks, target.uri, {tags.EVAL_HASH: scored})
     except Exception as exc:  # noqa: BLE001 - one variant's evaluation failing must not end the sweep
-        message = f"evaluation failed: {type(exc).__name__}: {exc}"
+        message = f"evaluation failed: {one_line(exc, 1000, hint=False)}"
         _record_failure(run_dir, target, variant, sweep, parent_id, message)
         say(f"[{variant.label}] {message}")
         return Outcome(variant.label, "failed", run_id, message)

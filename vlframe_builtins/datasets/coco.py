@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from registry import ComponentSpec, DatasetConfig, ExistingDir, ExistingFile, hookimpl
+from registry import ComponentSpec, DatasetConfig, ExistingDir, ExistingFile, hookimpl, one_line
 from vlframe.sdk import FileDataset
 
 
@@ -39,7 +39,7 @@ def build(cfg: CocoConfig, *, split: str) -> FileDataset:
         for ann in data["annotations"]:
             captions.setdefault(ann["image_id"], []).append(ann["caption"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{cfg.annotations}: not a COCO captions file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{cfg.annotations}: not a COCO captions file ({one_line(exc, hint=False)})") from None
     entries = [(cfg.images / images[i], captions[i]) for i in sorted(images)]
     if cfg.limit is not None:
         entries = entries[: cfg.limit]

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from registry import ComponentSpec, DatasetConfig, ExistingDir, ExistingFile, hookimpl
+from registry import ComponentSpec, DatasetConfig, ExistingDir, ExistingFile, hookimpl, one_line
 from vlframe.sdk import FileDataset, Sample, load_image
 
 #: Image extensions read by default (compared lower-cased).
@@ -91,7 +91,7 @@ def _read_class_names(path: Path, folders: list[str], empty: list[str]) -> list[
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read class names ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path}: cannot read class names ({one_line(exc, hint=False)})") from None
     if not isinstance(mapping, dict):
         raise ValueError(f"{path}: expected a JSON object mapping class folder -> class name, "
                          f"got {type(mapping).__name__}")

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from registry import ComponentSpec, RunRecord, TrackingSinkConfig, hookimpl, in_one_line
+from registry import ComponentSpec, RunRecord, TrackingSinkConfig, hookimpl, one_line
 from vlframe_builtins.tracking import mlflow_store as store
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class MLflowSink:
 
     def _refuse(self, exc: Exception) -> None:
         self.refused += 1
-        self.refusal = f"MLflow refused an event: {type(exc).__name__}: {in_one_line(exc, 200)}"
+        self.refusal = f"MLflow refused an event: {one_line(exc, 200, hint=False)}"
 
     def describe(self, run_id: str, experiment_id: str | None) -> list[str]:
         lines = [f"MLflow run {run_id} at {self.uri}"]

@@ -80,10 +80,12 @@ class Catalog:
     """
 
     def __init__(self, entries: Iterable[Entry], *, override: Mapping[str, str] | None = None,
-                 explain_missing: Callable[[Kind, str], str] | None = None, broken: Iterable[Broken] = ()):
+                 explain_missing: Callable[[Kind, str], str] | None = None, broken: Iterable[Broken] = (),
+                 explain_kind: Callable[[Kind], str] | None = None):
         self._by_kind: dict[Kind, dict[str, Entry]] = {kind: {} for kind in Kind}
         self._contested: dict[tuple[Kind, str], list[Entry]] = {}
         self._explain = explain_missing
+        self._explain_kind = explain_kind
         self.broken: list[Broken] = list(broken)
         candidates: dict[tuple[Kind, str], list[Entry]] = {}
         for entry in entries:
@@ -143,6 +145,11 @@ class Catalog:
         return (f"{kind.label} '{name}' is registered twice: by {first.source} and by {second.source}; "
                 f"choose one with plugins.override: {{{kind.value}.{name}: PLUGIN}} (or VLFRAME_OVERRIDE), "
                 "or block one (VLFRAME_BLOCK_PLUGINS or the config's plugins.block)")
+
+    def not_loaded(self, kind: Kind) -> str:
+        """Why a plugin that would provide a ``kind`` is not loaded (blocked, or autoloading off);
+        empty when none is left out."""
+        return self._explain_kind(kind) if self._explain_kind is not None else ""
 
     def default(self, kind: Kind) -> Entry | None:
         """The component of ``kind`` whose config class says ``default = True`` (the parallel

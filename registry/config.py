@@ -289,10 +289,23 @@ class TaskConfig(ComponentConfig):
 
 
 class ParallelConfig(ComponentConfig):
-    """Base of parallel strategies' configs (``train.parallel``)."""
+    """Base of parallel strategies' configs (``train.parallel``).
+
+    How a run is spread is left out of its config hash (the arithmetic is the same up to float
+    rounding, so a run resumes under another strategy as itself), except the settings named in
+    ``changes_results`` when they differ from their defaults: a lower-precision compute or
+    reduction dtype changes what is learnt, so a sweep trains such a variant again."""
 
     #: The strategy of configs that name none (one plugin's strategy may say so).
     default: ClassVar[bool] = False
+    #: Settings that change what training computes beyond float rounding.
+    changes_results: ClassVar[frozenset[str]] = frozenset()
+
+    def result_settings(self) -> dict[str, Any]:
+        """The ``changes_results`` settings that differ from their defaults (what the hash counts)."""
+        fields = type(self).model_fields
+        return {name: getattr(self, name) for name in sorted(type(self).changes_results)
+                if name in fields and getattr(self, name) != fields[name].default}
 
 
 class TrackingSinkConfig(ComponentConfig):
@@ -303,6 +316,9 @@ class TrackingSinkConfig(ComponentConfig):
     schemes: ClassVar[frozenset[str]] = frozenset()
     #: The sink of runs whose config names no tracking URI (one plugin's sink may say so).
     default: ClassVar[bool] = False
+    #: What this sink's run ids look like (a regular expression): ``vlframe caption ID`` tells a
+    #: run id from a mistyped path by it.
+    run_id: ClassVar[str] = r"[A-Za-z0-9][A-Za-z0-9_\-]{7,127}"
 
     @classmethod
     def default_uri(cls, output_dir: Path) -> str | None:

@@ -275,7 +275,8 @@ class Registry:
         """Every registered component, collected from the hooks on first use and then cached."""
         if self._catalog is None:
             entries, broken = self._collect()
-            self._catalog = Catalog(entries, override=self._override, explain_missing=self._explain, broken=broken)
+            self._catalog = Catalog(entries, override=self._override, explain_missing=self._explain, broken=broken,
+                                    explain_kind=self.not_loaded)
         return self._catalog
 
     def validate(self, model: type[M], data: Any) -> M:
@@ -293,6 +294,18 @@ class Registry:
                 entries += found
                 broken += bad
         return entries, broken
+
+    def not_loaded(self, kind: Kind) -> str:
+        """Why no loaded plugin provides a ``kind`` where a blocked or not-enabled one would
+        (imported here, on this error path only, to ask it); empty when none would."""
+        for plugin, reason in sorted(self._blocked.items()):
+            if _provides(self._entry_points.get(plugin), kind, None):
+                return f"plugin '{plugin}' provides one, and is blocked by {reason}"
+        for plugin, ep in sorted(self._not_enabled.items()):
+            if _provides(ep, kind, None):
+                return (f"plugin '{plugin}' provides one, and is not loaded: plugin autoloading is off "
+                        f"({self._autoload_reason}); add it to plugins.enable or VLFRAME_PLUGINS")
+        return ""
 
     def _explain(self, kind: Kind, name: str) -> str:
         """Whether a plugin left out (blocked, or not enabled while autoloading is off) would provide
@@ -332,13 +345,14 @@ def _specs_of(kind: Kind, plugin: str, function: Any, distribution: str | None) 
     return entries, broken
 
 
-def _provides(ep: metadata.EntryPoint | None, kind: Kind, name: str) -> bool:
+def _provides(ep: metadata.EntryPoint | None, kind: Kind, name: str | None) -> bool:
+    """Whether the plugin of ``ep`` provides the ``kind`` named ``name`` (None: any of the kind)."""
     if ep is None:
         return False
     try:
         module = ep.load()
         hook = getattr(module, kind.hook, None)
-        return hook is not None and any(getattr(s, "name", None) == name for s in hook() or [])
+        return hook is not None and any(name is None or getattr(s, "name", None) == name for s in hook() or [])
     except Exception:  # noqa: BLE001 - it is only asked for a message
         return False
 

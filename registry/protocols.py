@@ -385,9 +385,13 @@ class ParallelStrategy(Protocol):
     are split (1 where every rank holds the whole model: memory estimates divide by it).
     ``parallelize(build, prepare, device=, seed=, precision=)`` builds the model with
     ``build(device)`` (``"meta"`` for a strategy that materialises its shards itself, None for the
-    real device), calls ``prepare(model)`` on it (per-block ``torch.compile`` and activation
+    real device; every rank seeds torch with ``train.seed`` first, so every rank builds the same
+    weights), calls ``prepare(model)`` on it once (per-block ``torch.compile`` and activation
     checkpointing, before any wrapping), wraps or shards it, and returns the model whose
     parameters the optimiser steps; ``module`` is from then on what the training forward calls.
+    ``seed`` is ``train.seed`` (for a strategy that initialises weights itself, as FSDP does on
+    the meta device); ``precision`` is the resolved ``train.precision``, ``"fp32"`` or ``"bf16"``
+    (the trainer runs the forward under bf16 autocast for the latter).
 
     Each step runs every micro-batch's forward and backward inside ``accumulating(last)``
     (gradients are reduced only on the last), then ``clip_grad_norm(params, max_norm)``
@@ -395,7 +399,8 @@ class ParallelStrategy(Protocol):
     to ``max_norm`` unless it is None). ``nonfinite(model)`` names the parameters that are not
     finite, the same list on every rank. ``evaluate(fn)`` runs an evaluation of the model (rank
     0 alone while the others wait, or every rank in step where the model is spread over them)
-    and returns ``fn``'s result on rank 0 (None elsewhere).
+    and returns ``fn``'s result on rank 0 (None elsewhere). ``vlframe.sdk``'s ``rank()`` and
+    ``world_size()`` are 0 and 1 in a process without a group.
 
     ``save(folder, model, optimizer)`` is called on every rank with the same new, empty folder
     (the checkpointer renames it into place once it is whole) and writes the model and
@@ -443,6 +448,8 @@ class RunRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
+    #: The experiment's name (what ``find_runs`` takes).
+    experiment: str = ""
 
 
 @runtime_checkable
@@ -460,18 +467,26 @@ class TrackingSink(Protocol):
 
     ``create_run(experiment, name, local_id, start_time)`` opens a run, or finds the one an
     earlier attempt opened with the same ``local_id``, and returns ``(run id, experiment id)``.
+    Tags are the engine's (``vlframe.*``, listed in ``vlframe/runs/tags.py``) and three of MLflow's
+    own that its UI reads: ``mlflow.parentRunId`` (the run a sweep's run nests under; sweeps find
+    their runs by it and by ``vlframe.sweep_root``), ``mlflow.source.git.commit`` and
+    ``mlflow.note.content``; another sink stores them as ordinary tags, or maps them to its own
+    notions of the same.
     ``deliver(run_id, events)`` sends them in order, yielding after each request how many are
     done; it raises when the store cannot be reached (the rest stay journaled, delivery is tried
     again later), and skips an event the store refuses for good, counting it in ``refused`` with
-    the reason in ``refusal``. ``run_exists(run_id)``; ``describe(run_id, experiment_id)``: lines
-    telling the user where to see the run. Reading back: ``find_runs(experiment, tags)`` (runs of
-    the experiment carrying every tag given, newest first), ``get_run(run_id)`` (a
+    the reason in ``refusal``. ``run_exists(run_id)``; ``describe(run_id, experiment,
+    experiment_id)``: lines telling the user where to see the run. Reading back: ``find_runs(experiment, tags)`` (runs of
+    the experiment named, or of every experiment for None, carrying every tag given, newest
+    first), ``get_run(run_id)`` (a
     :class:`RunRecord`; ``LookupError`` when there is none) and ``download(run_id, artifact_path,
     dest)`` (the artifact, a file or a folder, into the existing folder ``dest``; returns its local
     path).
 
     The factory gets the ``uri`` and the ``timeout_s`` every request must end within, so that
-    an unreachable store never stalls training.
+    an unreachable store never stalls training. The URI is kept as written (in the run folder's
+    ``tracking/run.json``, for ``vlframe tracking sync``): a sink whose URIs name local files
+    should take absolute paths.
     """
 
     uri: str
@@ -484,9 +499,9 @@ class TrackingSink(Protocol):
 
     def deliver(self, run_id: str, events: Sequence[Mapping[str, Any]]) -> Iterator[int]: ...
 
-    def describe(self, run_id: str, experiment_id: str | None) -> list[str]: ...
+    def describe(self, run_id: str, experiment: str, experiment_id: str | None) -> list[str]: ...
 
-    def find_runs(self, experiment: str, tags: Mapping[str, str]) -> list[RunRecord]: ...
+    def find_runs(self, experiment: str | None, tags: Mapping[str, str]) -> list[RunRecord]: ...
 
     def get_run(self, run_id: str) -> RunRecord: ...
 

@@ -83,4 +83,14 @@ def assert_all_close(actual: Mapping[str, torch.Tensor], expected: Mapping[str, 
                      what=f"{what + ': ' if what else ''}{name}")
 
 
-__all__ = ["ULPS", "assert_all_close", "assert_close", "eps", "magnitude", "tolerance"]
+def beyond_chance(chance: float, n: int, p: float = 1e-3) -> float:
+    """The rate (in percent) a model that learnt nothing exceeds with probability below ``p``: the
+    binomial quantile of ``n`` trials at ``chance``. What a trained model must beat is that, not a
+    figure one machine's training reached: rounding on another CPU moves what is learnt, never the
+    chance level."""
+    from scipy.stats import binom
+
+    return 100.0 * float(binom.ppf(1 - p, n, chance)) / n
+
+
+__all__ = ["ULPS", "assert_all_close", "assert_close", "beyond_chance", "eps", "magnitude", "tolerance"]

@@ -62,14 +62,53 @@ def test_a_name_moved_out_of_a_module_that_became_a_package_warns_and_resolves()
         module.nothing  # noqa: B018
 
 
-def test_a_strategys_settings_beside_its_name_are_read_into_its_block() -> None:
+def test_a_strategys_settings_beside_its_name_are_read_into_its_block(caplog: pytest.LogCaptureFixture) -> None:
     """Configs of the previous version: ``train: {parallel: fsdp, fsdp: {...}}``."""
     from vlframe.config import files as configfile
 
-    with pytest.warns(FutureWarning, match=r"train\.fsdp: the parallel strategy's settings now go in its block"):
-        config, _ = configfile.load(CONFIGS / "coca_tiny.yaml", ["train.parallel=fsdp", "train.fsdp={replicate: 2}"])
+    config, _ = configfile.load(CONFIGS / "coca_tiny.yaml", ["train.parallel=fsdp", "train.fsdp={replicate: 2}"])
+    assert "train.fsdp: the parallel strategy's settings now go in its block" in caplog.text
     assert config.train.parallel.type == "fsdp" and config.train.parallel.replicate == 2
     new, _ = configfile.load(CONFIGS / "coca_tiny.yaml", ["train.parallel={type: fsdp, replicate: 2}"])
     assert new.train.parallel == config.train.parallel
+    dotted, _ = configfile.load(CONFIGS / "coca_tiny.yaml", ["train.parallel=fsdp", "train.parallel.replicate=2"])
+    assert dotted.train.parallel == config.train.parallel  # a named component takes its settings by --set too
     default, _ = configfile.load(CONFIGS / "coca_tiny.yaml")
     assert default.train.parallel.type == "ddp"  # the registry's default strategy, written out
+
+
+def test_a_resolved_config_of_the_previous_version_loads(caplog: pytest.LogCaptureFixture) -> None:
+    """Every checkpoint of 0.1 holds ``parallel: ddp`` with the ``fsdp`` block of its defaults beside it:
+    it loads without a word; a block of another strategy with settings of its own is ignored, saying so."""
+    from vlframe.config import files as configfile
+
+    old = configfile.compose(CONFIGS / "coca_tiny.yaml")
+    old["train"] = {**old.get("train", {}), "parallel": "ddp", "fsdp": {
+        "reshard_after_forward": True, "replicate": 1, "param_dtype": "auto", "cpu_offload": False}}
+    config, _ = configfile.load(old)
+    assert config.train.parallel.type == "ddp" and caplog.text == ""
+    old["train"]["fsdp"]["replicate"] = 4
+    config, _ = configfile.load(old)
+    assert config.train.parallel.type == "ddp"
+    assert "train.fsdp: settings of the parallel strategy 'fsdp', which this config does not use" in caplog.text
+
+
+def test_functions_that_moved_into_the_contract_warn_and_still_answer() -> None:
+    from registry import CapabilityError
+    from vlframe.evaluation import tasks
+    from vlframe_builtins.tasks.zeroshot import ZeroShotTaskConfig
+
+    with pytest.warns(FutureWarning, match=r"tasks\.why_not moved: call registry\.protocols\.why_not"):
+        assert tasks.why_not(ZeroShotTaskConfig(type="zeroshot"), {"captioning"}) == "no contrastive capability"
+    with pytest.warns(FutureWarning, match=r"tasks\.require moved: call registry\.require_capabilities"):
+        with pytest.raises(CapabilityError, match="needs the contrastive capability"):
+            tasks.require(object(), {"contrastive"}, "this")
+
+
+def test_a_moved_module_keeps_its_own_spec() -> None:
+    code = ("import importlib, warnings\nwarnings.simplefilter('ignore')\nimport vlframe.distributed\n"
+            "import vlframe.runtime.distributed as new\nassert new.__spec__.name == 'vlframe.runtime.distributed'\n"
+            "importlib.reload(new)\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), cwd=ROOT,
+                          timeout=600)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from conftest import new_store
 from mlflow_server import _free_port
 from vlframe.runs import tracking
 from vlframe.config.root import TrackingConfig
@@ -251,10 +252,22 @@ def test_flatten() -> None:
         "model.image_encoder.act": "None",
         "model.empty": "{}",
         "layers": '[1, {"x": 2}]',
+        "long": "x" * 6001,
         "ok": "y" * 6000,
+        "k" * 251: "1",
         "flag": "True",
     }
     assert flatten({"a": {"b": 1}}, prefix="cfg") == {"cfg.a.b": "1"}
+
+
+def test_params_mlflow_cannot_hold_are_left_out_and_the_rest_delivered(tmp_path: Path) -> None:
+    """MLflow holds params of up to 250-character keys and 6000-character values: its sink leaves
+    longer ones out (the resolved config, an artifact, has them) instead of failing the batch."""
+    uri = new_store(tmp_path / "mlflow.db")
+    tracker = _tracker(tmp_path / "run", uri)
+    run_id = tracker.start(run_name="long", params={"long": "x" * 6001, "ok": "y" * 6000, "k" * 251: "1", "a": "2"})
+    assert tracker.finish().problems == []
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).data.params == {"ok": "y" * 6000, "a": "2"}
 
 
 def test_system_metrics() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from registry import Kind, Registry
+from vlframe.api import build_tokenizer
 from vlframe.config import files as configfile
 from vlframe.runs import checkpoint, formats
 from vlframe.runs.folder import RunDir
@@ -41,12 +44,21 @@ def test_synthetic_scenes_are_learnable_in_a_short_cpu_run(tmp_path: Path, regis
     })
     result = train(tmp_path, "learn", overrides, registry=registry)
     history = result.history
-    start = sum(h["train/loss_caption"] for h in history[:5]) / 5
+    # What a model that learnt nothing of the captions' order, nor of which caption is whose, can at
+    # best reach: the entropy of their tokens taken one by one, and log(batch) (in-batch matching
+    # by chance). Both are properties of the data, the same on every CPU.
+    config, registry = configfile.load(TINY, overrides, registry)
+    tokenizer = build_tokenizer(config, registry, path=result.run_dir / "tokenizer.model")
+    counts: collections.Counter[int] = collections.Counter()
+    for caption in registry.catalog.build(Kind.DATASET, config.data.train, split="train").captions():
+        ids, mask = tokenizer.encode([caption], config.model.context_length)
+        counts.update(ids[0][mask[0]][1:].tolist())  # the tokens the captioning loss predicts
+    total = sum(counts.values())
+    unigram = -sum(c / total * math.log(c / total) for c in counts.values())
     end = sum(h["train/loss_caption"] for h in history[-5:]) / 5
-    assert end < 0.4 * start, (start, end)  # the captions' words and order are learnt
-    con_start = sum(h["train/loss_contrastive"] for h in history[:5]) / 5
+    assert end < unigram, (end, unigram)  # the captions' words and their order are learnt
     con_end = sum(h["train/loss_contrastive"] for h in history[-5:]) / 5
-    assert con_end < con_start - 0.15, (con_start, con_end)  # images and captions start to match
+    assert con_end < math.log(config.train.batch_size), con_end  # images and captions start to match
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -50,10 +50,13 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         new = MOVED_MODULES[spec.name]
         warnings.warn(f"{spec.name} moved to {new}; a plugin imports these names from vlframe.sdk "
                       "(see CHANGELOG.md)", FutureWarning, stacklevel=2)
-        return importlib.import_module(new)
+        module = importlib.import_module(new)
+        self._own_spec = module.__spec__  # the import machinery sets the old name's spec on it next
+        return module
 
     def exec_module(self, module: Any) -> None:
-        """The module is already whole."""
+        """The module is already whole: give it its own spec back (``importlib.reload`` reads it)."""
+        module.__spec__ = self._own_spec
 
 
 def install_moved_modules() -> None:

@@ -655,11 +655,16 @@ def _tracking_sink(catalog: Catalog, cfg: ComponentConfig, case: Case) -> list[s
     if not isinstance(schemes, frozenset) or not schemes or not all(isinstance(s, str) for s in schemes):
         return ["config: schemes is not a non-empty frozenset of URI schemes"]
     problems: list[str] = []
+    for entry in catalog.entries(Kind.TRACKING_SINK):  # a URI must choose one sink
+        shared = sorted(schemes & entry.spec.config.schemes) if entry.spec.name != case.name else []
+        if shared:
+            problems.append(f"schemes: {', '.join(s or '(a path)' for s in shared)} also served by tracking sink "
+                            f"'{entry.spec.name}' [{entry.plugin}]: URIs of that scheme would choose neither")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         uri = type(cfg).example_uri(folder / "store")
         if uri is None:  # only built: the kit cannot know where this sink may write
-            return []
+            return problems
         sink = _build(catalog, Kind.TRACKING_SINK, cfg, uri=uri, timeout_s=30.0)
         if getattr(sink, "uri", None) != uri:
             problems.append(f"uri: {getattr(sink, 'uri', None)!r}, not the {uri!r} it was built for")

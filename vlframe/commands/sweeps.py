@@ -52,12 +52,13 @@ class Compare(Command):
         parser.add_argument("--out", type=Path,
                             help="folder for comparison.csv/.md/.png (default <sweep folder>/comparison)")
         parser.add_argument("--baseline", metavar="VARIANT", help="test every variant against this one (paired over seeds)")
+        add_set(parser, "config value of the sweep's base (as given to vlframe sweep)", "train.output_dir=runs2")
 
     def run(self, args: argparse.Namespace) -> int:
         from vlframe.sweeps.comparison import compare
 
         parent, text, files, report = compare(args.source, tracking_uri=args.tracking_uri, out_dir=args.out,
-                                              metrics=args.metrics, baseline=args.baseline)
+                                              metrics=args.metrics, baseline=args.baseline, cli_sets=args.overrides)
         print(text)
         print(f"written: {', '.join(map(str, files))} (also artifacts of parent run {parent}, folder comparison/)")
         for line in report.problems:

@@ -146,6 +146,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str] | Mapping[
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if isinstance(child, str):  # a component named alone (`parallel: fsdp`): its settings go beside its type
+                child = node[part] = {"type": child}
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
                 raise ConfigError([Problem(key, f"--set cannot go inside {where}: it is a {type(child).__name__}")])
@@ -319,6 +321,9 @@ def config_hash(config: BaseModel, plugins: Mapping[str, str] | None = None) -> 
     data = {k: v for k, v in dump(config).items() if k not in ("tracking", "description")}
     if isinstance(data.get("train"), dict):  # how the step is spread and scheduled, not what it computes
         data["train"] = {k: v for k, v in data["train"].items() if k not in _HOW_IT_RUNS}
+        results = _result_settings(config)
+        if results:  # a strategy setting that changes what is learnt (registry.ParallelConfig)
+            data["train"]["parallel_results"] = results
     if plugins:
         data["__plugins__"] = dict(plugins)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
@@ -338,7 +343,7 @@ def used_plugins(config: BaseModel, catalog: Catalog, *, computing: bool = False
             if isinstance(node, ComponentConfig):
                 for entry in catalog.entries():
                     if entry.spec.name == node.type and isinstance(node, entry.spec.config) and not (
-                            computing and entry.kind is Kind.PARALLEL):
+                            computing and entry.kind is Kind.PARALLEL and not _result_settings(config)):
                         found.add(entry.plugin)
             for name in type(node).model_fields:
                 walk(getattr(node, name))
@@ -351,6 +356,13 @@ def used_plugins(config: BaseModel, catalog: Catalog, *, computing: bool = False
 
     walk(config)
     return found
+
+
+def _result_settings(config: BaseModel) -> dict[str, Any]:
+    """The parallel strategy's settings that change results, where set away from their defaults."""
+    parallel = getattr(getattr(config, "train", None), "parallel", None)
+    settings = getattr(parallel, "result_settings", None)
+    return dict(settings()) if callable(settings) else {}
 
 
 def run_hash(config: BaseModel, registry: Registry) -> str:

@@ -6,6 +6,7 @@ engine reads ``config.model.vocab_size``, ``context_length`` and ``pad_id`` of e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,22 @@ class DataConfig(ConfigModel):
         if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"{list(scale)} is not an area range: it needs 0 < low <= high <= 1, e.g. [0.8, 1.0]")
         return scale
+
+
+def _defaults(catalog: Any, strategy: str) -> dict[str, Any]:
+    """The default settings of a registered strategy, as a config block holds them."""
+    config = catalog.validate(catalog.get(Kind.PARALLEL, strategy).spec.config, {"type": strategy})
+    return {k: v for k, v in config.model_dump(mode="json").items() if k != "type"}
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A note about a config's old form, said once per process (on stderr, through logging)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger("vlframe").warning(message)
 
 
 class TrainConfig(ConfigModel):
@@ -135,21 +152,30 @@ class TrainConfig(ConfigModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _strategy_settings_inside(cls, data: Any) -> Any:
-        """Configs of earlier versions kept a strategy's settings beside its name (``parallel: X`` and
-        ``X: {...}``); they now go in the strategy's block. Read the old form, and say so once."""
-        if not isinstance(data, Mapping):
+    def _strategy_settings_inside(cls, data: Any, info: ValidationInfo) -> Any:
+        """Configs of earlier versions (and every resolved config.yaml they wrote) kept a strategy's
+        settings beside its name (``parallel: X`` and ``X: {...}``), and the settings of strategies
+        they did not use too. The chosen one's go into its block now; another's are dropped. Read
+        the old form, and say so."""
+        catalog = (info.context or {}).get(CONTEXT_KEY)
+        if not isinstance(data, Mapping) or catalog is None:
             return data
+        strategies = set(catalog.names(Kind.PARALLEL))
+        legacy = [k for k, v in data.items() if k in strategies and k not in cls.model_fields and isinstance(v, Mapping)]
+        if not legacy:
+            return data
+        data = dict(data)
         chosen = data.get("parallel")
         name = chosen if isinstance(chosen, str) else chosen.get("type") if isinstance(chosen, Mapping) else None
-        if isinstance(name, str) and name not in cls.model_fields and isinstance(data.get(name), Mapping):
-            import warnings
-
-            data = dict(data)
-            settings = data.pop(name)
-            data["parallel"] = {**settings, **(chosen if isinstance(chosen, Mapping) else {}), "type": name}
-            warnings.warn(f"train.{name}: the parallel strategy's settings now go in its block, train.parallel: "
-                          f"{{type: {name}, ...}} (read this time; see CHANGELOG.md)", FutureWarning, stacklevel=2)
+        for key in legacy:
+            settings = data.pop(key)
+            if key == name:
+                data["parallel"] = {**settings, **(chosen if isinstance(chosen, Mapping) else {}), "type": name}
+                _say_once(f"train.{key}: the parallel strategy's settings now go in its block, train.parallel: "
+                          f"{{type: {key}, ...}} (read this time; see CHANGELOG.md)")
+            elif settings != _defaults(catalog, key):  # an earlier version's defaults: dropped unsaid
+                _say_once(f"train.{key}: settings of the parallel strategy '{key}', which this config does not "
+                          f"use (train.parallel: {name or 'the default'}): ignored (see CHANGELOG.md)")
         return data
 
     @model_validator(mode="after")

@@ -255,7 +255,10 @@ class SkipLedger:
     #: A stream's fraction is judged once this many samples have been read (no length to judge by).
     STREAM_MIN = 1000
 
-    def __init__(self, dataset: Any, max_fraction: float) -> None:
+    def __init__(self, dataset: Any, max_fraction: float, samples_per_step: int = 0) -> None:
+        """``samples_per_step``: what this rank reads a step (a stream's count of samples read, for
+        checkpoints that did not record it)."""
+        self.samples_per_step = samples_per_step
         self.streaming = is_streaming(dataset)
         self.size = 0 if self.streaming else len(dataset) + len(getattr(dataset, "skipped", []))
         self.max_fraction = max_fraction
@@ -292,8 +295,8 @@ class SkipLedger:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for key, reason in dict(state.get("skipped") or {}).items():
             self.reasons.setdefault(str(key), str(reason))
-        if self.streaming:
-            self.size = int(state.get("samples_read", self.size))
+        if self.streaming:  # checkpoints of earlier versions: the steps taken times the samples of a step
+            self.size = int(state.get("samples_read", int(state.get("step", 0)) * self.samples_per_step))
 
     def report(self) -> str:
         if not self.count:

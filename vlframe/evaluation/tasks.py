@@ -31,7 +31,7 @@ from registry import (
     one_line,
     require_capabilities,
 )
-from registry.protocols import why_not
+from registry.protocols import why_not as _why_not
 
 if TYPE_CHECKING:
     from vlframe.inference.trained import Trained
@@ -84,6 +84,30 @@ class TaskContext:
         return build_dataset(self.trained, spec, split)
 
 
+def require(model: Any, needed: Iterable[str], what: str) -> None:
+    """Moved: :func:`registry.require_capabilities` (this name warns once, then calls it)."""
+    _moved("vlframe.evaluation.tasks.require", "registry.require_capabilities(model, needed, what)")
+    require_capabilities(model, needed, what)
+
+
+def why_not(config: TaskConfig, capabilities: Iterable[str]) -> str | None:
+    """Moved: ``registry.protocols.why_not(type(config).requires, capabilities)`` (this name warns
+    once, then calls it)."""
+    _moved("vlframe.evaluation.tasks.why_not", "registry.protocols.why_not(type(config).requires, capabilities)")
+    return _why_not(type(config).requires, capabilities)
+
+
+def _moved(old: str, new: str) -> None:
+    if old not in _WARNED:
+        _WARNED.add(old)
+        import warnings
+
+        warnings.warn(f"{old} moved: call {new} (see CHANGELOG.md)", FutureWarning, stacklevel=3)
+
+
+_WARNED: set[str] = set()
+
+
 def task_config(catalog: Catalog, block: Mapping[str, Any], where: str) -> TaskConfig:
     """A task block (``{type: caption, limit: 64}``) validated against its plugin's config."""
     from vlframe.config.files import component_block
@@ -123,7 +147,7 @@ def periodic_tasks(catalog: Catalog, capabilities: Iterable[str] | None) -> dict
     out = {}
     for entry in catalog.entries(Kind.TASK):
         config_class = entry.spec.config
-        if config_class.periodic and (capabilities is None or why_not(config_class.requires, capabilities) is None):
+        if config_class.periodic and (capabilities is None or _why_not(config_class.requires, capabilities) is None):
             out[entry.spec.name] = task_config(catalog, {"type": entry.spec.name}, f"task {entry.spec.name}")
     return out
 

@@ -32,10 +32,6 @@ from vlframe.runs import checkpoint, formats, sinks, tags
 from vlframe.runs.folder import RunDir
 from vlframe.runtime.precision import autocast, resolve_precision
 
-#: What a tracked run's id looks like (MLflow's: 32 hex digits), as opposed to a path.
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{7,127}$")
-
-
 class LoadError(VlframeError):
     """What was named is not a run folder, a checkpoint, or a reachable tracked run with one."""
 
@@ -158,8 +154,9 @@ def _checkpoint_from_store(run_id: str, tracking_uri: str | None) -> tuple[Path,
     try:
         run = sink.get_run(run_id)
     except LookupError as exc:
-        raise LoadError(f"{exc}; pass --tracking-uri (or set the store's environment variable, e.g. "
-                        "MLFLOW_TRACKING_URI) to name its store") from None
+        hint = "" if tracking_uri else ("; pass --tracking-uri (or set the store's environment variable, e.g. "
+                                        "MLFLOW_TRACKING_URI) to name its store")
+        raise LoadError(f"{exc}{hint}") from None
     except Exception as exc:  # noqa: BLE001 - the store is down or not a store
         raise LoadError(f"{uri} could not be reached ({one_line(exc, 200, hint=False)})") from None
     local = _run_folder_of(run_id, run.tags.get(tags.RUN_DIR))
@@ -198,9 +195,12 @@ def resolve_checkpoint(source: str | Path, tracking_uri: str | None = None) -> t
             raise LoadError(f"{path}: no {'readable ' if passed else ''}checkpoint here{why} (expected a step_* "
                             f"folder with {checkpoint.STATE}, or a run folder holding checkpoints/)")
         return found, None, passed
-    if _RUN_ID.match(str(source)):
+    uri = sinks.store_uri(given=tracking_uri)
+    entry = sinks.sink_entry(uri)  # its sink says what its run ids look like
+    if re.fullmatch(entry.spec.config.run_id, str(source)):
         return (*_checkpoint_from_store(str(source), tracking_uri), [])
-    raise LoadError(f"{source}: neither a run folder, a checkpoint folder nor a tracked run's id")
+    raise LoadError(f"{source}: neither a run folder, a checkpoint folder nor a run id of the {entry.spec.name} "
+                    f"tracking sink at {uri}")
 
 
 def read_checkpoint_config(ckpt: Path, registry: Registry | None = None) -> tuple[VlframeConfig, Registry, tuple[str, ...]]:
@@ -222,7 +222,7 @@ def read_checkpoint_config(ckpt: Path, registry: Registry | None = None) -> tupl
         config, _ = configfile.load(data, (), registry)
         return config, registry, ()
     except ConfigError as err:
-        if any(p.code == UNKNOWN_COMPONENT for p in err.problems):
+        if any(p.code == UNKNOWN_COMPONENT and not p.path.startswith("train.parallel") for p in err.problems):
             built = (checkpoint.read_state(ckpt).get("plugins") or {}) if checkpoint.is_checkpoint(ckpt) else {}
             if built:
                 hint = ", ".join(f"{name} ({source.split(', source')[0]})" for name, source in built.items())
@@ -233,13 +233,16 @@ def read_checkpoint_config(ckpt: Path, registry: Registry | None = None) -> tupl
         for problem in err.problems:
             if problem.path.startswith(("data.train", "data.val")):
                 fixes.update({"data.train": None, "data.val": None})
+            elif problem.path.startswith("train.parallel"):  # how it was trained: the model does not need it
+                fixes["train.parallel"] = None
             elif problem.path == "tokenizer.path" or problem.path.endswith(".pretrained_path"):
                 fixes[problem.path] = None
             else:
                 raise ConfigError([p if p.file else Problem(p.path, p.message, str(config_file))
                                    for p in err.problems]) from None
         config, _ = configfile.load(data, fixes, registry)
-        return config, registry, tuple(sorted({f"{p.path}: {p.message}" for p in err.problems}))
+        return config, registry, tuple(sorted({f"{p.path}: {p.message}" for p in err.problems
+                                               if not p.path.startswith("train.parallel")}))
 
 
 def load_trained(

@@ -49,7 +49,9 @@ def sink_entry(uri: str, catalog: Catalog | None = None) -> Entry:
     offered = "; ".join(f"{e.spec.name} [{e.plugin}]: {', '.join(sorted(s or '(a path)' for s in e.spec.config.schemes))}"
                         for e in catalog.entries(Kind.TRACKING_SINK)) or "none (is plugin autoloading off?)"
     if not found:
-        raise TrackingError(f"no tracking sink serves '{uri}' (scheme '{wanted or '(a path)'}'); sinks: {offered}")
+        why = catalog.not_loaded(Kind.TRACKING_SINK)
+        raise TrackingError(f"no tracking sink serves '{uri}' (scheme '{wanted or '(a path)'}'); sinks: {offered}"
+                            f"{'; ' + why if why else ''}")
     raise TrackingError(f"{len(found)} tracking sinks serve '{uri}': {offered}; block one plugin")
 
 
@@ -67,8 +69,9 @@ def default_uri(output_dir: Path | None = None, catalog: Catalog | None = None) 
     entry = catalog.default(Kind.TRACKING_SINK)
     uri = entry.spec.config.default_uri(Path(output_dir or DEFAULT_OUTPUT)) if entry is not None else None
     if not uri:
-        raise TrackingError("no tracking URI is configured and no tracking sink offers a default: set tracking.uri "
-                            "(or tracking.enabled: false)")
+        why = catalog.not_loaded(Kind.TRACKING_SINK)
+        raise TrackingError(f"no tracking URI is configured and no tracking sink offers a default{'; ' + why if why else ''}"
+                            ": set tracking.uri (or tracking.enabled: false)")
     return uri
 
 

@@ -35,9 +35,6 @@ from vlframe.runs.sinks import TrackingError
 if TYPE_CHECKING:
     from vlframe.config.root import TrackingConfig
 
-# Keys or values longer than this are dropped from params (MLflow's limits; others are larger).
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
 # After a failed delivery, wait this long before trying again: a dead server then costs one
 # timeout per RETRY_AFTER_S, not one per training step.
 RETRY_AFTER_S = 30.0
@@ -47,11 +44,9 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 def flatten(data: Mapping, prefix: str = "") -> dict[str, str]:
-    """A nested config as tracking params: ``{"train.lr": "0.0005", ...}``.
-
-    Lists are kept whole, as their JSON text; keys or values a store would refuse (too long) are
-    dropped rather than failing the whole batch.
-    """
+    """A nested config as tracking params: ``{"train.lr": "0.0005", ...}``. Lists are kept whole,
+    as their JSON text (a sink drops what its store cannot hold: the resolved config is an
+    artifact too)."""
     flat: dict[str, str] = {}
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else str(key)
@@ -64,8 +59,7 @@ def flatten(data: Mapping, prefix: str = "") -> dict[str, str]:
             text = json.dumps(value, default=str)
         else:
             text = str(value)
-        if len(name) <= MAX_KEY_LENGTH and len(text) <= MAX_PARAM_VALUE_LENGTH:
-            flat[name] = text
+        flat[name] = text
     return flat
 
 
@@ -324,7 +318,7 @@ class Tracker:
             report.where.append(f"run not created: {info['uri']} could not be reached ({self.reason})")
         else:
             try:
-                report.where += self._outbox.sink().describe(self.run_id, info.get("experiment_id"))
+                report.where += self._outbox.sink().describe(self.run_id, info["experiment"], info.get("experiment_id"))
             except Exception as exc:  # noqa: BLE001 - a sink's wording must not end the run badly
                 report.where.append(f"run {self.run_id} at {info['uri']} ({short_reason(exc)})")
         refused, why = self._outbox.refused

@@ -36,10 +36,12 @@ def local_only() -> Iterator[None]:
 
 
 def rank() -> int:
+    """This process's rank: 0 without a process group (and inside :func:`local_only`)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks: 1 without a process group (and inside :func:`local_only`)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -111,13 +113,15 @@ def any_rank(flag: bool) -> bool:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for without a process group)."""
     if is_distributed():
         dist.barrier()
 
 
 def gather_names(names: list[str]) -> list[str]:
-    """The union of ``names`` over ranks, sorted (every rank gets the same list)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """The union of ``names`` over ranks, sorted (every rank gets the same list; this rank's alone
+    inside :func:`local_only`)."""
+    if is_distributed():
         every: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(every, names)
         names = [n for part in every for n in part]  # type: ignore[union-attr]

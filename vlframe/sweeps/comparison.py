@@ -81,21 +81,25 @@ class CompareError(VlframeError):
     """The sweep or parent run named cannot be found."""
 
 
-def resolve_parent(source: str, tracking_uri: str | None) -> tuple[str, str, list[str], Path | None]:
-    """(tracking URI, parent run id, variant order, sweep folder) for a sweep file or a parent run id."""
+def resolve_parent(source: str, tracking_uri: str | None,
+                   cli_sets: Sequence[str] = ()) -> tuple[str, str, list[str], Path | None]:
+    """(tracking URI, parent run id, variant order, sweep folder) for a sweep file (run with the
+    command line's ``cli_sets``) or a parent run id."""
     path = Path(source)
     if path.is_file():
-        sweep = load_sweep(path)
-        uri, experiment = tracking_target(sweep)
+        sweep = load_sweep(path, cli_sets)
+        uri, experiment = tracking_target(sweep, cli_sets)
         uri = tracking_uri or uri
         parent = find_parent(sinks.sink_for(uri), experiment, sweep.name)
         if parent is None:
             raise CompareError(f"{path}: sweep '{sweep.name}' has no runs in experiment '{experiment}' at {uri} "
                                f"(run it with: vlframe sweep {path})")
         return uri, parent, [name for name, _ in expand(sweep)], sweep_folder(sweep)
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]{7,127}", source) and not path.suffix:
-        return sinks.store_uri(given=tracking_uri), source, [], None
-    raise CompareError(f"{source}: neither a sweep file nor a parent run's id")
+    uri = sinks.store_uri(given=tracking_uri)
+    entry = sinks.sink_entry(uri)  # its sink says what its run ids look like
+    if re.fullmatch(entry.spec.config.run_id, source):
+        return uri, source, [], None
+    raise CompareError(f"{source}: neither a sweep file nor a run id of the {entry.spec.name} tracking sink at {uri}")
 
 
 def collect(sink: TrackingSink, parent_id: str, order: Sequence[str] = ()) -> list[Row]:
@@ -409,17 +413,22 @@ def plot(rows: Sequence[Row], columns: Sequence[Column], path: Path, title: str)
 
 
 def compare(source: str, *, tracking_uri: str | None = None, out_dir: Path | None = None,
-            metrics: Sequence[str] = (), baseline: str | None = None) -> tuple[str, str, list[Path], Any]:
+            metrics: Sequence[str] = (), baseline: str | None = None,
+            cli_sets: Sequence[str] = ()) -> tuple[str, str, list[Path], Any]:
     """Read a sweep back; return (parent run id, the table as text, the files written, and the
     tracking report of filing them). ``metrics``: glob patterns of the columns to show."""
     from vlframe.runs.tracking import Tracker
 
-    uri, parent_id, order, folder = resolve_parent(source, tracking_uri)
+    uri, parent_id, order, folder = resolve_parent(source, tracking_uri, cli_sets)
     sink = sinks.sink_for(uri)
     try:
-        name = sink.get_run(parent_id).tags.get(tags.SWEEP, parent_id)
+        parent = sink.get_run(parent_id)
     except LookupError as exc:
         raise CompareError(f"{exc}; pass --tracking-uri to name its store") from None
+    name = parent.tags.get(tags.SWEEP, parent_id)
+    recorded = Path(parent.tags.get(tags.RUN_DIR, "")) if parent.tags.get(tags.RUN_DIR) else None
+    if folder is None and recorded is not None and recorded.is_dir():  # the sweep's folder, on this machine
+        folder = recorded
     rows = collect(sink, parent_id, order)
     if not rows:
         raise CompareError(f"parent run {parent_id} at {uri} has no variant runs yet")

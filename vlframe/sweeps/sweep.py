@@ -246,9 +246,10 @@ def find_parent(sink: TrackingSink, experiment: str, sweep_name: str) -> str | N
 def children(sink: TrackingSink, parent_id: str) -> list[RunRecord]:
     """Every run of the sweep under ``parent_id``: its children, and (seeded sweeps) the seed runs
     nested under their variant's run; each once."""
+    experiment = sink.get_run(parent_id).experiment or None  # a sweep's runs are in its parent's experiment
     found = {}
     for tag in (tags.PARENT, tags.SWEEP_ROOT):
-        for run in sink.find_runs(None, {tag: parent_id}):
+        for run in sink.find_runs(experiment, {tag: parent_id}):
             found[run.run_id] = run
     return list(found.values())
 
@@ -286,7 +287,7 @@ def open_parent(sweep: SweepConfig, sweep_file: Path, target: Target) -> Any:
                                "the variants that already finished; nothing was trained") from exc
     tracker = target.tracker(folder)
     tracker.start(run_name=f"sweep-{sweep.name}", run_id=known,
-                  tags={tags.SWEEP: sweep.name, tags.SWEEP_PARENT: "true",
+                  tags={tags.SWEEP: sweep.name, tags.SWEEP_PARENT: "true", tags.RUN_DIR: str(sweep_folder(sweep).resolve()),
                         tags.NOTE: sweep.description or f"sweep {sweep.name}"})
     if tracker.run_id is None:
         raise VlframeError(f"{uri} could not be reached ({tracker.reason}): a sweep needs its store to find "

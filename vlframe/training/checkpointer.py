@@ -56,6 +56,18 @@ class Checkpointer:
         with distributed.local_only() if alone else contextlib.nullcontext():
             return self._save(step)
 
+    def save_after(self, step: int, *, signalled: bool) -> Path | None:
+        """After a signal (every rank got it, every rank is here) or an error (maybe on this rank
+        alone): checkpoint the steps since the last checkpoint, where the strategy allows (one that
+        saves together cannot after an error: the other ranks may be anywhere). Never raises: the
+        first error is the one to report."""
+        if step <= self.last_saved or step == 0 or not (signalled or not self.strategy.saves_together):
+            return None
+        try:
+            return self.save(step, alone=not signalled)
+        except Exception:  # noqa: BLE001 - see above
+            return None
+
     def _save(self, step: int) -> Path:
         bad = self.strategy.nonfinite(self.model)  # the same list on every rank: all stop together
         if bad:  # never over the last good checkpoint

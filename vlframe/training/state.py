@@ -9,7 +9,7 @@ earlier versions load unchanged; the model and the optimiser are saved by the pa
 ``rng``             :class:`RNGState`: Python's, numpy's and torch's generators (and CUDA's)
 ``scheduler``       :class:`SchedulerState`: the learning-rate schedule
 ``skipped``         the skip ledger (:class:`vlframe.data.loading.SkipLedger`): unusable samples
-``micro_batches``   :class:`DataPosition`: micro-batches the loader has handed out
+``samples``         :class:`DataPosition`: the samples of the steps completed
 ==================  ==========================================================================
 """
 
@@ -70,20 +70,28 @@ class SchedulerState:
 
 @dataclass
 class DataPosition:
-    """How far the training data has been read, in micro-batches (the loader starts there)."""
+    """How far the training data has been read: the samples of the steps completed (a step that
+    failed half-way is read again). The loader restarts there, in micro-batches of the current
+    size, so a run resumed with another ``grad_accum`` reads on from the same sample."""
 
-    grad_accum: int
-    micro_batches: int = 0
+    micro_batch: int  # samples per micro-batch over all ranks (batch_size / grad_accum)
+    batch_size: int  # samples per step
+    samples: int = 0
 
-    def advance(self) -> None:
-        self.micro_batches += 1
+    def step_done(self) -> None:
+        self.samples += self.batch_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches of the current size before the position (where the loader starts)."""
+        return self.samples // self.micro_batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"micro_batches": self.micro_batches}
+        return {"samples": self.samples}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # Checkpoints of earlier versions did not record it: step x micro-batches per step.
-        self.micro_batches = int(state.get("micro_batches", int(state["step"]) * self.grad_accum))
+        # Checkpoints of earlier versions did not record it: steps x samples per step.
+        self.samples = int(state.get("samples", int(state["step"]) * self.batch_size))
 
 
 __all__ = ["DataPosition", "RNGState", "SchedulerState", "Stateful", "TrainState"]

@@ -80,8 +80,10 @@ class Trainer:
             raise ConfigError([Problem("tokenizer", "training needs a tokenizer (tokenizer: {type: ...}; "
                                        "vlframe plugins list --kind tokenizer shows them)")])
         if config.train.parallel is None:
-            raise ConfigError([Problem("train.parallel", "no parallel strategy is named and no plugin offers a default; "
-                                       f"registered: {registry.catalog.describe(Kind.PARALLEL)}")])
+            why = registry.not_loaded(Kind.PARALLEL)
+            raise ConfigError([Problem("train.parallel", "no parallel strategy is named and no plugin offers a default"
+                                       f"{'; ' + why if why else ''}; registered: "
+                                       f"{registry.catalog.describe(Kind.PARALLEL)}")])
         self.config, self.registry, self.resume = config, registry, resume
         self.display = Display(console, rank=0)
         self.session = RunSession(config, registry, run_dir=run_dir, resume=resume, name=name, display=self.display)
@@ -151,7 +153,6 @@ class Trainer:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         for micro in range(t.grad_accum):
             batch = next(self.batches)
-            self.position.advance()
             self.ledger.add(batch.skipped, seen=len(batch.keys))
             with strategy.accumulating(micro == t.grad_accum - 1):
                 with self.autocast, recompute.recompute(self.recompute):
@@ -168,6 +169,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
+        self.position.step_done()
         metrics = dict(losses)
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         metrics["train/images_per_s"] = t.batch_size / (time.perf_counter() - began)
@@ -226,9 +228,9 @@ class Trainer:
         self.tokenizer = self.session.trained_tokenizer(self.tokenizer, train_data.captions())
         if init is not None:
             initialise(init, self.model, strict=t.init_strict, say=say)
-        self.ledger = SkipLedger(train_data, cfg.data.max_skip_fraction)
+        self.ledger = SkipLedger(train_data, cfg.data.max_skip_fraction, samples_per_step=t.batch_size // world)
         self.ledger.check()
-        self.position = DataPosition(t.grad_accum)
+        self.position = DataPosition(micro_batch=t.batch_size // t.grad_accum, batch_size=t.batch_size)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.config_hash = configfile.run_hash(cfg, self.registry)
@@ -286,27 +288,20 @@ class Trainer:
             if self.session.tracker is not None:
                 self.session.tracker.log_metrics(metrics, step=self.step)
 
-    def save(self, *, final: bool = False, alone: bool = False) -> Path:
-        """Checkpoint this step (every rank takes part, unless ``alone``); the final one is also a
-        tracked artifact."""
-        path = self.checkpointer.save(self.step, alone=alone)
+    def save(self, *, final: bool = False) -> Path:
+        """Checkpoint this step (every rank takes part); the final one is also a tracked artifact."""
+        path = self.checkpointer.save(self.step)
         if final and self.session.tracker is not None:
             self.session.tracker.log_artifact(path, "checkpoint")
         return path
 
     def _save_what_was_learnt(self, exc: BaseException, translated: BaseException) -> None:
         """After an error or a signal: checkpoint the steps since the last checkpoint (not those of a
-        blown-up step), and say how to resume. A save every rank must join is tried only after a
-        signal, which reaches them all."""
+        blown-up step), and say how to resume."""
         if not self.began:
             return  # failed during set-up: nothing was learnt
-        signalled = isinstance(exc, (Interrupted, KeyboardInterrupt))
-        if (not isinstance(translated, NumericalError) and (signalled or not self.strategy.saves_together)
-                and self.step > self.checkpointer.last_saved and self.step > 0):
-            try:  # after a signal every rank is here; after an error maybe this one alone
-                self.save(alone=not signalled)
-            except Exception:  # noqa: BLE001 - the first error is the one to report
-                pass
+        if not isinstance(translated, NumericalError):
+            self.checkpointer.save_after(self.step, signalled=isinstance(exc, (Interrupted, KeyboardInterrupt)))
         latest = self.session.run.newest_checkpoint()
         if latest is not None:
             self.display.say(f"stopped after step {self.step}; continue with: vlframe train ... --resume "

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,8 @@ import vlframe.sdk as sdk
 
 class FSDPConfig(ParallelConfig):
     """How ``fsdp`` shards the model."""
+
+    changes_results: ClassVar[frozenset[str]] = frozenset({"param_dtype"})  # bfloat16 compute
 
     reshard_after_forward: bool = Field(
         True, description="Free each block's gathered parameters after its forward and gather them again for "
@@ -187,10 +189,13 @@ class FullyShard:
 
     @property
     def shards(self) -> int:
-        return sdk.world_size() // self.config.replicate if dist.is_initialized() else 1
+        return max(1, sdk.world_size() // self.config.replicate)
 
     def setup(self) -> torch.device:
         device = sdk.setup_process_group(group=True)  # FSDP needs a group, even of one process
+        if sdk.world_size() % self.config.replicate:
+            raise ComponentError(f"train.parallel.replicate {self.config.replicate} does not divide the "
+                                 f"{sdk.world_size()} rank(s)")
         if self.config.cpu_offload and device.type != "cuda":
             raise ComponentError("train.parallel.cpu_offload keeps shards in CPU memory for GPU ranks; these ranks "
                                  "already run on the CPU: set it false")

@@ -26,6 +26,10 @@ from vlframe_builtins.tracking import mlflow_store as store
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+# MLflow's own limits (mlflow.utils.validation): a longer param is left out (the resolved config,
+# an artifact, holds it) rather than failing the batch it is in.
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
 # Per-request limits of MLflow's log_batch.
 BATCH_LIMITS = {"param": 100, "tag": 100, "metric": 1000}
 MAX_BATCH_ENTITIES = 1000
@@ -41,6 +45,7 @@ class MLflowSinkConfig(TrackingSinkConfig):
     schemes: ClassVar[frozenset[str]] = frozenset(
         {"", "file", "sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql"})
     default: ClassVar[bool] = True
+    run_id: ClassVar[str] = r"[0-9a-f]{32}"
 
     @classmethod
     def default_uri(cls, output_dir: Path) -> str:
@@ -60,13 +65,6 @@ def _is_rejection(exc: Exception) -> bool:
     return callable(status) and status() == 400
 
 
-def _record(run: Any) -> RunRecord:
-    info, data = run.info, run.data
-    return RunRecord(run_id=info.run_id, name=info.run_name or "", status=info.status or "",
-                     start_time=int(info.start_time or 0), experiment_id=info.experiment_id,
-                     tags=dict(data.tags), metrics=dict(data.metrics), params=dict(data.params))
-
-
 class MLflowSink:
     """One MLflow store (``uri``), every request bounded by ``timeout_s``."""
 
@@ -77,6 +75,12 @@ class MLflowSink:
         self.refusal = ""
         self._client: MlflowClient | None = None
         self._params: dict[str, dict[str, str]] = {}  # params already on each run
+        self._experiments: dict[str, str] = {}  # experiment names by id
+
+    def _absent(self) -> bool:
+        """An embedded store that does not exist yet: nothing to read, and nothing to create for it."""
+        db = store.sqlite_path(self.uri)
+        return db is not None and not db.is_file()
 
     def client(self) -> MlflowClient:
         if self._client is None:
@@ -99,6 +103,8 @@ class MLflowSink:
     def run_exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
 
+        if self._absent():
+            return False
         try:
             with store.bounded(self.timeout_s):
                 run = self.client().get_run(run_id)
@@ -139,7 +145,8 @@ class MLflowSink:
     def _send_batch(self, run_id: str, events: list[Mapping[str, Any]]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        param_events = [e for e in events if e["kind"] == "param"]
+        param_events = [e for e in events if e["kind"] == "param" and len(e["key"]) <= MAX_KEY_LENGTH
+                        and len(str(e["value"])) <= MAX_PARAM_VALUE_LENGTH]
         params = self._new_params(run_id, param_events) if param_events else {}
         tags = {e["key"]: e["value"] for e in events if e["kind"] == "tag"}  # a later value wins
         metrics = [Metric(e["key"], e["value"], e["timestamp"], e["step"]) for e in events if e["kind"] == "metric"]
@@ -199,8 +206,8 @@ class MLflowSink:
         self.refused += 1
         self.refusal = f"MLflow refused an event: {one_line(exc, 200, hint=False)}"
 
-    def describe(self, run_id: str, experiment_id: str | None) -> list[str]:
-        lines = [f"MLflow run {run_id} at {self.uri}"]
+    def describe(self, run_id: str, experiment: str, experiment_id: str | None) -> list[str]:
+        lines = [f"MLflow run {run_id} in experiment '{experiment}' at {self.uri}"]
         if store.is_local(self.uri):
             # `python -m mlflow`: the mlflow script need not be on PATH (it is not in .venv/bin).
             ui = f"{shlex.quote(sys.executable)} -m mlflow ui --backend-store-uri {shlex.quote(self.uri)}"
@@ -211,11 +218,28 @@ class MLflowSink:
 
     # -- reading back --------------------------------------------------------------------------
 
+    def _record(self, run: Any) -> RunRecord:
+        info, data = run.info, run.data
+        if info.experiment_id not in self._experiments:
+            self._experiments[info.experiment_id] = self.client().get_experiment(info.experiment_id).name
+        return RunRecord(run_id=info.run_id, name=info.run_name or "", status=info.status or "",
+                         start_time=int(info.start_time or 0), experiment_id=info.experiment_id,
+                         tags=dict(data.tags), metrics=dict(data.metrics), params=dict(data.params),
+                         experiment=self._experiments[info.experiment_id])
+
     def find_runs(self, experiment: str | None, tags: Mapping[str, str]) -> list[RunRecord]:
+        if self._absent():
+            return []
         with store.bounded(self.timeout_s):
             mlflow = self.client()
             if experiment is None:
-                ids = [e.experiment_id for e in mlflow.search_experiments()]
+                ids, token = [], None
+                while True:  # every page of experiments
+                    page = mlflow.search_experiments(page_token=token)
+                    ids += [e.experiment_id for e in page]
+                    token = page.token
+                    if not token:
+                        break
             else:
                 found = mlflow.get_experiment_by_name(experiment)
                 ids = [found.experiment_id] if found is not None else []
@@ -226,14 +250,16 @@ class MLflowSink:
             query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in exact.items())
             runs = mlflow.search_runs(ids, filter_string=query, order_by=["attributes.start_time DESC"],
                                       max_results=5000)
-        return [_record(r) for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
+            return [self._record(r) for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
     def get_run(self, run_id: str) -> RunRecord:
         from mlflow.exceptions import MlflowException
 
+        if self._absent():
+            raise LookupError(f"MLflow run {run_id} not found: there is no store at {self.uri}")
         try:
             with store.bounded(self.timeout_s):
-                return _record(self.client().get_run(run_id))
+                return self._record(self.client().get_run(run_id))
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise LookupError(f"MLflow run {run_id} not found at {self.uri}") from None

@@ -35,6 +35,7 @@ def _points(uri: str, key: str = "train/loss") -> dict[str, list[int]]:
     return {r.info.run_id: sorted(m.step for m in mlflow.get_metric_history(r.info.run_id, key)) for r in runs}
 
 
+@pytest.mark.slow  # several processes
 def test_two_runs_started_together_get_their_own_folders_and_mlflow_runs(tmp_path: Path) -> None:
     """Both start in the same second on a store neither has created yet."""
     args = ["train", str(TINY), *sets(_tracked(tmp_path, fresh=True, **{"train.steps": 12, "train.checkpoint_every": 6}))]
@@ -48,6 +49,7 @@ def test_two_runs_started_together_get_their_own_folders_and_mlflow_runs(tmp_pat
     assert not any((f / ".lock").exists() for f in folders)  # released at the end
 
 
+@pytest.mark.slow  # several processes
 def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path: Path) -> None:
     run = tmp_path / "run"
     overrides = sets(micro(tmp_path, **{"train.steps": 100000, "train.checkpoint_every": 5}))
@@ -110,6 +112,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # several processes
 def test_a_fresh_store_created_by_four_processes_at_once_is_whole(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     procs = [subprocess.Popen([sys.executable, "-c", STORE_USER, uri], stdout=subprocess.PIPE,
@@ -205,6 +208,7 @@ def test_a_run_resumed_into_another_folder_logs_each_step_once(tmp_path: Path) -
     assert list(_points(f"sqlite:///{tmp_path / 'mlflow.db'}").values()) == [[1, 2, 3, 4, 5, 6]]
 
 
+@pytest.mark.slow  # several processes
 def test_two_runs_racing_for_one_new_folder_leave_the_winners_run_whole(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["train", str(TINY), "--run-dir", str(run), *sets(micro(tmp_path, **{"train.steps": 20}))]
@@ -224,6 +228,7 @@ def checkpoint_steps(run: Path) -> list[int]:
     return sorted(checkpoint.step_of(p) for p in checkpoint.candidates(run))
 
 
+@pytest.mark.slow  # several processes
 def test_under_torchrun_a_refusal_or_a_blow_up_stops_every_rank_with_the_message(tmp_path: Path) -> None:
     from test_distributed import torchrun
 

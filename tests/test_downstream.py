@@ -346,7 +346,7 @@ def test_a_run_whose_data_is_gone_still_loads_and_asks_for_data(tmp_path) -> Non
 
 def test_downstream_errors_name_what_is_wrong(run, tmp_path) -> None:
     result = run_main("eval", str(tmp_path / "nowhere"), "--task", "caption")
-    assert result.code == 2 and "neither a run folder, a checkpoint folder nor a tracked run's id" in result.err
+    assert result.code == 2 and "neither a run folder, a checkpoint folder nor a run id of the mlflow tracking sink" in result.err
     result = run_main("eval", str(run["dir"]), "--task", "zeroshot", "--no-track")
     assert result.code == 2 and "zero-shot needs a dataset with class names" in result.err
     result = run_main("eval", str(run["dir"]), "--task", "understanding")

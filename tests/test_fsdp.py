@@ -162,6 +162,7 @@ def test_a_two_rank_sharded_checkpoint_resumes_on_one_rank(two_rank_run, tmp_pat
     proc = _train(tmp_path, 0, branch, "--resume", str(branch), **TIED, **{"train.parallel": parallel})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "differs" not in proc.stderr
+    assert ("was written under train.parallel fsdp; the run goes on under ddp" in proc.stderr) == (parallel == "ddp")
     resumed = _losses(proc.stderr)
     assert sorted(resumed) == [4, 5, 6]
     for step, loss in resumed.items():  # another world size: the same samples, reduced in another order

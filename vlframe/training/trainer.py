@@ -240,11 +240,15 @@ class Trainer:
             [self.state, RNGState(), SchedulerState(self.scheduler), self.ledger, self.position],
             every=t.checkpoint_every, keep=t.keep_checkpoints,
             files=lambda: {checkpoint.CONFIG: configfile.to_yaml(cfg), checkpoint.TOKENIZER: self.session.tokenizer_file},
-            identity=lambda: {"run_id": self.session.run_id, "config_hash": self.config_hash, "plugins": plugins})
+            identity=lambda: {"run_id": self.session.run_id, "config_hash": self.config_hash, "plugins": plugins,
+                              "parallel": t.parallel.type})
         saved = self.checkpointer.restore(ckpt) if ckpt is not None else {}
         same_config = saved.get("config_hash") in (None, self.config_hash)
         if ckpt is not None:
             say(f"resumed from {ckpt} at step {self.step}")
+            if saved.get("parallel") not in (None, t.parallel.type):
+                say(f"note: {ckpt.name} was written under train.parallel {saved['parallel']}; the run goes on under "
+                    f"{t.parallel.type}")
             if not same_config:
                 say(f"note: the config (or a plugin it uses) differs from the one {ckpt.name} was trained with "
                     f"(see {ckpt / checkpoint.CONFIG}): steps already logged after it are logged again with the new values")

@@ -1,1 +1,1 @@
-"""Runs and their record: the run folder, checkpoints, and MLflow tracking through a journal."""
+"""Runs and their record: the run folder, checkpoint folders and their formats, and tracking through a journal to a sink."""

@@ -1,1 +1,1 @@
-"""The process a model runs in: torchrun process groups and numeric precision."""
+"""The process a model runs in: torchrun process groups, numeric precision, per-block compile and checkpointing."""

@@ -1,1 +1,1 @@
-"""Training: the loop, the optimiser and the learning-rate schedule."""
+"""Training: the loop, and the parts it composes (session, checkpointer, state, validation, optimiser, schedule)."""

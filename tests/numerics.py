@@ -61,7 +61,7 @@ def assert_close(actual: torch.Tensor | float, expected: torch.Tensor | float, *
     """``actual`` equals ``expected`` up to :func:`tolerance` (``dtype``: the lower precision the values
     were computed in; default the lower of the two tensors' float dtypes). ``printed``: the values were
     read from text printed to that resolution (``1e-3`` for three decimals), each rounded by half of it."""
-    a, b = torch.as_tensor(actual), torch.as_tensor(expected)
+    a, b = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
     if dtype is None:
         dtype = max((t.dtype for t in (a, b) if t.is_floating_point()), key=eps, default=torch.float32)
     limit = tolerance(b, dtype=dtype, depth=depth, scale=scale) + printed

@@ -79,7 +79,7 @@ def test_captioning_loss_ignores_padding(tiny) -> None:
         out = tiny(images, text, return_logits=True)
     targets, valid = text[:, 1:], text[:, 1:] != 0
     manual = F.cross_entropy(out.logits[:, :-1][valid], targets[valid])
-    torch.testing.assert_close(out.losses["caption"], manual)
+    assert_close(out.losses["caption"], manual, depth="layer")
 
 
 @pytest.mark.parametrize("chunk", [None, 7, 1024])
@@ -91,7 +91,7 @@ def test_chunked_caption_loss_matches_full_logits_in_value_and_gradient(chunk, r
     out = model(images, text, return_logits=True)
     targets, valid = text[:, 1:], text[:, 1:] != 0
     manual = F.cross_entropy(out.logits[:, :-1][valid], targets[valid])
-    torch.testing.assert_close(out.losses["caption"], manual)
+    assert_close(out.losses["caption"], manual, depth="layer")
     grads = torch.autograd.grad(out.losses["caption"], [model.lm_head.proj.weight, model.caption_pooler.queries],
                                 retain_graph=True)
     expected = torch.autograd.grad(manual, [model.lm_head.proj.weight, model.caption_pooler.queries])
@@ -237,16 +237,16 @@ def test_later_tokens_and_padding_do_not_leak_into_earlier_positions(tiny) -> No
         changed = text.clone()
         changed[:, 8:] = torch.randint(3, 8192, (2, 4))
         # Causal: positions before 8 cannot see tokens 8..11.
-        torch.testing.assert_close(tiny(images, changed, mask, return_logits=True).logits[:, :8], base[:, :8])
+        assert_close(tiny(images, changed, mask, return_logits=True).logits[:, :8], base[:, :8])
         # Padding: whatever sits in padded positions changes neither logits nor losses.
         pad_mask = mask.clone()
         pad_mask[:, 9:] = False
         a = tiny(images, text, pad_mask, return_logits=True)
         other_padding = torch.cat([text[:, :9], changed[:, 9:]], dim=1)
         b = tiny(images, other_padding, pad_mask, return_logits=True)
-    torch.testing.assert_close(a.logits[:, :9], b.logits[:, :9])
+    assert_close(a.logits[:, :9], b.logits[:, :9])
     for name in a.losses:
-        torch.testing.assert_close(a.losses[name], b.losses[name])
+        assert_close(a.losses[name], b.losses[name], what=name)
 
 
 def test_cls_pooler_needs_a_class_token(registry: Registry) -> None:
@@ -301,7 +301,7 @@ def test_label_smoothing_changes_the_caption_loss(registry: Registry) -> None:
     images, text = batch(plain)
     with torch.no_grad():
         a, b = plain(images, text, return_logits=True), smooth(images, text, return_logits=True)
-    torch.testing.assert_close(a.logits, b.logits)
+    assert_close(a.logits, b.logits)
     assert not torch.isclose(a.losses["caption"], b.losses["caption"])
 
 

@@ -73,6 +73,7 @@ def test_ranks_give_the_loss_and_gradients_of_one_process_in_flat_memory(tmp_pat
     # memory does not grow with the ranks, while one process scoring the global batch does.
     peaks = {w: float(results[w]["peak"]) for w in (1, 2, 4)}
     block = local * local * 4
-    # A second rank adds the recomputed neighbour block beside the own one; more ranks add nothing.
-    assert peaks[2] < peaks[1] + 4 * block and peaks[4] < 1.15 * peaks[2], peaks
+    # A second rank adds the recomputed neighbour block beside the own one, and their gradients (4
+    # blocks), with under one more of allocator and gloo buffers; more ranks add nothing.
+    assert peaks[2] < peaks[1] + 5 * block and peaks[4] < 1.15 * peaks[2], peaks
     assert float(results["one4"]["peak"]) > peaks[4] + 4 * block, (peaks, float(results["one4"]["peak"]))

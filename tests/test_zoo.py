@@ -17,6 +17,7 @@ from vlframe.config import files as configfile
 from vlframe.inference.generation import generate
 
 from conftest import CONFIGS, run_main
+from numerics import assert_close
 from training_configs import micro, sets
 
 ZOO = CONFIGS / "zoo"
@@ -66,7 +67,7 @@ def test_cappa_parallel_prediction_reads_mask_tokens_both_ways(tmp_path: Path) -
     # The inputs after BOS are the mask token: the caption's own tokens change nothing ...
     other = text.clone()
     other[:, 1:] = torch.randint(5, 500, (2, 9))
-    torch.testing.assert_close(model._parallel_states(other, mask, context), par)
+    assert_close(model._parallel_states(other, mask, context), par)
     # ... and position 1 sees later positions (hiding key 5 changes it): bidirectional.
     shorter = mask.clone()
     shorter[:, 5:] = False

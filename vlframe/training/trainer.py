@@ -164,7 +164,9 @@ class Trainer:
             del out
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(strategy.clip_grad_norm(params, t.grad_clip))
-        losses = {f"train/{k}": distributed.all_reduce_mean(v).item() for k, v in sums.items()}
+        names = list(sums)  # one collective and one host sync for all the losses, not one per loss
+        averaged = distributed.all_reduce_mean(torch.stack([sums[k] for k in names])).tolist()
+        losses = {f"train/{k}": v for k, v in zip(names, averaged)}
         self._check_finite(losses, grad_norm)  # every rank sees the same values: all stop together
         self.optimizer.step()
         self.scheduler.step()
